@@ -1,0 +1,179 @@
+"""The daemon: owns the store, the object fds, the filesystems and the control server, each
+under one nursery, and wires the hooks between them (the journal hears of map writes, the
+filesystems of freed objects, programs' trace output goes to the trace ring)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from bpffs import vm
+from bpffs.client import protocol
+from bpffs.vm.errors import BpfError
+
+from . import __version__, sdnotify
+from .fs import Filesystems
+from .objfd import ObjectFds
+from .server import Connection, Server
+from .store import BpfObject, Store
+from .syscall import Syscalls
+from .trace import TraceRing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    socket_path: str
+    mountpoint: str | None  # the default instance's mount; None: mount nothing at start
+    state_dir: str | None  # None: nothing persists
+    memory_limit: int | None = 1 << 30
+    fuse_options: list[str] = field(default_factory=list)
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = Store(config.memory_limit)
+        self.fds = ObjectFds(self.store)
+        self.trace = TraceRing()
+        self.syscalls = Syscalls(self)
+        self.fs = Filesystems(self)
+        self.ready = trio.Event()
+
+    # -- the request table ----------------------------------------------------------------------
+    def handlers(self) -> dict[str, Callable[..., Any]]:
+        sc, fs = self.syscalls, self.fs
+        table = {
+            "hello": self.hello,
+            "bind": self.bind,
+            "map_create": sc.map_create,
+            "map_lookup": sc.map_lookup,
+            "map_update": sc.map_update,
+            "map_update_fd": sc.map_update_fd,
+            "map_delete": sc.map_delete,
+            "map_get_next_key": sc.map_get_next_key,
+            "map_lookup_batch": sc.map_lookup_batch,
+            "map_update_batch": sc.map_update_batch,
+            "map_delete_batch": sc.map_delete_batch,
+            "prog_load": sc.prog_load,
+            "prog_test_run": sc.prog_test_run,
+            "obj_info": sc.obj_info,
+            "get_next_id": sc.get_next_id,
+            "get_fd_by_id": sc.get_fd_by_id,
+            "perf_event_open": sc.perf_event_open,
+            "trace_read": sc.trace_read,
+            "obj_pin": fs.obj_pin,
+            "obj_get": fs.obj_get,
+            "mount": fs.mount,
+            "status": self.status,
+        }
+        missing = set(protocol.OPS) ^ set(table)
+        assert not missing, f"protocol ops without handlers (or the reverse): {missing}"
+        return table
+
+    def hello(self, conn: Connection, version: int, client: str) -> dict:
+        if version != protocol.PROTOCOL_VERSION:
+            raise BpfError(errno.EPROTO, f"protocol version {version} is not supported (bpffsd"
+                           f" {__version__} speaks version {protocol.PROTOCOL_VERSION})")
+        conn.greeted = True
+        return {"version": protocol.PROTOCOL_VERSION, "daemon": __version__, "pid": os.getpid()}
+
+    def bind(self, conn: Connection) -> dict:
+        ref = self.fds.identify(conn.take_fd("an object fd"))
+        conn.bound[ref.ino] = ref
+        info = self.syscalls.describe_handle(ref.obj)
+        info["handle"] = ref.ino
+        return info
+
+    def status(self, conn: Connection) -> dict:
+        self.fds.reap()
+        counts: dict[str, int] = {}
+        for obj in self.store.objects():
+            counts[obj.kind] = counts.get(obj.kind, 0) + 1
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "socket": self.config.socket_path,
+            "objects": counts,
+            "memlock_pages": self.store.total_pages,
+            "connections": len(self.server.connections) if hasattr(self, "server") else 0,
+            "object_fds": len(self.fds.by_ino),
+            "instances": self.fs.describe(),
+        }
+
+    # -- hooks between parts ----------------------------------------------------------------------
+    def map_changed(self, bpf_map: Any) -> None:
+        """A map's contents changed through the syscall path (the journal records it)."""
+
+    def program_ran(self, prog: Any) -> None:
+        """A program ran: the maps it can write may have changed."""
+
+    def pin_paths(self, obj: BpfObject) -> list[str]:
+        return self.fs.pin_paths(obj)
+
+    def run_env(self, conn: Connection, options: dict) -> vm.RunEnv:
+        """The emulated kernel state of a test run: the caller's identity as `current`,
+        trace output into the trace ring; the rest from the caller's options."""
+        return vm.RunEnv.from_options(options, pid=conn.peer.pid, uid=conn.peer.uid,
+                                      gid=conn.peer.gid, trace=self.trace.write)
+
+    # -- lifetime -----------------------------------------------------------------------------
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        listener = self._listen()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.fds.run)
+                self.server = Server(self, listener)
+                await nursery.start(self.server.serve)
+                await nursery.start(self.fs.run)
+                if self.config.mountpoint:
+                    await self.fs.mount_default(self.config.mountpoint)
+                self.ready.set()
+                sdnotify.notify("READY=1", f"STATUS=serving on {self.config.socket_path}")
+                log.info("bpffsd %s ready on %s", __version__, self.config.socket_path)
+                task_status.started(self)
+        finally:
+            sdnotify.notify("STOPPING=1")
+            listener.close()
+            self._unlink_socket()
+
+    def _listen(self) -> socket.socket:
+        activated = sdnotify.listen_fds()
+        if activated:
+            self._owns_socket = False
+            return activated[0]
+        path = self.config.socket_path
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise BpfError(errno.EEXIST, f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+                raise BpfError(errno.EADDRINUSE, f"a bpffsd already serves {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # stale socket of a daemon that died
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        listener.bind(path)
+        os.chmod(path, 0o666)  # every caller may connect; each operation checks SO_PEERCRED
+        listener.listen(1024)
+        self._owns_socket = True
+        return listener
+
+    def _unlink_socket(self) -> None:
+        if getattr(self, "_owns_socket", False):
+            try:
+                os.unlink(self.config.socket_path)
+            except OSError:
+                pass

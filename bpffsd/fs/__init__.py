@@ -1,0 +1,232 @@
+"""bpffs over FUSE: instances per mount namespace, their mounts, and BPF_OBJ_PIN / BPF_OBJ_GET.
+
+Paths are resolved by the kernel, never by the daemon: a client opens the pin's parent
+directory (OBJ_PIN) or the pin itself (OBJ_GET) with O_PATH and sends the fd. Its (st_dev,
+st_ino) names the mount and the node, so relative paths, symlinks and bind mounts into
+containers all resolve as the caller sees them, and a path on any other filesystem is EPERM,
+as in the kernel. fstat() of such an fd may call into one of our own mounts, whose worker asks
+this daemon: it runs in a thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import inspect
+import logging
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from bpffs.vm.errors import BpfError
+from bpffs.vm.uapi import ObjFlag
+
+from ..store import BpfObject
+from .instance import Instance
+from .mount import Mount
+from .tree import MAY_READ, MAY_WRITE, Caller, Dir, Node, Pin
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+    from ..server import Connection
+
+log = logging.getLogger(__name__)
+
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
+CLONE_NEWNS = 0x00020000
+DEFAULT_INSTANCE = "default"
+FSTAT_TIMEOUT = 10.0
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    """Run a call that may block (on a FUSE mount, maybe our own) off the event loop; if it
+    hangs, cancellation abandons the thread (named abandon_on_cancel since trio 0.23)."""
+    return await trio.to_thread.run_sync(fn, *args, **_ABANDON)
+
+
+_ABANDON = ({"abandon_on_cancel": True} if "abandon_on_cancel" in
+            inspect.signature(trio.to_thread.run_sync).parameters else {"cancellable": True})
+
+
+class Filesystems:
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.named: dict[str, Instance] = {}
+        self.by_ns: dict[int, Instance] = {}  # mount namespace inode -> its instance
+        self.mounts: dict[int, Mount] = {}  # st_dev of a live mount -> mount
+        self._nursery: trio.Nursery | None = None
+        self._origin: Mount | None = None
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the mounts: on cancellation each worker is asked to unmount."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- instances ----------------------------------------------------------------------------
+    def instance(self, name: str | None) -> Instance:
+        """The named instance (created on first use), or a new unnamed one."""
+        if name is None:
+            return self._new_instance(None)
+        if name not in self.named:
+            self.named[name] = self._new_instance(name)
+        return self.named[name]
+
+    def _new_instance(self, name: str | None) -> Instance:
+        inst = Instance(name, self.daemon.store)
+        inst.tree.on_change.append(lambda *change: self._tree_changed(inst, *change))
+        return inst
+
+    def describe(self) -> list[dict]:
+        seen = {*self.named.values(), *self.by_ns.values()}
+        return [{"name": inst.name, "pins": sum(isinstance(n, Pin) for n in
+                                                inst.tree.nodes.values()),
+                 "mounts": sorted(m.describe() for m in inst.mounts)} for inst in seen]
+
+    # -- mounting -----------------------------------------------------------------------------
+    async def mount_default(self, mountpoint: str) -> Mount:
+        """The daemon's own mount of the default (named, persistent) instance."""
+        os.makedirs(mountpoint, exist_ok=True)
+        ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        return await self._mount(self.instance(DEFAULT_INSTANCE), os.fsencode(mountpoint),
+                                 ns_fd, os.getuid(), "allow_other" if os.getuid() == 0 else "")
+
+    async def mount(self, conn: Connection, mountpoint: bytes, name: str | None,
+                    options: dict) -> dict:
+        ns_fd = os.dup(conn.take_fd("the target mount namespace (an open /proc/PID/ns/mnt)"))
+        try:
+            ns_ino = self._check_namespace(conn, ns_fd)
+            current = self.by_ns.get(ns_ino)
+            inst = self.instance(name) if name is not None else current or self.instance(None)
+            if current is not None and current is not inst:
+                raise BpfError(errno.EBUSY, f"this mount namespace already shows"
+                               f" {current.describe()} (one bpffs instance per mount namespace)")
+        except BaseException:
+            os.close(ns_fd)
+            raise
+        allow_other = conn.peer.privileged or options.get("allow_other", False)
+        mount = await self._mount(inst, mountpoint, ns_fd, conn.peer.uid,
+                                  "allow_other" if allow_other and os.getuid() == 0 else "")
+        return {"dev": mount.dev, "instance": inst.name}
+
+    def _check_namespace(self, conn: Connection, ns_fd: int) -> int:
+        try:
+            nstype = fcntl.ioctl(ns_fd, NS_GET_NSTYPE)
+        except OSError:
+            nstype = None
+        if nstype != CLONE_NEWNS:
+            raise BpfError(errno.EINVAL, "the fd sent is not a mount namespace (/proc/PID/ns/mnt)")
+        ns_ino = os.fstat(ns_fd).st_ino
+        if not conn.peer.privileged:
+            try:
+                own = os.stat(f"/proc/{conn.peer.pid}/ns/mnt").st_ino
+            except OSError:
+                own = None
+            if own != ns_ino:
+                raise BpfError(errno.EPERM, "mounting into another process's mount namespace"
+                               " needs CAP_SYS_ADMIN")
+        return ns_ino
+
+    async def _mount(self, inst: Instance, mountpoint: bytes, ns_fd: int, owner_uid: int,
+                     options: str) -> Mount:
+        assert self._nursery is not None, "Filesystems.run() is not running"
+        ns_ino = os.fstat(ns_fd).st_ino
+        mount = Mount(self, inst, mountpoint, ns_fd, ns_ino, owner_uid, options)
+        return await self._nursery.start(mount.run)
+
+    def mount_live(self, mount: Mount) -> None:
+        """A worker has mounted (first start or restart)."""
+        assert mount.dev is not None
+        self.mounts[mount.dev] = mount
+        mount.instance.mounts.add(mount)
+        self.by_ns[mount.ns_ino] = mount.instance
+
+    def mount_down(self, mount: Mount) -> None:
+        """A worker is gone (it may be restarted)."""
+        if mount.dev is not None and self.mounts.get(mount.dev) is mount:
+            del self.mounts[mount.dev]
+
+    def mount_gone(self, mount: Mount) -> None:
+        """A mount is gone for good: unbind its namespace when nothing else of the instance is
+        mounted there; an unnamed instance with no mounts left releases its pins."""
+        self.mount_down(mount)
+        inst = mount.instance
+        inst.mounts.discard(mount)
+        if mount.ns_ino not in inst.namespaces() and self.by_ns.get(mount.ns_ino) is inst:
+            del self.by_ns[mount.ns_ino]
+        if not inst.mounts and not inst.persistent:
+            inst.tree.clear()
+        log.info("unmounted %s", mount.describe())
+
+    # -- pin and get --------------------------------------------------------------------------
+    async def _resolve(self, fd: int) -> tuple[Instance, Node]:
+        """The mount and node an O_PATH fd names (EPERM off our mounts, as the kernel)."""
+        with trio.move_on_after(FSTAT_TIMEOUT):
+            st = await in_thread(os.fstat, fd)
+            mount = self.mounts.get(st.st_dev)
+            if mount is None:
+                raise BpfError(errno.EPERM, "the path is not on a bpffs (bpffsd) mount")
+            return mount.instance, mount.instance.tree.node(st.st_ino)
+        raise BpfError(errno.EIO, "timed out resolving the path (its filesystem hangs)")
+
+    async def obj_pin(self, conn: Connection, handle: int, name: bytes, umask: int) -> None:
+        obj = conn.resolve(handle).obj
+        inst, parent = await self._resolve(conn.take_fd("the pin's parent directory (O_PATH)"))
+        if not isinstance(parent, Dir):
+            raise BpfError(errno.ENOTDIR, "the pin's parent is not a directory")
+        caller = Caller(conn.peer.uid, conn.peer.gid, umask & 0o777, conn.peer.groups())
+        inst.tree.pin(parent, name, obj, caller, check=True)
+
+    async def obj_get(self, conn: Connection, file_flags: int) -> Any:
+        if file_flags & ~(ObjFlag.RDONLY | ObjFlag.WRONLY) or file_flags == (ObjFlag.RDONLY
+                                                                            | ObjFlag.WRONLY):
+            raise BpfError(errno.EINVAL, f"invalid file_flags {file_flags:#x}"
+                           " (BPF_F_RDONLY or BPF_F_WRONLY, not both)")
+        _inst, node = await self._resolve(conn.take_fd("the pin's path (O_PATH)"))
+        if not isinstance(node, Pin) or node.obj is None:
+            raise BpfError(errno.EACCES, f"the path is a {node.kind}, not a pinned object")
+        want = {0: MAY_READ | MAY_WRITE, ObjFlag.RDONLY: MAY_READ,
+                ObjFlag.WRONLY: MAY_WRITE}[file_flags]
+        caller = Caller(conn.peer.uid, conn.peer.gid, 0, conn.peer.groups())
+        if not node.permits(caller, want):
+            raise BpfError(errno.EACCES, f"permission denied: pin mode {node.mode & 0o7777:o},"
+                           f" owner {node.uid}:{node.gid}")
+        return self.daemon.syscalls.new_fd(conn, node.obj, file_flags)
+
+    def pin_paths(self, obj: BpfObject) -> list[str]:
+        paths = []
+        for inst in {*self.named.values(), *self.by_ns.values()}:
+            pins = [node for node in obj.pins if inst.tree.nodes.get(node.ino) is node]
+            for node in pins:
+                for rel in inst.tree.path_of(node):
+                    paths += [os.fsdecode(m.mountpoint.rstrip(b"/") + b"/" + rel)
+                              for m in inst.mounts] or [f"{inst.describe()}:/{os.fsdecode(rel)}"]
+        return paths
+
+    def object_id(self, impl: Any) -> int:
+        return self.daemon.store.of(impl).id
+
+    # -- invalidation -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def origin(self, mount: Mount) -> Iterator[None]:
+        """Changes made by a mount's own request need no invalidation in that mount."""
+        self._origin = mount
+        try:
+            yield
+        finally:
+            self._origin = None
+
+    def _tree_changed(self, inst: Instance, what: str, parent: Dir | None, name: bytes,
+                      node: Node | None) -> None:
+        items: list[list[Any]] = []
+        if parent is not None:
+            items += [["entry", parent.ino, name], ["inode", parent.ino, b""]]
+        if node is not None and what != "create":
+            items.append(["inode", node.ino, b""])
+        for mount in inst.mounts:
+            if mount is not self._origin:
+                mount.invalidate(items)

@@ -1,0 +1,127 @@
+"""The daemon's half of FUSE: each request a mount worker forwards, served on a tree.
+
+Permission checks on these requests are the kernel's (mounts use default_permissions); what
+remains here is bpffs's own behaviour: which operations exist, their errnos, and what reading
+a pin shows (the one place we go further than the kernel, which answers EIO).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING, Any
+
+from bpffs.vm.errors import BpfError
+
+from .render import render_pin
+from .tree import Caller, Dir, Node, Pin, Symlink, Tree
+
+if TYPE_CHECKING:
+    from .instance import Instance
+
+
+def attrs(node: Node) -> list[int]:
+    size = len(node.target) if isinstance(node, Symlink) else 0
+    return [node.ino, node.mode, node.nlink, node.uid, node.gid, size, node.atime, node.mtime,
+            node.ctime]
+
+
+def _caller(ctx: list[int]) -> Caller:
+    uid, gid, _pid, umask = ctx
+    return Caller(uid, gid, umask)
+
+
+class FuseOps:
+    """Requests of one mount (of one instance). Open pins are snapshots rendered at open()."""
+
+    def __init__(self, instance: Instance, describe_object: Any):
+        self.instance = instance
+        self.describe_object = describe_object
+        self._open: dict[int, tuple[Pin, bytes]] = {}
+        self._next_fh = 1
+
+    @property
+    def tree(self) -> Tree:
+        return self.instance.tree
+
+    def handlers(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (
+            "lookup", "getattr", "setattr", "readlink", "mkdir", "unlink", "rmdir", "symlink",
+            "rename", "link", "open", "read", "release", "readdir")}
+
+    def lookup(self, ctx: list[int], parent: int, name: bytes) -> list[int]:
+        return attrs(self.tree.lookup(self.tree.dir(parent), name))
+
+    def getattr(self, ctx: list[int], ino: int) -> list[int]:
+        return attrs(self.tree.node(ino))
+
+    def setattr(self, ctx: list[int], ino: int, changes: dict[str, int]) -> list[int]:
+        node = self.tree.node(ino)
+        if "mode" in changes:
+            self.tree.chmod(node, changes["mode"])
+        if "uid" in changes or "gid" in changes:
+            self.tree.chown(node, changes.get("uid"), changes.get("gid"))
+        if "size" in changes and isinstance(node, Dir):
+            raise BpfError(errno.EISDIR, "cannot truncate a directory")
+        # A pin's size stays 0: truncate(2) on a pin succeeds and changes nothing (as bpffs).
+        if "atime" in changes:
+            node.atime = changes["atime"]
+        if "mtime" in changes:
+            node.mtime = changes["mtime"]
+        return attrs(node)
+
+    def readlink(self, ctx: list[int], ino: int) -> bytes:
+        node = self.tree.node(ino)
+        if not isinstance(node, Symlink):
+            raise BpfError(errno.EINVAL, "not a symlink")
+        return node.target
+
+    def mkdir(self, ctx: list[int], parent: int, name: bytes, mode: int) -> list[int]:
+        return attrs(self.tree.mkdir(self.tree.dir(parent), name, mode, _caller(ctx)))
+
+    def unlink(self, ctx: list[int], parent: int, name: bytes) -> None:
+        self.tree.unlink(self.tree.dir(parent), name)
+
+    def rmdir(self, ctx: list[int], parent: int, name: bytes) -> None:
+        self.tree.rmdir(self.tree.dir(parent), name)
+
+    def symlink(self, ctx: list[int], parent: int, name: bytes, target: bytes) -> list[int]:
+        return attrs(self.tree.symlink(self.tree.dir(parent), name, target, _caller(ctx)))
+
+    def rename(self, ctx: list[int], old_parent: int, old_name: bytes, new_parent: int,
+               new_name: bytes, flags: int) -> None:
+        self.tree.rename(self.tree.dir(old_parent), old_name, self.tree.dir(new_parent),
+                         new_name, flags)
+
+    def link(self, ctx: list[int], ino: int, new_parent: int, new_name: bytes) -> list[int]:
+        return attrs(self.tree.link(self.tree.node(ino), self.tree.dir(new_parent), new_name))
+
+    def open(self, ctx: list[int], ino: int, flags: int) -> int:
+        node = self.tree.node(ino)
+        if not isinstance(node, Pin):
+            raise BpfError(errno.EISDIR if isinstance(node, Dir) else errno.EIO, "not a pin")
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise BpfError(errno.EIO, "pins cannot be written")
+        text = render_pin(node.obj, self.describe_object).encode()
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        self._open[fh] = (node, text)
+        self.tree.opened(node, +1)
+        return fh
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        return self._open[fh][1][off:off + size]
+
+    def release(self, fh: int) -> None:
+        opened = self._open.pop(fh, None)
+        if opened is not None:
+            self.tree.opened(opened[0], -1)
+
+    def release_all(self) -> None:
+        """A mount went away: its open files are closed with it."""
+        for fh in list(self._open):
+            self.release(fh)
+
+    def readdir(self, ino: int, after: int, count: int) -> list[list[Any]]:
+        d = self.tree.dir(ino)
+        return [[name, cookie, attrs(node)] for name, cookie, node in d.listing(after, count)]
+

@@ -1,0 +1,224 @@
+"""One FUSE mount, as the daemon sees it: the worker process that serves it, the requests it
+forwards, the cache invalidations sent back, and what happens when the worker dies.
+
+A worker that exits cleanly means the mount was unmounted. A worker that crashes (SIGKILL
+included) leaves a dead mount ("Transport endpoint is not connected"); the daemon detaches it
+in its namespace and starts a fresh worker on the same mountpoint, showing the same tree,
+since the tree never lived in the worker. Restarts are rate-limited.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import sys
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from bpffs.client import protocol
+from bpffs.vm.errors import BpfError
+
+from .fuse_ops import FuseOps
+
+if TYPE_CHECKING:
+    from . import Filesystems
+    from .instance import Instance
+
+log = logging.getLogger(__name__)
+
+WORKER = [sys.executable, "-m", "bpffs.daemon.fs.worker"]
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+MAX_RESTARTS = 5  # within RESTART_WINDOW seconds; then the mount is given up
+RESTART_WINDOW = 60.0
+
+
+class Mount:
+    def __init__(self, fs: Filesystems, instance: Instance, mountpoint: bytes, ns_fd: int,
+                 ns_ino: int, owner_uid: int, options: str = ""):
+        self.fs = fs
+        self.instance = instance
+        self.mountpoint = mountpoint
+        self.ns_fd = ns_fd  # owned: kept to restart or detach the mount in its namespace
+        self.ns_ino = ns_ino
+        self.owner_uid = owner_uid
+        self.options = options
+        self.dev: int | None = None
+        self.ops = FuseOps(instance, fs.object_id)
+        self.stopping = False
+        self.process: trio.Process | None = None
+        self._rpc: socket.socket | None = None
+        self._notify: socket.socket | None = None
+        self._pending: list[list[Any]] = []
+        self._flush = trio.Event()
+        self._restarts: deque[float] = deque()
+
+    def describe(self) -> str:
+        return os.fsdecode(self.mountpoint)
+
+    # -- lifetime -----------------------------------------------------------------------------
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Own one worker at a time; report started once the first one has mounted (or raise
+        the reason it could not)."""
+        started = False
+        try:
+            while True:
+                await self._start()
+                if not started:
+                    task_status.started(self)
+                    started = True
+                code = await self._serve()
+                if self.stopping or code == 0:
+                    return
+                log.warning("mount worker for %s died (exit %s); restarting", self.describe(),
+                            code)
+                await self._detach()
+                if not self._may_restart():
+                    log.error("mount %s crashed %d times in %ds; giving up", self.describe(),
+                              MAX_RESTARTS, RESTART_WINDOW)
+                    return
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._shutdown()
+                if started:
+                    self.fs.mount_gone(self)
+                os.close(self.ns_fd)
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        self._restarts.append(now)
+        while self._restarts and self._restarts[0] < now - RESTART_WINDOW:
+            self._restarts.popleft()
+        return len(self._restarts) <= MAX_RESTARTS
+
+    async def _start(self) -> None:
+        rpc, rpc_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        notify, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = await trio.lowlevel.open_process(
+                [*WORKER, "--rpc-fd", str(rpc_child.fileno()), "--notify-fd",
+                 str(notify_child.fileno()), "--ns-fd", str(self.ns_fd), "--owner-uid",
+                 str(self.owner_uid), "--options", self.options, os.fsdecode(self.mountpoint)],
+                pass_fds=(rpc_child.fileno(), notify_child.fileno(), self.ns_fd))
+        finally:
+            rpc_child.close()
+            notify_child.close()
+        rpc.setblocking(False)
+        notify.setblocking(False)
+        self._rpc, self._notify = rpc, notify
+        with trio.move_on_after(START_TIMEOUT):
+            await trio.lowlevel.wait_readable(rpc)
+        try:
+            first = protocol.unpack(rpc.recv(protocol.INLINE_MAX)) if _readable(rpc) else None
+        except (OSError, protocol.ProtocolError):
+            first = None
+        if not first or first[0] != "ready":
+            await self._shutdown()
+            if first and first[0] == "failed":
+                raise BpfError(first[1], f"cannot mount {self.describe()}: {first[2]}")
+            raise BpfError(errno.EIO, f"the mount worker for {self.describe()} did not start")
+        self.dev = first[1]
+        self.fs.mount_live(self)
+
+    async def _serve(self) -> int:
+        """Serve the worker's requests until it goes; returns its exit status."""
+        assert self._rpc is not None and self.process is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_invalidations)
+            handlers = self.ops.handlers()
+            while True:
+                try:
+                    data, ancdata, flags, _ = self._rpc.recvmsg(*protocol.RECV_ARGS)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self._rpc)
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                reply = self._serve_request(handlers, data, ancdata, flags)
+                try:
+                    protocol.send_message(self._rpc, reply)
+                except BlockingIOError:
+                    log.warning("mount worker for %s is not reading replies", self.describe())
+                except OSError:
+                    break
+            nursery.cancel_scope.cancel()
+        self.fs.mount_down(self)
+        self.ops.release_all()
+        return await self.process.wait()
+
+    def _serve_request(self, handlers: dict, data: bytes, ancdata: list, flags: int) -> bytes:
+        try:
+            payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
+            protocol.close_all(fds)
+            op, *args = protocol.unpack(payload)
+            with self.fs.origin(self):
+                return protocol.ok(handlers[op](*args))
+        except OSError as e:
+            return protocol.error(e.errno or errno.EIO, str(e))
+        except Exception:
+            log.exception("mount %s: request failed", self.describe())
+            return protocol.error(errno.EIO, "internal error")
+
+    async def _shutdown(self) -> None:
+        """Ask the worker to unmount (by closing its notification socket); kill it if it
+        does not go, and detach whatever it left behind."""
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        if self.process is not None and self.process.returncode is None:
+            with trio.move_on_after(STOP_TIMEOUT):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+                await self._detach()
+        if self._rpc is not None:
+            self._rpc.close()
+            self._rpc = None
+
+    async def _detach(self) -> None:
+        """Lazily unmount a dead mount in its namespace."""
+        result = await trio.run_process(
+            [*WORKER, "--unmount", "--ns-fd", str(self.ns_fd), os.fsdecode(self.mountpoint)],
+            pass_fds=(self.ns_fd,), check=False, capture_stderr=True)
+        if result.returncode:
+            log.warning("detaching dead mount %s failed: %s", self.describe(),
+                        result.stderr.decode(errors="replace").strip())
+
+    async def stop(self) -> None:
+        self.stopping = True
+        await self._shutdown()
+
+    # -- cache invalidation -------------------------------------------------------------------
+    def invalidate(self, items: list[list[Any]]) -> None:
+        self._pending.extend(items)
+        self._flush.set()
+
+    async def _send_invalidations(self) -> None:
+        while True:
+            await self._flush.wait()
+            self._flush = trio.Event()
+            pending, self._pending = self._pending, []
+            sock = self._notify
+            if sock is None:
+                return
+            for start in range(0, len(pending), 512):
+                payload = protocol.pack(pending[start:start + 512])
+                while True:
+                    try:
+                        sock.send(payload)
+                        break
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])

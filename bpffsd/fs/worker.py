@@ -1,0 +1,380 @@
+"""A mount worker: one process per FUSE mount, forwarding every request to the daemon.
+
+pyfuse3 allows one session per process, and a mount must be made from inside its target mount
+namespace, so the daemon starts one of these per mount. The worker enters the namespace
+(setns(2) through ctypes: Python 3.11 has no os.setns), mounts, reports the mount's device
+number, then serves. It holds no state of its own beyond open directory listings: the tree
+lives in the daemon, which also tells the worker (on a second socket) which kernel cache
+entries to drop when the tree changes by another route.
+
+Every handler is wrapped: pyfuse3 only catches FUSEError, and any other exception would end
+the session and leave a dead mount. The worker ends when the mount is unmounted or when the
+daemon closes its notification socket (daemon shutdown: the worker unmounts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import functools
+import logging
+import os
+import re
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from bpffs.client import protocol
+
+log = logging.getLogger("bpffsd.worker")
+
+CLONE_NEWNS = 0x00020000
+MNT_DETACH = 2
+# How long the kernel may cache entries and attributes. Changes made by other routes are
+# pushed as invalidations, so this only bounds the damage of a lost notification.
+CACHE_TIMEOUT = 10.0
+READDIR_CHUNK = 1024
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def umount_detach(path: str) -> None:
+    if _libc.umount2(os.fsencode(path), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount2({path}): {os.strerror(err)}")
+
+
+def enter_namespace(ns_fd: int) -> None:
+    """Join the mount namespace of ns_fd unless we are already in it (a non-root daemon cannot
+    setns at all, and needs not to for its own namespace)."""
+    if os.fstat(ns_fd).st_ino != os.stat("/proc/self/ns/mnt").st_ino:
+        setns(ns_fd, CLONE_NEWNS)
+    os.close(ns_fd)
+
+
+def mount_device(target: bytes) -> int:
+    """st_dev of the FUSE mount at target (a path resolved *before* mounting), read from
+    mountinfo: any stat() of the mount would call back into this very process before it
+    serves requests, and hang."""
+    dev = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            fstype = line.split(b" - ", 1)[1].split()[0]
+            if _unescape(fields[4]) == target and fstype.startswith(b"fuse"):
+                major, minor = fields[2].split(b":")
+                dev = os.makedev(int(major), int(minor))  # the last one listed is on top
+    if dev is None:
+        raise OSError(errno.ENOENT, f"no FUSE mount found at {target} after mounting")
+    return dev
+
+
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def _attrs(raw: list[int]) -> pyfuse3.EntryAttributes:
+    ino, mode, nlink, uid, gid, size, atime, mtime, ctime = raw
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = ino
+    attr.st_mode = mode
+    attr.st_nlink = nlink
+    attr.st_uid = uid
+    attr.st_gid = gid
+    attr.st_size = size
+    attr.st_blksize = 4096
+    attr.st_blocks = 0
+    attr.st_atime_ns = atime
+    attr.st_mtime_ns = mtime
+    attr.st_ctime_ns = ctime
+    attr.entry_timeout = CACHE_TIMEOUT
+    attr.attr_timeout = CACHE_TIMEOUT
+    return attr
+
+
+def _ctx(ctx: pyfuse3.RequestContext) -> list[int]:
+    return [ctx.uid, ctx.gid, ctx.pid, ctx.umask]
+
+
+def guarded(handler: Callable) -> Callable:
+    """Turn any unexpected exception into EIO (logged) so the session survives."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any) -> Any:
+        try:
+            return await handler(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class DaemonLink:
+    """The worker's request channel to the daemon: one request at a time, in order."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.lock = trio.Lock()
+
+    async def call(self, op: str, *args: Any) -> Any:
+        payload = protocol.pack([op, *args])
+        async with self.lock:
+            data, fds, memfd = protocol.frame(payload, [])
+            try:
+                await self.sock.sendmsg([data], protocol.encode_fds(fds))
+            finally:
+                if memfd is not None:
+                    os.close(memfd)
+            data, ancdata, flags, _ = await self.sock.recvmsg(*protocol.RECV_ARGS)
+        if not data:
+            raise pyfuse3.FUSEError(errno.ENOTCONN)
+        payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
+        protocol.close_all(fds)
+        reply = protocol.unpack(payload)
+        if reply[0]:
+            raise pyfuse3.FUSEError(reply[0])
+        return reply[1]
+
+
+class Operations(pyfuse3.Operations):
+    """Thin: each request becomes one call to the daemon (bpffsd/fs/fuse_ops.py)."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, daemon: DaemonLink):
+        super().__init__()
+        self.daemon = daemon
+        self.listings: dict[int, int] = {}  # opendir handle -> directory inode
+        self._next_fh = 1
+
+    def _fh(self) -> int:
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        return fh
+
+    @guarded
+    async def lookup(self, parent_inode, name, ctx):
+        return _attrs(await self.daemon.call("lookup", _ctx(ctx), parent_inode, name))
+
+    @guarded
+    async def getattr(self, inode, ctx):
+        return _attrs(await self.daemon.call("getattr", _ctx(ctx), inode))
+
+    @guarded
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_size:
+            changes["size"] = attr.st_size
+        if fields.update_atime:
+            changes["atime"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime"] = attr.st_mtime_ns
+        return _attrs(await self.daemon.call("setattr", _ctx(ctx), inode, changes))
+
+    @guarded
+    async def readlink(self, inode, ctx):
+        return await self.daemon.call("readlink", _ctx(ctx), inode)
+
+    @guarded
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return _attrs(await self.daemon.call("mkdir", _ctx(ctx), parent_inode, name, mode))
+
+    @guarded
+    async def unlink(self, parent_inode, name, ctx):
+        await self.daemon.call("unlink", _ctx(ctx), parent_inode, name)
+
+    @guarded
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.daemon.call("rmdir", _ctx(ctx), parent_inode, name)
+
+    @guarded
+    async def symlink(self, parent_inode, name, target, ctx):
+        return _attrs(await self.daemon.call("symlink", _ctx(ctx), parent_inode, name, target))
+
+    @guarded
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.daemon.call("rename", _ctx(ctx), parent_inode_old, name_old, parent_inode_new,
+                             name_new, flags)
+
+    @guarded
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return _attrs(await self.daemon.call("link", _ctx(ctx), inode, new_parent_inode, new_name))
+
+    @guarded
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        # bpffs has no mknod: a regular file goes the create() way (EACCES), others EPERM.
+        raise pyfuse3.FUSEError(errno.EACCES if stat.S_ISREG(mode) else errno.EPERM)
+
+    @guarded
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EACCES)  # no regular files but pins
+
+    @guarded
+    async def open(self, inode, flags, ctx):
+        fh = await self.daemon.call("open", _ctx(ctx), inode, flags)
+        # direct_io: pins report size 0, yet `cat` must see the whole dump.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
+
+    @guarded
+    async def read(self, fh, off, size):
+        return await self.daemon.call("read", fh, off, size)
+
+    @guarded
+    async def write(self, fh, off, buf):
+        raise pyfuse3.FUSEError(errno.EIO)  # as the kernel's bpffs: pins have no write path
+
+    @guarded
+    async def release(self, fh):
+        await self.daemon.call("release", fh)
+
+    @guarded
+    async def opendir(self, inode, ctx):
+        await self.daemon.call("getattr", _ctx(ctx), inode)  # ENOENT / ENOTDIR now, not later
+        fh = self._fh()
+        self.listings[fh] = inode
+        return fh
+
+    @guarded
+    async def readdir(self, fh, start_id, token):
+        """Entries carry the daemon's per-directory cookie as their readdir offset, so
+        entries added or removed between calls are never skipped or repeated."""
+        inode = self.listings[fh]
+        cursor = start_id
+        while True:
+            entries = await self.daemon.call("readdir", inode, cursor, READDIR_CHUNK)
+            for name, cookie, raw in entries:
+                if not pyfuse3.readdir_reply(token, name, _attrs(raw), cookie):
+                    return
+                cursor = cookie
+            if len(entries) < READDIR_CHUNK:
+                return
+
+    @guarded
+    async def releasedir(self, fh):
+        self.listings.pop(fh, None)
+
+    @guarded
+    async def statfs(self, ctx):
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = data.f_bfree = data.f_bavail = 0
+        data.f_files = data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    async def forget(self, inode_list):
+        pass  # the daemon frees nodes by links and open handles, not by lookup counts
+
+    async def flush(self, fh):
+        pass
+
+    async def fsync(self, fh, datasync):
+        pass
+
+    async def fsyncdir(self, fh, datasync):
+        pass
+
+
+async def listen_for_invalidations(sock: socket.socket) -> None:
+    """Apply the daemon's cache invalidations; the daemon closing this socket means: unmount."""
+    tsock = trio.socket.from_stdlib_socket(sock)
+    while True:
+        data = await tsock.recv(protocol.INLINE_MAX)
+        if not data:
+            pyfuse3.terminate()
+            return
+        for kind, ino, name in protocol.unpack(data):
+            try:
+                if kind == "entry":
+                    pyfuse3.invalidate_entry_async(ino, name, ignore_enoent=True)
+                else:
+                    pyfuse3.invalidate_inode(ino, attr_only=True)
+            except OSError:
+                pass  # the kernel no longer caches it: nothing to drop
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bpffsd-mount-worker")
+    parser.add_argument("--rpc-fd", type=int)
+    parser.add_argument("--notify-fd", type=int)
+    parser.add_argument("--ns-fd", type=int)
+    parser.add_argument("--owner-uid", type=int, default=0,
+                        help="non-root callers may only mount on a directory they own")
+    parser.add_argument("--options", default="")
+    parser.add_argument("--unmount", action="store_true",
+                        help="detach a (dead) mount at the mountpoint and exit")
+    parser.add_argument("mountpoint")
+    return parser.parse_args(argv)
+
+
+def check_mountpoint(path: str, owner_uid: int) -> None:
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, f"mountpoint {path} is not a directory")
+    if owner_uid != 0 and (st.st_uid != owner_uid or not os.access(path, os.W_OK)):
+        raise OSError(errno.EPERM, f"mountpoint {path} is not a directory you own")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="bpffsd worker: %(message)s")
+    if args.unmount:
+        if args.ns_fd is not None:
+            enter_namespace(args.ns_fd)
+        umount_detach(args.mountpoint)
+        return 0
+    rpc = socket.socket(fileno=args.rpc_fd)
+    try:
+        if args.ns_fd is not None:
+            enter_namespace(args.ns_fd)
+        check_mountpoint(args.mountpoint, args.owner_uid)
+        target = os.fsencode(os.path.realpath(args.mountpoint))
+        options = {"fsname=bpffsd", "subtype=bpffsd", "default_permissions",
+                   *filter(None, args.options.split(","))}
+        pyfuse3.init(Operations(DaemonLink(rpc)), args.mountpoint, options)
+    except Exception as e:
+        err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+        protocol.send_message(rpc, protocol.pack(["failed", err, str(e)]))
+        return 1
+    protocol.send_message(rpc, protocol.pack(["ready", mount_device(target)]))
+    notify = socket.socket(fileno=args.notify_fd)
+    clean = False
+    try:
+        trio.run(_serve, notify)
+        clean = True
+    finally:
+        pyfuse3.close(unmount=clean)
+    return 0
+
+
+async def _serve(notify: socket.socket) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listen_for_invalidations, notify)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

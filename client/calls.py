@@ -1,0 +1,309 @@
+"""Every client operation, written once, without I/O.
+
+Each operation is a generator: it yields the requests it needs (a Request: op, args, fds to
+send) and receives each reply as (result, received fds); its return value is the call's
+result. The synchronous Client (sync.py) and the trio AsyncClient (aio.py) drive the same
+generators over their own sockets, so the two APIs cannot drift apart.
+
+Object fds are bound to a connection on first use: the fd is sent once, after which requests
+name it by its socket inode (the "handle"). A Session remembers what it bound and what the
+daemon said about each object (type, key and value sizes), keyed by inode so that a closed
+and reused fd number is never mistaken for the old object.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from bpffs.vm.errors import BpfError
+from bpffs.vm.uapi import BPF_ANY, BPF_PSEUDO_MAP_FD, MapType
+
+
+class Request(NamedTuple):
+    op: str
+    args: tuple
+    fds: tuple[int, ...] = ()
+
+
+Call = Generator[Request, tuple[Any, list[int]], Any]
+
+_FD_ARRAYS = (MapType.PROG_ARRAY, MapType.PERF_EVENT_ARRAY)
+_LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: the only instruction that names a map fd
+_U32 = struct.Struct("<I")
+
+
+@dataclass
+class Session:
+    """What one connection has bound: handle (inode) -> the daemon's description."""
+
+    bound: dict[int, dict] = field(default_factory=dict)
+
+
+def bind(session: Session, fd: int) -> Generator[Request, Any, tuple[int, dict]]:
+    """The handle of an object fd on this connection, binding it on first use."""
+    try:
+        ino = os.fstat(fd).st_ino
+    except OSError as e:
+        raise BpfError(errno.EBADF, f"fd {fd} is not open") from e
+    info = session.bound.get(ino)
+    if info is None:
+        info, _ = yield Request("bind", (), (fd,))
+        session.bound[ino] = info
+    return ino, info
+
+
+def _received_fd(reply: tuple[Any, list[int]]) -> int:
+    result, fds = reply
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise BpfError(errno.EPROTO, f"expected one fd from bpffsd, got {len(fds)}")
+    return fds[0]
+
+
+def _new_object(session: Session, reply: tuple[Any, list[int]]) -> int:
+    fd = _received_fd(reply)
+    info = reply[0]
+    session.bound[info["handle"]] = info
+    return fd
+
+
+# -- maps ---------------------------------------------------------------------------------------
+def map_create(session: Session, map_type: int, key_size: int, value_size: int,
+               max_entries: int, map_flags: int = 0, name: str = "") -> Call:
+    reply = yield Request("map_create", (int(map_type), key_size, value_size, max_entries,
+                                         map_flags, name))
+    return _new_object(session, reply)
+
+
+def map_lookup_elem(session: Session, fd: int, key: bytes) -> Call:
+    handle, _ = yield from bind(session, fd)
+    return (yield Request("map_lookup", (handle, bytes(key))))[0]
+
+
+def map_update_elem(session: Session, fd: int, key: bytes, value: bytes,
+                    flags: int = BPF_ANY) -> Call:
+    handle, info = yield from bind(session, fd)
+    if info.get("type") in _FD_ARRAYS:
+        # As the kernel: a prog/perf-event array's value is the fd of the object to store.
+        if len(value) != 4:
+            raise BpfError(errno.EINVAL, f"{MapType(info['type']).name} values are 4-byte fds")
+        member, _ = yield from bind(session, _U32.unpack(value)[0])
+        yield Request("map_update_fd", (handle, bytes(key), member, flags))
+        return None
+    yield Request("map_update", (handle, bytes(key), bytes(value), flags))
+    return None
+
+
+def map_delete_elem(session: Session, fd: int, key: bytes) -> Call:
+    handle, _ = yield from bind(session, fd)
+    yield Request("map_delete", (handle, bytes(key)))
+
+
+def map_get_next_key(session: Session, fd: int, key: bytes | None = None) -> Call:
+    handle, _ = yield from bind(session, fd)
+    return (yield Request("map_get_next_key", (handle, None if key is None else bytes(key))))[0]
+
+
+def _unpack(packed: bytes, size: int) -> list[bytes]:
+    return [packed[i:i + size] for i in range(0, len(packed), size)]
+
+
+def map_lookup_batch(session: Session, fd: int, count: int, cursor: bytes | None = None,
+                     delete: bool = False) -> Call:
+    """Walk the map: up to count (keys, values) after cursor, and the next cursor (None at
+    the end), as BPF_MAP_LOOKUP_BATCH (and _AND_DELETE_BATCH with delete=True)."""
+    handle, info = yield from bind(session, fd)
+    (keys, values, nxt), _ = yield Request("map_lookup_batch", (handle, cursor, count, delete))
+    return _unpack(keys, info["key_size"]), _unpack(values, info["value_size"]), nxt
+
+
+def map_update_batch(session: Session, fd: int, keys: Sequence[bytes],
+                     values: Sequence[bytes], flags: int = BPF_ANY,
+                     chunk: int = 8192) -> Call:
+    """BPF_MAP_UPDATE_BATCH: returns the count updated. On failure the BpfError's `count`
+    says how many elements were updated before the failing one."""
+    handle, info = yield from bind(session, fd)
+    if len(keys) != len(values):
+        raise BpfError(errno.EINVAL, f"{len(keys)} keys but {len(values)} values")
+    per_request = max(1, min(chunk, (1 << 20) // (info["key_size"] + info["value_size"])))
+    done = 0
+    for start in range(0, len(keys), per_request):
+        stop = start + per_request
+        try:
+            done += (yield Request("map_update_batch", (
+                handle, b"".join(keys[start:stop]), b"".join(values[start:stop]), flags)))[0]
+        except BpfError as e:
+            e.count = done + (e.detail or 0)  # type: ignore[attr-defined]
+            raise
+    return done
+
+
+def map_delete_batch(session: Session, fd: int, keys: Sequence[bytes]) -> Call:
+    handle, _ = yield from bind(session, fd)
+    try:
+        return (yield Request("map_delete_batch", (handle, b"".join(keys))))[0]
+    except BpfError as e:
+        e.count = e.detail or 0  # type: ignore[attr-defined]
+        raise
+
+
+# -- programs -----------------------------------------------------------------------------------
+def map_fds_in(insns: bytes) -> list[int]:
+    """The map fds a program names (LD_IMM64 with src_reg BPF_PSEUDO_MAP_FD)."""
+    fds = []
+    for off in range(0, len(insns) - 15, 8):
+        if insns[off] == _LD_IMM64 and insns[off + 1] >> 4 == BPF_PSEUDO_MAP_FD:
+            fds.append(struct.unpack_from("<i", insns, off + 4)[0])
+    return fds
+
+
+class ProgFd(int):
+    """A program fd, carrying the verifier log when one was asked for."""
+
+    log: str = ""
+
+
+def prog_load(session: Session, prog_type: int, insns: bytes, license: str = "GPL",
+              kern_version: int = 0, name: str = "", log_level: int = 0,
+              log_size: int = 1 << 20) -> Call:
+    map_fds = {}
+    for fd in set(map_fds_in(insns)):
+        try:
+            map_fds[fd], _ = yield from bind(session, fd)
+        except BpfError:
+            pass  # left out: the daemon reports the instruction naming a bad fd
+    reply = yield Request("prog_load", (int(prog_type), bytes(insns), license, kern_version, name,
+                                        log_level, log_size, map_fds))
+    fd = ProgFd(_new_object(session, reply))
+    fd.log = reply[0].get("log", "")
+    return fd
+
+
+@dataclass
+class TestRun:
+    """BPF_PROG_TEST_RUN's results plus the side effects the VM records."""
+
+    retval: int
+    data_out: bytes
+    duration: int  # average ns per run, as the kernel reports it
+    ctx_out: bytes = b""
+    effects: dict = field(default_factory=dict)
+
+
+def prog_test_run(session: Session, fd: int, data_in: bytes = b"", repeat: int = 1,
+                  ctx_in: bytes | None = None, data_size_out: int = 0,
+                  **options: Any) -> Call:
+    """options: the emulated kernel state of the run (see bpffs.vm.RunEnv), and tier."""
+    handle, _ = yield from bind(session, fd)
+    out, _ = yield Request("prog_test_run", (handle, bytes(data_in), ctx_in, repeat,
+                                             data_size_out, options))
+    return TestRun(out.pop("retval"), out.pop("data_out"), out.pop("duration"),
+                   out.pop("ctx_out", b""), out)
+
+
+# -- pins and ids -------------------------------------------------------------------------------
+def _umask() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+def _open_path(path: str | bytes, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        raise BpfError(e.errno, f"{os.fsdecode(path)}: {e.strerror}") from None
+
+
+def obj_pin(session: Session, fd: int, path: str | bytes) -> Call:
+    """BPF_OBJ_PIN: the kernel resolves the parent directory (we send it as an O_PATH fd)."""
+    handle, _ = yield from bind(session, fd)
+    parent, name = os.path.split(os.fsencode(path))
+    if not name:
+        raise BpfError(errno.EINVAL, f"{os.fsdecode(path)}: a pin path must name a file")
+    dirfd = _open_path(parent or b".", os.O_DIRECTORY)
+    try:
+        yield Request("obj_pin", (handle, name, _umask()), (dirfd,))
+    finally:
+        os.close(dirfd)
+
+
+def obj_get(session: Session, path: str | bytes, file_flags: int = 0) -> Call:
+    """BPF_OBJ_GET: a new fd on the object pinned at path (symlinks followed)."""
+    pfd = _open_path(path, 0)
+    try:
+        reply = yield Request("obj_get", (file_flags,), (pfd,))
+    finally:
+        os.close(pfd)
+    return _new_object(session, reply)
+
+
+def obj_get_info_by_fd(session: Session, fd: int) -> Call:
+    handle, _ = yield from bind(session, fd)
+    return (yield Request("obj_info", (handle,)))[0]
+
+
+def get_next_id(session: Session, kind: str, start: int = 0) -> Call:
+    return (yield Request("get_next_id", (kind, start)))[0]
+
+
+def get_fd_by_id(session: Session, kind: str, obj_id: int) -> Call:
+    return _new_object(session, (yield Request("get_fd_by_id", (kind, obj_id))))
+
+
+def perf_event_open(session: Session, cpu: int = 0) -> Call:
+    """A perf event fd: store it in a PERF_EVENT_ARRAY; each sample a program outputs through
+    it arrives as one message on the fd (read with os.read / recv)."""
+    return _new_object(session, (yield Request("perf_event_open", (cpu,))))
+
+
+def trace_read(session: Session, after: int = 0) -> Call:
+    """trace_printk lines after sequence number `after` (waits for at least one)."""
+    return (yield Request("trace_read", (after,)))[0]
+
+
+def mount(session: Session, mountpoint: str | bytes, instance: str | None = None,
+          target_pid: int | None = None, allow_other: bool = False) -> Call:
+    ns = f"/proc/{target_pid}/ns/mnt" if target_pid else "/proc/self/ns/mnt"
+    try:
+        ns_fd = os.open(ns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BpfError(e.errno, f"{ns}: {e.strerror}") from None
+    try:
+        point = os.fsencode(mountpoint)
+        if not target_pid:
+            point = os.fsencode(os.path.abspath(point))
+        return (yield Request("mount", (point, instance, {"allow_other": allow_other}),
+                              (ns_fd,)))[0]
+    finally:
+        os.close(ns_fd)
+
+
+def status(session: Session) -> Call:
+    return (yield Request("status", ()))[0]
+
+
+OPERATIONS: dict[str, Any] = {fn.__name__: fn for fn in (
+    map_create, map_lookup_elem, map_update_elem, map_delete_elem, map_get_next_key,
+    map_lookup_batch, map_update_batch, map_delete_batch, prog_load, prog_test_run, obj_pin,
+    obj_get, obj_get_info_by_fd, get_next_id, get_fd_by_id, perf_event_open, trace_read, mount,
+    status)}
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,214 @@
+"""The control protocol between clients (and mount workers) and bpffsd.
+
+One SOCK_SEQPACKET message is one request or one reply, so a request and the fds it carries
+(SCM_RIGHTS) always arrive together. Messages are msgpack arrays:
+
+    request:  [op, arg, ...]                  op is a name from OPS
+    reply:    [0, result]                     success
+              [errno, message, *detail]       failure: the kernel's errno, a clear message
+
+A message too large for the socket buffer travels in a sealed memfd: the datagram is the single
+byte LARGE_MESSAGE (0xc1, a byte msgpack never produces) and the memfd is its first fd.
+The first request on a connection must be ["hello", PROTOCOL_VERSION, ...].
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import os
+import socket
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# Largest datagram sent inline; bigger payloads go through a memfd. Below the default
+# SO_SNDBUF (net.core.wmem_default, 212992) minus the skb overhead the kernel charges.
+INLINE_MAX = 160 * 1024
+# Largest payload accepted at all (a memfd message); keeps one client from exhausting memory.
+MESSAGE_MAX = 256 * 1024 * 1024
+# Linux's SCM_MAX_FD: at most this many fds ride on one message.
+FDS_MAX = 253
+LARGE_MESSAGE = b"\xc1"
+_ANC_SPACE = socket.CMSG_SPACE(FDS_MAX * array.array("i").itemsize)
+
+# Operations, each with the type of every argument, checked by the daemon before dispatch
+# ("bytes?" may also be None). Fds ride in SCM_RIGHTS, named in the arguments by position.
+OPS: dict[str, tuple[str, ...]] = {
+    "hello": ("int", "str"),
+    "bind": (),  # one fd: an object fd; binds its handle on this connection
+    "map_create": ("int", "int", "int", "int", "int", "str"),
+    "map_lookup": ("int", "bytes"),
+    "map_update": ("int", "bytes", "bytes", "int"),
+    "map_update_fd": ("int", "bytes", "int", "int"),  # fd arrays: the value is a bound handle
+    "map_delete": ("int", "bytes"),
+    "map_get_next_key": ("int", "bytes?"),
+    "map_lookup_batch": ("int", "bytes?", "int", "bool"),  # cursor, count, and_delete
+    "map_update_batch": ("int", "bytes", "bytes", "int"),  # packed keys, packed values, flags
+    "map_delete_batch": ("int", "bytes"),  # packed keys
+    "prog_load": ("int", "bytes", "str", "int", "str", "int", "int", "dict"),
+    "prog_test_run": ("int", "bytes", "bytes?", "int", "int", "dict"),
+    "obj_pin": ("int", "bytes", "int"),  # handle, name, umask; one fd: the parent dir (O_PATH)
+    "obj_get": ("int",),  # one fd: the path (O_PATH); file_flags
+    "obj_info": ("int",),
+    "get_next_id": ("str", "int"),  # kind, start id
+    "get_fd_by_id": ("str", "int"),
+    "perf_event_open": ("int",),  # cpu
+    "trace_read": ("int",),  # from sequence number
+    "mount": ("bytes", "str?", "dict"),  # one fd: the target mount namespace
+    "status": (),
+}
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "str": (str,), "bytes": (bytes,), "bool": (bool,), "dict": (dict,),
+    "list": (list,),
+}
+
+
+class ProtocolError(Exception):
+    """A malformed message: the peer is dropped (no reply can be trusted to reach it)."""
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise ProtocolError(f"malformed msgpack: {e}") from None
+
+
+def _compile(schema: tuple[str, ...]) -> tuple[tuple[tuple[type, ...], bool, str], ...]:
+    return tuple((_TYPES[kind.rstrip("?")], kind.endswith("?"), kind) for kind in schema)
+
+
+_SCHEMAS = {op: _compile(schema) for op, schema in OPS.items()}
+
+
+def check_request(msg: Any) -> tuple[str, list[Any]]:
+    """Validate a decoded request against OPS; returns (op, args) or raises OSError(EINVAL)."""
+    if type(msg) is not list or not msg or type(msg[0]) is not str:
+        raise OSError(errno.EINVAL, "a request is a msgpack array [op, args...]")
+    op = msg[0]
+    schema = _SCHEMAS.get(op)
+    if schema is None:
+        raise OSError(errno.EINVAL, f"unknown operation {op!r}")
+    args = msg[1:]
+    if len(args) != len(schema):
+        raise OSError(errno.EINVAL, f"{op} takes {len(schema)} arguments, got {len(args)}")
+    for i, arg in enumerate(args):
+        types, optional, kind = schema[i]
+        if isinstance(arg, types):
+            # bool is an int subclass: reject it where an int is meant.
+            if type(arg) is bool and bool not in types:
+                raise OSError(errno.EINVAL, f"{op}: argument {i + 1} must be {kind}, got bool")
+        elif not (optional and arg is None):
+            raise OSError(errno.EINVAL, f"{op}: argument {i + 1} must be {kind},"
+                          f" got {type(arg).__name__}")
+    return op, args
+
+
+def ok(result: Any = None) -> bytes:
+    return pack([0, result])
+
+
+def error(err: int, message: str, *detail: Any) -> bytes:
+    return pack([err, message, *detail])
+
+
+def make_memfd(payload: bytes) -> int:
+    fd = os.memfd_create("bpffs-message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_memfd(fd: int) -> bytes:
+    """Read a large message from a memfd the peer sent. Only memfds are accepted: reading any
+    other fd (a FIFO, a file on a FUSE mount — possibly our own) could block the reader."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ProtocolError("a large message must arrive in a memfd") from None
+    size = os.fstat(fd).st_size
+    if size > MESSAGE_MAX:
+        raise ProtocolError(f"message of {size} bytes exceeds {MESSAGE_MAX}")
+    return os.pread(fd, size, 0)
+
+
+def encode_fds(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
+def decode_fds(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
+    """The fds of one received message. Truncated control data (MSG_CTRUNC) is an error after
+    closing whatever did arrive."""
+    if not ancdata and not msg_flags:
+        return []
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        close_all(fds)
+        raise ProtocolError("message or its fds were truncated")
+    return list(fds)
+
+
+def close_all(fds: Any) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def open_payload(data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+    """Resolve a LARGE_MESSAGE datagram into its payload; returns (payload, remaining fds)."""
+    if data != LARGE_MESSAGE:
+        return data, fds
+    if not fds:
+        raise ProtocolError("large message without its memfd")
+    try:
+        return read_memfd(fds[0]), fds[1:]
+    finally:
+        os.close(fds[0])
+
+
+def frame(payload: bytes, fds: list[int]) -> tuple[bytes, list[int], int | None]:
+    """Prepare a payload for sending: (datagram, fds to send, memfd to close after sending)."""
+    if len(payload) <= INLINE_MAX:
+        return payload, fds, None
+    memfd = make_memfd(payload)
+    return LARGE_MESSAGE, [memfd, *fds], memfd
+
+
+def send_message(sock: socket.socket, payload: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    data, fds, memfd = frame(payload, list(fds))
+    try:
+        sock.sendmsg([data], encode_fds(fds))
+    finally:
+        if memfd is not None:
+            os.close(memfd)
+
+
+def recv_message(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and its fds (blocking). b"" means the peer closed the connection."""
+    data, ancdata, msg_flags, _ = sock.recvmsg(INLINE_MAX, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+    fds = decode_fds(ancdata, msg_flags)
+    return open_payload(data, fds)
+
+
+RECV_ARGS = (INLINE_MAX, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)

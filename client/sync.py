@@ -1,0 +1,110 @@
+"""The synchronous client: one connection to bpffsd, driving the operations of calls.py.
+
+A Client is not shared between processes (after fork the child gets its own connection:
+replies must never be read on a socket another process may also read) nor used by two threads
+at once (each thread gets its own through `default_client()`).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import socket
+import threading
+from typing import Any
+
+from bpffs.vm.errors import BpfError
+
+from . import calls, paths, protocol
+
+
+def error_from_reply(reply: list) -> BpfError:
+    err, message, *detail = reply
+    e = BpfError(err, message)
+    e.detail = detail[0] if detail else None  # type: ignore[attr-defined]
+    return e
+
+
+def connect_socket(path: str | None = None) -> socket.socket:
+    path = path or paths.default_socket()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        sock.close()
+        raise BpfError(e.errno or errno.ECONNREFUSED,
+                       f"cannot reach bpffsd at {path}: {e.strerror} (is the daemon running?"
+                       " start it with `bpffsd`, or set BPFFS_SOCKET)") from None
+    return sock
+
+
+def hello_request() -> calls.Request:
+    return calls.Request("hello", (protocol.PROTOCOL_VERSION, f"bpffs-client/{os.getpid()}"))
+
+
+class Client:
+    def __init__(self, path: str | None = None):
+        self.sock = connect_socket(path)
+        self.session = calls.Session()
+        self.pid = os.getpid()
+        self.daemon_info = self._roundtrip(hello_request())[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _roundtrip(self, request: calls.Request) -> tuple[Any, list[int]]:
+        protocol.send_message(self.sock, protocol.pack([request.op, *request.args]),
+                              request.fds)
+        data, fds = protocol.recv_message(self.sock)
+        if not data:
+            raise BpfError(errno.ECONNRESET, "bpffsd closed the connection")
+        reply = protocol.unpack(data)
+        if reply[0]:
+            protocol.close_all(fds)
+            raise error_from_reply(reply)
+        return reply[1], fds
+
+    def run(self, call: calls.Call) -> Any:
+        try:
+            request = next(call)
+            while True:
+                try:
+                    reply = self._roundtrip(request)
+                except BpfError as e:
+                    request = call.throw(e)  # the call may add detail (batch counts)
+                else:
+                    request = call.send(reply)
+        except StopIteration as done:
+            return done.value
+
+    def __getattr__(self, name: str) -> Any:
+        """client.map_lookup_elem(fd, key) etc.: every operation of calls.OPERATIONS."""
+        operation = calls.OPERATIONS.get(name)
+        if operation is None:
+            raise AttributeError(name)
+
+        @functools.wraps(operation)
+        def method(*args: Any, **kwargs: Any) -> Any:
+            return self.run(operation(self.session, *args, **kwargs))
+
+        setattr(self, name, method)
+        return method
+
+
+_local = threading.local()
+
+
+def default_client() -> Client:
+    """This thread's connection (to $BPFFS_SOCKET or the default socket), made on first use
+    and made again in a forked child."""
+    client = getattr(_local, "client", None)
+    if client is None or client.pid != os.getpid():
+        client = _local.client = Client()
+    return client

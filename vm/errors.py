@@ -1,0 +1,20 @@
+"""The one error type of the BPF object model: an OSError carrying the kernel's errno.
+
+Raised by maps, the verifier and the VM; the daemon sends errno and message to the client,
+which raises it again, so a caller sees `BpfError(E2BIG, "hash map 'flows' is full ...")`.
+"""
+
+import errno as _errno
+
+
+class BpfError(OSError):
+    """OSError with the kernel's errno and a message that says what was wrong."""
+
+    def __init__(self, err: int, message: str):
+        super().__init__(err, message)
+
+    def __str__(self) -> str:
+        return f"{_errno.errorcode.get(self.errno, self.errno)}: {self.strerror}"
+
+    def __reduce__(self):
+        return (type(self), (self.errno, self.strerror))
