@@ -67,6 +67,7 @@ class Daemon:
             "prog_load": sc.prog_load,
             "prog_test_run": sc.prog_test_run,
             "obj_info": sc.obj_info,
+            "prog_xlated": sc.prog_xlated,
             "get_next_id": sc.get_next_id,
             "get_fd_by_id": sc.get_fd_by_id,
             "perf_event_open": sc.perf_event_open,

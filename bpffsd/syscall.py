@@ -321,6 +321,12 @@ class Syscalls:
             return info
         return {"id": obj.id, "type": "perf_event", "cpu": obj.impl.cpu}
 
+    def prog_xlated(self, conn: Connection, handle: int) -> bytes:
+        ref = conn.resolve(handle)
+        if ref.obj.kind != Kind.PROG:
+            raise BpfError(errno.EINVAL, f"fd is a {ref.obj.kind}, not a program")
+        return ref.obj.impl.insns
+
     def _need_admin(self, conn: Connection, what: str) -> None:
         if not conn.peer.privileged:
             raise BpfError(errno.EPERM, f"{what} needs CAP_SYS_ADMIN")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -58,7 +58,7 @@ def bind(session: Session, fd: int) -> Generator[Request, Any, tuple[int, dict]]
 
 
 def _received_fd(reply: tuple[Any, list[int]]) -> int:
-    result, fds = reply
+    _, fds = reply
     if len(fds) != 1:
         for fd in fds:
             os.close(fd)
@@ -251,6 +251,12 @@ def obj_get_info_by_fd(session: Session, fd: int) -> Call:
     return (yield Request("obj_info", (handle,)))[0]
 
 
+def prog_xlated(session: Session, fd: int) -> Call:
+    """The program's instructions, as bpftool's `prog dump xlated` shows them."""
+    handle, _ = yield from bind(session, fd)
+    return (yield Request("prog_xlated", (handle,)))[0]
+
+
 def get_next_id(session: Session, kind: str, start: int = 0) -> Call:
     return (yield Request("get_next_id", (kind, start)))[0]
 
@@ -294,16 +300,6 @@ def status(session: Session) -> Call:
 OPERATIONS: dict[str, Any] = {fn.__name__: fn for fn in (
     map_create, map_lookup_elem, map_update_elem, map_delete_elem, map_get_next_key,
     map_lookup_batch, map_update_batch, map_delete_batch, prog_load, prog_test_run, obj_pin,
-    obj_get, obj_get_info_by_fd, get_next_id, get_fd_by_id, perf_event_open, trace_read, mount,
-    status)}
+    obj_get, obj_get_info_by_fd, prog_xlated, get_next_id, get_fd_by_id, perf_event_open,
+    trace_read, mount, status)}
 
-
-def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

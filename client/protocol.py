@@ -54,6 +54,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "obj_pin": ("int", "bytes", "int"),  # handle, name, umask; one fd: the parent dir (O_PATH)
     "obj_get": ("int",),  # one fd: the path (O_PATH); file_flags
     "obj_info": ("int",),
+    "prog_xlated": ("int",),  # a program's instructions (map fds as loaded)
     "get_next_id": ("str", "int"),  # kind, start id
     "get_fd_by_id": ("str", "int"),
     "perf_event_open": ("int",),  # cpu

@@ -45,7 +45,8 @@ def hello_request() -> calls.Request:
 
 class Client:
     def __init__(self, path: str | None = None):
-        self.sock = connect_socket(path)
+        self.path = path or paths.default_socket()
+        self.sock = connect_socket(self.path)
         self.session = calls.Session()
         self.pid = os.getpid()
         self.daemon_info = self._roundtrip(hello_request())[0]
@@ -102,9 +103,11 @@ _local = threading.local()
 
 
 def default_client() -> Client:
-    """This thread's connection (to $BPFFS_SOCKET or the default socket), made on first use
-    and made again in a forked child."""
+    """This thread's connection (to $BPFFS_SOCKET or the default socket), made on first use,
+    and made again in a forked child or when BPFFS_SOCKET changed."""
     client = getattr(_local, "client", None)
-    if client is None or client.pid != os.getpid():
+    if client is None or client.pid != os.getpid() or client.path != paths.default_socket():
+        if client is not None and client.pid == os.getpid():
+            client.close()
         client = _local.client = Client()
     return client

@@ -1,0 +1,93 @@
+"""bpftool's command-line grammar: keywords matched by any unambiguous prefix, object
+references (`id N`, `pinned PATH`, `name NAME`) and DATA (`1 0 0 0`, `0x01 ...`,
+`hex 01 00 00 00`)."""
+
+from __future__ import annotations
+
+import errno
+
+from bpffs.vm.errors import BpfError
+
+
+def usage(message: str) -> BpfError:
+    return BpfError(errno.EINVAL, message)
+
+
+def is_prefix(word: str, keyword: str) -> bool:
+    return bool(word) and keyword.startswith(word)
+
+
+def match(word: str, keywords: list[str], what: str) -> str:
+    """The keyword `word` abbreviates. As in bpftool, the first keyword of the table that it
+    prefixes wins (`m` is map), so tables list the common keywords first."""
+    for keyword in keywords:
+        if is_prefix(word, keyword):
+            return keyword
+    raise usage(f"unknown {what} '{word}' (expected one of: {', '.join(keywords)})")
+
+
+class Args:
+    """A cursor over the words of a command."""
+
+    def __init__(self, words: list[str]):
+        self.words = list(words)
+
+    def __bool__(self) -> bool:
+        return bool(self.words)
+
+    def peek(self) -> str | None:
+        return self.words[0] if self.words else None
+
+    def next(self, what: str) -> str:
+        if not self.words:
+            raise usage(f"missing {what}")
+        return self.words.pop(0)
+
+    def next_int(self, what: str) -> int:
+        word = self.next(what)
+        try:
+            return int(word, 0)
+        except ValueError:
+            raise usage(f"{what} must be a number, got '{word}'") from None
+
+    def keyword(self, keywords: list[str], what: str) -> str:
+        return match(self.next(what), keywords, what)
+
+    def accept(self, keyword: str) -> bool:
+        """Consume the next word if it abbreviates keyword."""
+        if self.words and is_prefix(self.words[0], keyword):
+            self.words.pop(0)
+            return True
+        return False
+
+    def done(self) -> None:
+        if self.words:
+            raise usage(f"unexpected argument '{self.words[0]}'")
+
+    def object_ref(self, kind: str) -> tuple[str, str]:
+        """`id N`, `pinned PATH` or `name NAME` -> (how, value)."""
+        how = self.keyword(["id", "pinned", "name"], f"{kind} reference")
+        return how, self.next(f"{kind} {how}")
+
+    def data(self, size: int, what: str) -> bytes:
+        """DATA of exactly size bytes: numbers (base prefix honoured), or hex after `hex`."""
+        base = 16 if self.accept("hex") else 0
+        out = bytearray()
+        while len(out) < size:
+            word = self.next(f"{what} byte {len(out) + 1} of {size}")
+            if base == 16 and len(word) > 2:  # `hex 01000000` as one word
+                try:
+                    out += bytes.fromhex(word)
+                except ValueError:
+                    raise usage(f"{what}: '{word}' is not hex bytes") from None
+                continue
+            try:
+                value = int(word, base)
+            except ValueError:
+                raise usage(f"{what}: '{word}' is not a byte") from None
+            if not 0 <= value <= 0xFF:
+                raise usage(f"{what}: {word} does not fit in a byte")
+            out.append(value)
+        if len(out) != size:
+            raise usage(f"{what}: {len(out)} bytes given, {size} expected")
+        return bytes(out)

@@ -1,0 +1,61 @@
+"""Opening the object a command names (`id N`, `pinned PATH`, `name NAME`), as bpftool does."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+from bpffs.vm.errors import BpfError
+
+from ..sync import Client
+
+
+def all_ids(client: Client, kind: str) -> Iterator[int]:
+    obj_id = 0
+    while True:
+        try:
+            obj_id = client.get_next_id(kind, obj_id)
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return
+            raise
+        yield obj_id
+
+
+def open_refs(client: Client, kind: str, how: str, value: str) -> list[int]:
+    """Fds of every object the reference names (`name` may name several)."""
+    if how == "id":
+        try:
+            obj_id = int(value, 0)
+        except ValueError:
+            raise BpfError(errno.EINVAL, f"invalid {kind} id '{value}'") from None
+        return [client.get_fd_by_id(kind, obj_id)]
+    if how == "pinned":
+        fd = client.obj_get(value)
+        info = client.obj_get_info_by_fd(fd)
+        if _kind_of(info) != kind:
+            raise BpfError(errno.EINVAL, f"{value} is a pinned {_kind_of(info)}, not a {kind}")
+        return [fd]
+    fds = []
+    for obj_id in all_ids(client, kind):
+        try:
+            fd = client.get_fd_by_id(kind, obj_id)
+        except BpfError:
+            continue  # freed meanwhile
+        if client.obj_get_info_by_fd(fd).get("name") == value:
+            fds.append(fd)
+    if not fds:
+        raise BpfError(errno.ENOENT, f"no {kind} named '{value}'")
+    return fds
+
+
+def open_one(client: Client, kind: str, how: str, value: str) -> int:
+    fds = open_refs(client, kind, how, value)
+    if len(fds) > 1:
+        raise BpfError(errno.EINVAL, f"{len(fds)} {kind}s are named '{value}': use id or"
+                       " pinned")
+    return fds[0]
+
+
+def _kind_of(info: dict) -> str:
+    return "map" if "bytes_key" in info else "prog" if "tag" in info else info.get("type", "?")

@@ -1,0 +1,48 @@
+"""Plain and JSON output in bpftool's shapes, and its error convention: a plain error is one
+`Error: message` line on stderr; with --json it is {"error": message} on stdout. The exit
+status is 256 - errno (EEXIST -> 239), 255 when there is no errno."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def hex_bytes(data: bytes) -> str:
+    return " ".join(f"{b:02x}" for b in data)
+
+
+def json_bytes(data: bytes) -> list[str]:
+    return [f"0x{b:02x}" for b in data]
+
+
+class Output:
+    def __init__(self, json_mode: bool = False, pretty: bool = False):
+        self.json = json_mode or pretty
+        self.pretty = pretty
+
+    def emit(self, value: Any) -> None:
+        """A JSON document (only in JSON mode)."""
+        if self.json:
+            print(json.dumps(value, indent=4 if self.pretty else None, default=_default))
+
+    def line(self, text: str = "") -> None:
+        if not self.json:
+            print(text)
+
+    def error(self, message: str) -> None:
+        if self.json:
+            print(json.dumps({"error": message}))
+        else:
+            print(f"Error: {message}", file=sys.stderr)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return json_bytes(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def exit_status(err: int | None) -> int:
+    return 256 - err if err and 0 < err < 256 else 255

@@ -1,0 +1,162 @@
+"""`bpffs prog ...`: bpftool's program commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from bpffs import vm
+
+from ..sync import Client
+from .args import Args, usage
+from .objects import all_ids, open_one, open_refs
+from .output import Output, hex_bytes
+
+COMMANDS = ["show", "list", "dump", "pin", "run", "tracelog", "help"]
+
+
+def run(client: Client, args: Args, out: Output, show_pins: bool) -> None:
+    command = args.keyword(COMMANDS, "prog command") if args else "show"
+    handler = {"show": show, "list": show, "dump": dump, "pin": pin, "run": run_prog,
+               "tracelog": tracelog, "help": help_}[command]
+    handler(client, args, out, show_pins)
+
+
+def help_(client: Client, args: Args, out: Output, show_pins: bool) -> None:
+    print("Usage: bpffs prog { show | list } [PROG]\n"
+          "       bpffs prog dump xlated PROG [opcodes]\n"
+          "       bpffs prog pin     PROG FILE\n"
+          "       bpffs prog run     PROG data_in FILE [data_out FILE [data_size_out L]]\n"
+          "                          [ctx_in FILE [ctx_out FILE [ctx_size_out M]]] [repeat N]\n"
+          "       bpffs prog tracelog\n"
+          "       PROG := { id PROG_ID | pinned FILE | name PROG_NAME }")
+
+
+def _print_info(out: Output, info: dict, show_pins: bool) -> None:
+    gpl = "  gpl" if info["gpl_compatible"] else ""
+    out.line(f"{info['id']}: {info['type']}  name {info['name']}  tag {info['tag']}{gpl}")
+    loaded = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(info["loaded_at"]))
+    runs = (f"  run_time_ns {info['run_time_ns']} run_cnt {info['run_cnt']}"
+            if "run_cnt" in info else "")
+    out.line(f"\tloaded_at {loaded}  uid {info['uid']}{runs}")
+    maps = f"  map_ids {','.join(map(str, info['map_ids']))}" if info["map_ids"] else ""
+    out.line(f"\txlated {info['bytes_xlated']}B  not jited  memlock {info['bytes_memlock']}B"
+             f"{maps}")
+    if show_pins:
+        for path in info["pinned"]:
+            out.line(f"\tpinned {path}")
+
+
+def show(client: Client, args: Args, out: Output, show_pins: bool) -> None:
+    single = bool(args)
+    if args:
+        fds = open_refs(client, "prog", *args.object_ref("prog"))
+    else:
+        fds = []
+        for prog_id in all_ids(client, "prog"):
+            try:
+                fds.append(client.get_fd_by_id("prog", prog_id))
+            except OSError:
+                continue
+    args.done()
+    infos = []
+    for fd in fds:
+        infos.append(client.obj_get_info_by_fd(fd))
+        os.close(fd)
+    for info in infos:
+        _print_info(out, info, show_pins)
+    docs = [{k: v for k, v in i.items() if show_pins or k != "pinned"} for i in infos]
+    out.emit(docs[0] if single and len(docs) == 1 else docs)
+
+
+def dump(client: Client, args: Args, out: Output, show_pins: bool) -> None:
+    args.keyword(["xlated"], "dump kind (only xlated: programs are not jited)")
+    fd = open_one(client, "prog", *args.object_ref("prog"))
+    opcodes = args.accept("opcodes")
+    args.done()
+    try:
+        info = client.obj_get_info_by_fd(fd)
+        insns = client.prog_xlated(fd)
+    finally:
+        os.close(fd)
+    lines = vm.disassemble(insns, maps=info["map_ids"])
+    if out.json:
+        out.emit([{"pc": i, "disasm": line.split(": ", 1)[1] if ": " in line else line}
+                  for i, line in enumerate(lines)])
+        return
+    for pc, line in enumerate(lines):
+        out.line(line)
+        if opcodes:
+            out.line(f"       {hex_bytes(insns[pc * 8:pc * 8 + 8])}")
+
+
+def pin(client: Client, args: Args, out: Output, show_pins: bool) -> None:
+    fd = open_one(client, "prog", *args.object_ref("prog"))
+    try:
+        path = args.next("FILE")
+        args.done()
+        client.obj_pin(fd, path)
+    finally:
+        os.close(fd)
+    out.emit(None)
+
+
+def _read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_output(path: str, data: bytes, out: Output) -> None:
+    if path == "-":
+        out.line(hex_bytes(data))
+        return
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def run_prog(client: Client, args: Args, out: Output, show_pins: bool) -> None:
+    fd = open_one(client, "prog", *args.object_ref("prog"))
+    options: dict[str, object] = {"repeat": 1, "data_size_out": 32 * 1024}
+    while args:
+        word = args.keyword(["data_in", "data_out", "data_size_out", "ctx_in", "ctx_out",
+                             "ctx_size_out", "repeat"], "run option")
+        options[word] = args.next_int(word) if word in ("data_size_out", "ctx_size_out",
+                                                        "repeat") else args.next(word)
+    if "data_in" not in options:
+        raise usage("prog run needs data_in FILE")
+    try:
+        result = client.prog_test_run(fd, _read_input(str(options["data_in"])),
+                                      int(options["repeat"]),
+                                      _read_input(str(options["ctx_in"]))
+                                      if "ctx_in" in options else None,
+                                      int(options["data_size_out"]))
+    finally:
+        os.close(fd)
+    if "data_out" in options:
+        _write_output(str(options["data_out"]), result.data_out, out)
+    if "ctx_out" in options:
+        _write_output(str(options["ctx_out"]), result.ctx_out, out)
+    average = " (average)" if int(options["repeat"]) > 1 else ""
+    out.line(f"Return value: {result.retval}, duration{average}: {result.duration}ns")
+    doc = {"retval": result.retval, "duration": result.duration}
+    if "data_out" in options:
+        doc["data_out"] = list(result.data_out)
+    out.emit(doc)
+
+
+def tracelog(client: Client, args: Args, out: Output, show_pins: bool) -> None:
+    """Stream trace_printk output (the daemon's trace_pipe) until interrupted."""
+    args.done()
+    after = 0
+    try:
+        while True:
+            for seq, line in client.trace_read(after):
+                after = seq
+                out.line(line)
+                out.emit({"seq": seq, "line": line})
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass

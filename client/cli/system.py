@@ -1,0 +1,47 @@
+"""`bpffs mount` and `bpffs status`: the daemon's own commands (no bpftool equivalent)."""
+
+from __future__ import annotations
+
+from ..sync import Client
+from .args import Args, usage
+from .output import Output
+
+
+def mount(client: Client, args: Args, out: Output) -> None:
+    """bpffs mount DIR [--instance NAME] [--target-pid PID] [--allow-other]"""
+    directory = args.next("mount directory")
+    instance = target_pid = None
+    allow_other = False
+    while args:
+        word = args.next("mount option")
+        if word == "--instance":
+            instance = args.next("instance name")
+        elif word == "--target-pid":
+            target_pid = args.next_int("pid")
+        elif word == "--allow-other":
+            allow_other = True
+        else:
+            raise usage(f"unknown mount option {word}")
+    result = client.mount(directory, instance, target_pid, allow_other)
+    where = f" in the mount namespace of pid {target_pid}" if target_pid else ""
+    shown = f"instance {result['instance']!r}" if result["instance"] else "an unnamed instance"
+    out.line(f"mounted {shown} at {directory}{where}")
+    out.emit(result)
+
+
+def status(client: Client, args: Args, out: Output) -> None:
+    args.done()
+    info = client.status()
+    out.line(f"bpffsd {info['version']} (pid {info['pid']}) on {info['socket']}")
+    objects = ", ".join(f"{n} {k}{'s' if n != 1 else ''}"
+                        for k, n in sorted(info["objects"].items())) or "no objects"
+    out.line(f"objects: {objects}; {info['memlock_pages'] * 4} KiB charged;"
+             f" {info['object_fds']} open fds; {info['connections']} connections")
+    for inst in info["instances"]:
+        name = repr(inst["name"]) if inst["name"] else "(unnamed)"
+        mounts = ", ".join(inst["mounts"]) or "not mounted"
+        out.line(f"instance {name}: {inst['pins']} pins; mounted at {mounts}")
+    for key in ("journal", "snapshot"):
+        if key in info:
+            out.line(f"{key}: {info[key]}")
+    out.emit(info)

@@ -1,0 +1,115 @@
+"""Test helpers importable from any test module: the daemon subprocess and errno checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bpffs.client import Client
+
+START_TIMEOUT = 30.0
+
+
+def fuse_available() -> bool:
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+class DaemonProcess:
+    """A bpffsd subprocess with its own socket, mount and state directory under `root`."""
+
+    def __init__(self, root: Path, mount: bool = True, args: tuple[str, ...] = ()):
+        self.root = root
+        self.socket = root / "control.sock"
+        self.mount = root / "bpf" if mount else None
+        self.state_dir = root / "state"
+        self.log_path = root / "bpffsd.log"
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "BPFFS_SOCKET": str(self.socket)}
+
+    def start(self) -> DaemonProcess:
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "bpffs.daemon.main", "--socket", str(self.socket),
+               "--state-dir", str(self.state_dir), "-v", *self.args]
+        cmd += ["--mount", str(self.mount)] if self.mount else ["--no-mount"]
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bpffsd exited with {self.proc.returncode}:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"bpffsd did not become ready:\n{self.log_text()}")
+            time.sleep(0.05)
+        return self
+
+    def _ready(self) -> bool:
+        if not self.socket.exists() or (self.mount and not is_mounted(self.mount)):
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            try:
+                s.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
+
+    def client(self) -> Client:
+        return Client(str(self.socket))
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL; returns the exit status. A mount left behind is detached
+        (and reported by the caller's assertions, not hidden)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def cleanup_mount(self) -> bool:
+        """Detach the mount if the daemon left it; True when it had to."""
+        if self.mount and is_mounted(self.mount):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], check=False)
+            return True
+        return False
+
+
+@contextlib.contextmanager
+def raises_errno(err: int) -> Iterator[None]:
+    """Expect an OSError carrying exactly this errno."""
+    with pytest.raises(OSError) as info:
+        yield
+    assert info.value.errno == err, f"expected errno {err}, got {info.value!r}"
