@@ -223,13 +223,32 @@ def _open_path(path: str | bytes, flags: int) -> int:
         raise BpfError(e.errno, f"{os.fsdecode(path)}: {e.strerror}") from None
 
 
+def _open_parent(path: str | bytes) -> tuple[int, bytes]:
+    """The parent directory (O_PATH fd) and last name of a path to create, with the kernel's
+    rules (filename_create): '' is ENOENT; a last '.' or '..', or an existing name followed by
+    '/', is EEXIST; a missing one followed by '/' is ENOENT (only directories end in '/')."""
+    raw = os.fsencode(path)
+    if not raw:
+        raise BpfError(errno.ENOENT, "empty pin path")
+    parent, name = os.path.split(raw.rstrip(b"/") or b"/")
+    dirfd = _open_path(parent or b".", os.O_DIRECTORY)
+    try:
+        if name in (b"", b".", b".."):
+            raise BpfError(errno.EEXIST, f"{os.fsdecode(path)}: names an existing directory")
+        if raw.endswith(b"/"):
+            exists = os.path.lexists(f"/proc/self/fd/{dirfd}/{os.fsdecode(name)}")
+            raise BpfError(errno.EEXIST if exists else errno.ENOENT,
+                           f"{os.fsdecode(path)}: a pin path cannot end in '/'")
+    except BaseException:
+        os.close(dirfd)
+        raise
+    return dirfd, name
+
+
 def obj_pin(session: Session, fd: int, path: str | bytes) -> Call:
     """BPF_OBJ_PIN: the kernel resolves the parent directory (we send it as an O_PATH fd)."""
     handle, _ = yield from bind(session, fd)
-    parent, name = os.path.split(os.fsencode(path))
-    if not name:
-        raise BpfError(errno.EINVAL, f"{os.fsdecode(path)}: a pin path must name a file")
-    dirfd = _open_path(parent or b".", os.O_DIRECTORY)
+    dirfd, name = _open_parent(path)
     try:
         yield Request("obj_pin", (handle, name, _umask()), (dirfd,))
     finally:

@@ -27,7 +27,7 @@ from bpffs.vm.uapi import ObjFlag
 from ..store import BpfObject
 from .instance import Instance
 from .mount import Mount
-from .tree import MAY_READ, MAY_WRITE, Caller, Dir, Node, Pin
+from .tree import MAY_READ, MAY_WRITE, Caller, Dir, Node, Pin, show
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -39,6 +39,7 @@ NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 CLONE_NEWNS = 0x00020000
 DEFAULT_INSTANCE = "default"
 FSTAT_TIMEOUT = 10.0
+REAP_INTERVAL = 2.0  # seconds between looks for mounts in namespaces nobody lives in
 
 
 async def in_thread(fn: Any, *args: Any) -> Any:
@@ -49,6 +50,18 @@ async def in_thread(fn: Any, *args: Any) -> Any:
 
 _ABANDON = ({"abandon_on_cancel": True} if "abandon_on_cancel" in
             inspect.signature(trio.to_thread.run_sync).parameters else {"cancellable": True})
+
+
+def namespaces_in_use(exclude_pids: set[int]) -> set[int]:
+    """Inodes of the mount namespaces the visible processes (but exclude_pids) live in."""
+    used = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) not in exclude_pids:
+            try:
+                used.add(os.stat(f"/proc/{entry.name}/ns/mnt").st_ino)
+            except OSError:
+                pass  # gone, or not ours to see
+    return used
 
 
 class Filesystems:
@@ -65,7 +78,29 @@ class Filesystems:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            await self._reap_abandoned()
+
+    def all_mounts(self) -> list[Mount]:
+        return [m for inst in {*self.named.values(), *self.by_ns.values()} for m in inst.mounts]
+
+    async def _reap_abandoned(self) -> None:
+        """Unmount what we mounted into namespaces no process lives in any more (a container
+        that exited). The kernel would have torn those mounts down with the namespace; ours
+        keep it alive (the daemon holds its fd to restart a crashed worker, and the worker
+        lives in it), so the daemon notices instead, and an unnamed instance dies with them."""
+        own_ns = os.stat("/proc/self/ns/mnt").st_ino
+        while True:
+            await trio.sleep(REAP_INTERVAL)
+            mounts = [m for m in self.all_mounts() if m.ns_ino != own_ns and not m.stopping]
+            if not mounts:
+                continue
+            workers = {m.process.pid for m in self.all_mounts() if m.process is not None}
+            inhabited = await in_thread(namespaces_in_use, workers)
+            for mount in mounts:
+                if mount.ns_ino not in inhabited:
+                    log.info("no process is left in the mount namespace of %s: unmounting",
+                             mount.describe())
+                    self._nursery.start_soon(mount.stop)  # type: ignore[union-attr]
 
     # -- instances ----------------------------------------------------------------------------
     def instance(self, name: str | None) -> Instance:
@@ -93,7 +128,8 @@ class Filesystems:
         os.makedirs(mountpoint, exist_ok=True)
         ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         return await self._mount(self.instance(DEFAULT_INSTANCE), os.fsencode(mountpoint),
-                                 ns_fd, os.getuid(), "allow_other" if os.getuid() == 0 else "")
+                                 ns_fd, (os.getuid(), os.getgid()),
+                                 "allow_other" if os.getuid() == 0 else "")
 
     async def mount(self, conn: Connection, mountpoint: bytes, name: str | None,
                     options: dict) -> dict:
@@ -109,7 +145,7 @@ class Filesystems:
             os.close(ns_fd)
             raise
         allow_other = conn.peer.privileged or options.get("allow_other", False)
-        mount = await self._mount(inst, mountpoint, ns_fd, conn.peer.uid,
+        mount = await self._mount(inst, mountpoint, ns_fd, (conn.peer.uid, conn.peer.gid),
                                   "allow_other" if allow_other and os.getuid() == 0 else "")
         return {"dev": mount.dev, "instance": inst.name}
 
@@ -131,11 +167,11 @@ class Filesystems:
                                " needs CAP_SYS_ADMIN")
         return ns_ino
 
-    async def _mount(self, inst: Instance, mountpoint: bytes, ns_fd: int, owner_uid: int,
-                     options: str) -> Mount:
+    async def _mount(self, inst: Instance, mountpoint: bytes, ns_fd: int,
+                     owner: tuple[int, int], options: str) -> Mount:
         assert self._nursery is not None, "Filesystems.run() is not running"
         ns_ino = os.fstat(ns_fd).st_ino
-        mount = Mount(self, inst, mountpoint, ns_fd, ns_ino, owner_uid, options)
+        mount = Mount(self, inst, mountpoint, ns_fd, ns_ino, owner, options)
         return await self._nursery.start(mount.run)
 
     def mount_live(self, mount: Mount) -> None:
@@ -163,13 +199,14 @@ class Filesystems:
         log.info("unmounted %s", mount.describe())
 
     # -- pin and get --------------------------------------------------------------------------
-    async def _resolve(self, fd: int) -> tuple[Instance, Node]:
-        """The mount and node an O_PATH fd names (EPERM off our mounts, as the kernel)."""
+    async def _resolve(self, fd: int, off_mount: int = errno.EPERM) -> tuple[Instance, Node]:
+        """The mount and node an O_PATH fd names; a path off our mounts fails with off_mount
+        (the kernel: EPERM to pin there, EACCES to get a file that is not a pin)."""
         with trio.move_on_after(FSTAT_TIMEOUT):
             st = await in_thread(os.fstat, fd)
             mount = self.mounts.get(st.st_dev)
             if mount is None:
-                raise BpfError(errno.EPERM, "the path is not on a bpffs (bpffsd) mount")
+                raise BpfError(off_mount, "the path is not on a bpffs (bpffsd) mount")
             return mount.instance, mount.instance.tree.node(st.st_ino)
         raise BpfError(errno.EIO, "timed out resolving the path (its filesystem hangs)")
 
@@ -186,7 +223,7 @@ class Filesystems:
                                                                             | ObjFlag.WRONLY):
             raise BpfError(errno.EINVAL, f"invalid file_flags {file_flags:#x}"
                            " (BPF_F_RDONLY or BPF_F_WRONLY, not both)")
-        _inst, node = await self._resolve(conn.take_fd("the pin's path (O_PATH)"))
+        _inst, node = await self._resolve(conn.take_fd("the pin's path (O_PATH)"), errno.EACCES)
         if not isinstance(node, Pin) or node.obj is None:
             raise BpfError(errno.EACCES, f"the path is a {node.kind}, not a pinned object")
         want = {0: MAY_READ | MAY_WRITE, ObjFlag.RDONLY: MAY_READ,
@@ -203,8 +240,8 @@ class Filesystems:
             pins = [node for node in obj.pins if inst.tree.nodes.get(node.ino) is node]
             for node in pins:
                 for rel in inst.tree.path_of(node):
-                    paths += [os.fsdecode(m.mountpoint.rstrip(b"/") + b"/" + rel)
-                              for m in inst.mounts] or [f"{inst.describe()}:/{os.fsdecode(rel)}"]
+                    paths += [show(m.mountpoint.rstrip(b"/") + b"/" + rel)
+                              for m in inst.mounts] or [f"{inst.describe()}:/{show(rel)}"]
         return paths
 
     def object_id(self, impl: Any) -> int:

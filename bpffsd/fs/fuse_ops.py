@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 
 def attrs(node: Node) -> list[int]:
-    size = len(node.target) if isinstance(node, Symlink) else 0
-    return [node.ino, node.mode, node.nlink, node.uid, node.gid, size, node.atime, node.mtime,
+    """Every size is 0, symlinks' included (bpffs never sets i_size)."""
+    return [node.ino, node.mode, node.nlink, node.uid, node.gid, 0, node.atime, node.mtime,
             node.ctime]
 
 

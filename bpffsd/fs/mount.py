@@ -25,6 +25,7 @@ from bpffs.client import protocol
 from bpffs.vm.errors import BpfError
 
 from .fuse_ops import FuseOps
+from .tree import show
 
 if TYPE_CHECKING:
     from . import Filesystems
@@ -41,13 +42,13 @@ RESTART_WINDOW = 60.0
 
 class Mount:
     def __init__(self, fs: Filesystems, instance: Instance, mountpoint: bytes, ns_fd: int,
-                 ns_ino: int, owner_uid: int, options: str = ""):
+                 ns_ino: int, owner: tuple[int, int], options: str = ""):
         self.fs = fs
         self.instance = instance
         self.mountpoint = mountpoint
         self.ns_fd = ns_fd  # owned: kept to restart or detach the mount in its namespace
         self.ns_ino = ns_ino
-        self.owner_uid = owner_uid
+        self.owner = owner  # (uid, gid) of whoever asked for the mount
         self.options = options
         self.dev: int | None = None
         self.ops = FuseOps(instance, fs.object_id)
@@ -60,7 +61,7 @@ class Mount:
         self._restarts: deque[float] = deque()
 
     def describe(self) -> str:
-        return os.fsdecode(self.mountpoint)
+        return show(self.mountpoint)
 
     # -- lifetime -----------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -104,7 +105,8 @@ class Mount:
             self.process = await trio.lowlevel.open_process(
                 [*WORKER, "--rpc-fd", str(rpc_child.fileno()), "--notify-fd",
                  str(notify_child.fileno()), "--ns-fd", str(self.ns_fd), "--owner-uid",
-                 str(self.owner_uid), "--options", self.options, os.fsdecode(self.mountpoint)],
+                 str(self.owner[0]), "--owner-gid", str(self.owner[1]), "--options",
+                 self.options, os.fsdecode(self.mountpoint)],
                 pass_fds=(rpc_child.fileno(), notify_child.fileno(), self.ns_fd))
         finally:
             rpc_child.close()

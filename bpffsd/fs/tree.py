@@ -178,7 +178,8 @@ def check_name(name: bytes) -> None:
                        " reserved, as in the kernel's bpffs")
 
 
-def _show(name: bytes) -> str:
+def show(name: bytes) -> str:
+    """A name or path for messages and listings: non-UTF-8 bytes as \\x escapes."""
     return name.decode(errors="backslashreplace")
 
 
@@ -209,14 +210,14 @@ class Tree:
 
     def lookup(self, parent: Dir, name: bytes) -> Node:
         if b"." in name and name not in (b".", b".."):
-            raise BpfError(errno.EPERM, f"bpffs names may not contain '.' ({_show(name)!r})")
+            raise BpfError(errno.EPERM, f"bpffs names may not contain '.' ({show(name)!r})")
         if name == b".":
             return parent
         if name == b"..":
             return parent.parent or parent
         node = parent.children.get(name)
         if node is None:
-            raise BpfError(errno.ENOENT, f"no entry {_show(name)!r} in this directory")
+            raise BpfError(errno.ENOENT, f"no entry {show(name)!r} in this directory")
         return node
 
     def walk(self, path: bytes) -> Node:
@@ -225,7 +226,7 @@ class Tree:
         node: Node = self.root
         for part in [p for p in path.split(b"/") if p]:
             if not isinstance(node, Dir):
-                raise BpfError(errno.ENOTDIR, f"{_show(path)!r}: a component is not a directory")
+                raise BpfError(errno.ENOTDIR, f"{show(path)!r}: a component is not a directory")
             node = self.lookup(node, part)
         return node
 
@@ -264,10 +265,10 @@ class Tree:
     def _check_create(self, parent: Dir, name: bytes, caller: Caller | None) -> None:
         check_name(name)
         if name in parent.children:
-            raise BpfError(errno.EEXIST, f"{_show(name)!r} already exists")
+            raise BpfError(errno.EEXIST, f"{show(name)!r} already exists")
         if caller is not None and not parent.permits(caller, MAY_WRITE | MAY_EXEC):
             raise BpfError(errno.EACCES, f"no write permission on the directory to create"
-                           f" {_show(name)!r}")
+                           f" {show(name)!r}")
         if parent.nlink == 0:
             raise BpfError(errno.ENOENT, "the directory has been removed")
 
@@ -324,7 +325,7 @@ class Tree:
     def unlink(self, parent: Dir, name: bytes) -> None:
         node = self.lookup(parent, name)
         if isinstance(node, Dir):
-            raise BpfError(errno.EISDIR, f"{_show(name)!r} is a directory (use rmdir)")
+            raise BpfError(errno.EISDIR, f"{show(name)!r} is a directory (use rmdir)")
         self._detach(parent, name, node)
 
     def rmdir(self, parent: Dir, name: bytes) -> None:
@@ -334,9 +335,9 @@ class Tree:
             raise BpfError(errno.ENOTEMPTY, "cannot remove '..'")
         node = self.lookup(parent, name)
         if not isinstance(node, Dir):
-            raise BpfError(errno.ENOTDIR, f"{_show(name)!r} is a {node.kind}, not a directory")
+            raise BpfError(errno.ENOTDIR, f"{show(name)!r} is a {node.kind}, not a directory")
         if node.children:
-            raise BpfError(errno.ENOTEMPTY, f"directory {_show(name)!r} is not empty")
+            raise BpfError(errno.ENOTEMPTY, f"directory {show(name)!r} is not empty")
         parent.nlink -= 1
         node.nlink = 0
         parent.remove(name)
@@ -386,18 +387,18 @@ class Tree:
             raise BpfError(errno.EINVAL, "cannot move a directory into itself")
         if flags & RENAME_EXCHANGE:
             if target is None:
-                raise BpfError(errno.ENOENT, f"{_show(new_name)!r} does not exist to exchange")
+                raise BpfError(errno.ENOENT, f"{show(new_name)!r} does not exist to exchange")
             if isinstance(target, Dir) and self._is_ancestor(target, old_parent):
                 raise BpfError(errno.EINVAL, "cannot move a directory into itself")
             self._exchange(old_parent, old_name, node, new_parent, new_name, target)
             return
         if target is not None:
             if flags & RENAME_NOREPLACE:
-                raise BpfError(errno.EEXIST, f"{_show(new_name)!r} already exists")
+                raise BpfError(errno.EEXIST, f"{show(new_name)!r} already exists")
             if isinstance(node, Dir) and not isinstance(target, Dir):
-                raise BpfError(errno.ENOTDIR, f"{_show(new_name)!r} is not a directory")
+                raise BpfError(errno.ENOTDIR, f"{show(new_name)!r} is not a directory")
             if not isinstance(node, Dir) and isinstance(target, Dir):
-                raise BpfError(errno.EISDIR, f"{_show(new_name)!r} is a directory")
+                raise BpfError(errno.EISDIR, f"{show(new_name)!r} is a directory")
             if isinstance(target, Dir):
                 self.rmdir(new_parent, new_name)  # ENOTEMPTY unless empty
             else:

@@ -322,11 +322,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ns-fd", type=int)
     parser.add_argument("--owner-uid", type=int, default=0,
                         help="non-root callers may only mount on a directory they own")
+    parser.add_argument("--owner-gid", type=int, default=0)
     parser.add_argument("--options", default="")
     parser.add_argument("--unmount", action="store_true",
                         help="detach a (dead) mount at the mountpoint and exit")
     parser.add_argument("mountpoint")
     return parser.parse_args(argv)
+
+
+def clear_stale_mount(path: str) -> None:
+    """A FUSE mount whose server died (a daemon killed with SIGKILL, say) answers every access
+    with ENOTCONN ("Transport endpoint is not connected"): detach it so we can mount afresh."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        log.warning("detaching the dead mount left at %s", path)
+        umount_detach(path)
+
+
+def become_owner(uid: int, gid: int) -> None:
+    """Serve a non-root caller's mount as that caller: libfuse then mounts through the setuid
+    fusermount3 with user_id=uid, so the caller can use the mount (without allow_other) and
+    unmount it with `fusermount3 -u`, as with any user FUSE mount."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
 
 
 def check_mountpoint(path: str, owner_uid: int) -> None:
@@ -349,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.ns_fd is not None:
             enter_namespace(args.ns_fd)
+        clear_stale_mount(args.mountpoint)
+        if args.owner_uid != 0 and os.getuid() == 0:
+            become_owner(args.owner_uid, args.owner_gid)
         check_mountpoint(args.mountpoint, args.owner_uid)
         target = os.fsencode(os.path.realpath(args.mountpoint))
         options = {"fsname=bpffsd", "subtype=bpffsd", "default_permissions",
