@@ -1,0 +1,16 @@
+"""The embedded eBPF VM: maps, verifier, two execution tiers, helpers and contexts.
+
+A library with no knowledge of trio, sockets or FUSE: the daemon loads programs with
+`load_program` and runs them with `Program.test_run`; tests and benchmarks use it directly.
+"""
+
+from .disasm import disassemble, format_insn
+from .env import PerfEvent, RunEnv
+from .errors import BpfError, MemoryFault, VmFault
+from .helpers import HELPERS
+from .memory import Memory
+from .program import Program, load_program
+from .run import Run, TestRunResult
+
+__all__ = ["HELPERS", "BpfError", "Memory", "MemoryFault", "PerfEvent", "Program", "Run",
+           "RunEnv", "TestRunResult", "VmFault", "disassemble", "format_insn", "load_program"]

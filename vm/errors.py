@@ -18,3 +18,17 @@ class BpfError(OSError):
 
     def __reduce__(self):
         return (type(self), (self.errno, self.strerror))
+
+
+class VmFault(Exception):
+    """A program stopped at run time: an invalid memory access, an exhausted instruction budget,
+    a call the VM cannot make. The run is abandoned; nothing outside its regions was touched."""
+
+    def __init__(self, message: str, pc: int | None = None):
+        super().__init__(message if pc is None else f"insn {pc}: {message}")
+        self.pc = pc
+
+
+class MemoryFault(VmFault):
+    """A load or store outside every region the program may touch (or a write to a read-only
+    one)."""

@@ -157,3 +157,6 @@ PAGE_SIZE = 4096
 # The largest kmalloc on x86_64 (KMALLOC_MAX_SIZE = 1 << (MAX_PAGE_ORDER + PAGE_SHIFT)): bounds
 # value sizes, as in the running kernel.
 KMALLOC_MAX_SIZE = 1 << 22
+BPF_F_MARK_ENFORCE = 1 << 6  # l4_csum_replace (4.9+)
+CSUM_MANGLED_0 = 0xFFFF  # a UDP checksum computed as 0 is sent as this
+BPF_COMPLEXITY_LIMIT_INSNS = 1_000_000  # privileged programs (5.2+); unprivileged keep BPF_MAXINSNS

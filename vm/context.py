@@ -1,0 +1,202 @@
+"""Program contexts: the 4.4 `struct __sk_buff` over a packet model, and `struct pt_regs`.
+
+The context a program sees is a small buffer mapped at CTX_REGION. For socket and tc programs
+the buffer *is* the skb's metadata: `SkBuff` keeps its fields in that buffer, so a program's
+writes (mark, priority, tc_index, cb[], tc_classid) and a helper's changes (vlan tag, length)
+are the same state with nothing to copy back. Layout and access rules are 4.4's
+(include/uapi/linux/bpf.h; net/core/filter.c sk_filter_is_valid_access,
+tc_cls_act_is_valid_access; kernel/trace/bpf_trace.c kprobe_prog_is_valid_access).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+
+from .errors import BpfError
+from .uapi import ProgType
+
+ETH_HLEN = 14
+ETH_ALEN = 6
+VLAN_HLEN = 4
+ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
+VLAN_TAG_PRESENT = 0x1000  # 4.4 kept the "present" bit in vlan_tci (the CFI bit)
+PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST = 0, 1, 2, 3
+LOOPBACK_IFINDEX = 1  # BPF_PROG_TEST_RUN runs skbs on the loopback device
+# BPF_LD_ABS negative offsets (include/uapi/linux/filter.h).
+SKF_NET_OFF = -0x100000
+SKF_LL_OFF = -0x200000
+# The largest packet a test run takes. The kernel limits data_in to one page minus its
+# headroom and tailroom; the VM takes any IP-sized frame (for pcap replay of jumbo frames).
+MAX_PACKET = 65535 + ETH_HLEN
+
+
+@dataclass(frozen=True)
+class CtxField:
+    name: str
+    offset: int
+    size: int = 4
+
+
+SK_BUFF_FIELDS = (
+    CtxField("len", 0), CtxField("pkt_type", 4), CtxField("mark", 8),
+    CtxField("queue_mapping", 12), CtxField("protocol", 16), CtxField("vlan_present", 20),
+    CtxField("vlan_tci", 24), CtxField("vlan_proto", 28), CtxField("priority", 32),
+    CtxField("ingress_ifindex", 36), CtxField("ifindex", 40), CtxField("tc_index", 44),
+    *(CtxField(f"cb{n}", 48 + 4 * n) for n in range(5)),
+    CtxField("hash", 68), CtxField("tc_classid", 72),
+)
+SK_BUFF_SIZE = 76
+SKB = {f.name: f.offset for f in SK_BUFF_FIELDS}
+CB_FIELDS = frozenset(f"cb{n}" for n in range(5))
+
+# Per program type: the fields a program may write, and those it may not read.
+SKB_WRITABLE = {
+    ProgType.SOCKET_FILTER: CB_FIELDS,
+    ProgType.SCHED_CLS: CB_FIELDS | {"mark", "tc_index", "priority", "tc_classid"},
+    ProgType.SCHED_ACT: CB_FIELDS | {"mark", "tc_index", "priority", "tc_classid"},
+}
+SKB_UNREADABLE = {ProgType.SOCKET_FILTER: frozenset({"tc_classid"})}
+# Fields BPF_PROG_TEST_RUN takes from ctx_in (the rest of ctx_in must be zero), as the
+# running kernel's bpf_ctx_init/convert___skb_to_skb.
+CTX_IN_FIELDS = CB_FIELDS | {"mark", "priority", "ingress_ifindex", "ifindex"}
+
+# x86_64 struct pt_regs: 21 registers of 8 bytes, in this order.
+PT_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+           "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss")
+PT_REGS_SIZE = 8 * len(PT_REGS)
+
+CTX_SIZE = {ProgType.SOCKET_FILTER: SK_BUFF_SIZE, ProgType.SCHED_CLS: SK_BUFF_SIZE,
+            ProgType.SCHED_ACT: SK_BUFF_SIZE, ProgType.KPROBE: PT_REGS_SIZE}
+_FIELD_AT = {f.offset: f for f in SK_BUFF_FIELDS}
+
+
+def ctx_access_ok(prog_type: int, off: int, size: int, write: bool) -> bool:
+    """The kernel's is_valid_access for a context access of `size` bytes at `off`."""
+    if off < 0 or off >= CTX_SIZE.get(prog_type, 0) or off % size:
+        return False
+    if prog_type == ProgType.KPROBE:
+        return not write
+    if size != 4:
+        return False
+    name = _FIELD_AT[off].name
+    if name in SKB_UNREADABLE.get(prog_type, ()):
+        return False
+    return not write or name in SKB_WRITABLE[prog_type]
+
+
+def is_skb_program(prog_type: int) -> bool:
+    return prog_type in (ProgType.SOCKET_FILTER, ProgType.SCHED_CLS, ProgType.SCHED_ACT)
+
+
+class SkBuff:
+    """A packet and its metadata, as BPF_PROG_TEST_RUN builds it: the frame starts with the
+    Ethernet header; tc programs see data from the MAC header, socket filters from the network
+    header (`data_start`)."""
+
+    def __init__(self, frame: bytes, prog_type: int):
+        self.frame = bytearray(frame)
+        self.ctx = bytearray(SK_BUFF_SIZE)
+        self.data_start = 0 if prog_type in (ProgType.SCHED_CLS, ProgType.SCHED_ACT) else ETH_HLEN
+        self.tunnel_key: dict | None = None
+        self._set_frame_fields()
+        self["ifindex"] = LOOPBACK_IFINDEX
+
+    def __getitem__(self, name: str) -> int:
+        return int.from_bytes(self.ctx[SKB[name]:SKB[name] + 4], "little")
+
+    def __setitem__(self, name: str, value: int) -> None:
+        self.ctx[SKB[name]:SKB[name] + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+
+    @property
+    def data(self) -> memoryview:
+        """What the program addresses: from the MAC or the network header."""
+        return memoryview(self.frame)[self.data_start:]
+
+    def _set_frame_fields(self) -> None:
+        """eth_type_trans on the loopback device (address 00:00:00:00:00:00)."""
+        dest = self.frame[:ETH_ALEN]
+        if dest[0] & 1:
+            self["pkt_type"] = PACKET_BROADCAST if dest == b"\xff" * 6 else PACKET_MULTICAST
+        else:
+            self["pkt_type"] = PACKET_HOST if dest == bytes(6) else PACKET_OTHERHOST
+        self.set_protocol(int.from_bytes(self.frame[12:14], "big"))
+        self["len"] = len(self.frame) - self.data_start
+
+    def set_protocol(self, ethertype: int) -> None:
+        """skb->protocol is __be16: programs compare it with htons(ETH_P_*)."""
+        self["protocol"] = int.from_bytes(ethertype.to_bytes(2, "big"), "little")
+
+    @property
+    def protocol(self) -> int:
+        """The ethertype in host order."""
+        return int.from_bytes(self["protocol"].to_bytes(2, "little"), "big")
+
+    def apply_ctx_in(self, ctx_in: bytes) -> None:
+        if len(ctx_in) > SK_BUFF_SIZE:
+            if any(ctx_in[SK_BUFF_SIZE:]):
+                raise BpfError(errno.EINVAL, f"ctx_in sets fields beyond the 4.4 __sk_buff"
+                               f" ({SK_BUFF_SIZE} bytes)")
+            ctx_in = ctx_in[:SK_BUFF_SIZE]
+        padded = bytes(ctx_in).ljust(SK_BUFF_SIZE, b"\0")
+        for f in SK_BUFF_FIELDS:
+            value = int.from_bytes(padded[f.offset:f.offset + 4], "little")
+            if f.name in CTX_IN_FIELDS:
+                if value or f.name != "ifindex":
+                    self[f.name] = value
+            elif value:
+                raise BpfError(errno.EINVAL, f"ctx_in may not set __sk_buff.{f.name} (only"
+                               f" {', '.join(sorted(CTX_IN_FIELDS))})")
+
+    def load(self, off: int, size: int) -> int | None:
+        """LD_ABS/LD_IND: big-endian load at `off` from data (negative: the SKF_*_OFF bases);
+        None when out of bounds, which ends the program with 0."""
+        if off >= 0:
+            start = self.data_start + off
+        elif off >= SKF_NET_OFF:
+            start = ETH_HLEN + off - SKF_NET_OFF
+        elif off >= SKF_LL_OFF:
+            start = off - SKF_LL_OFF
+        else:
+            return None
+        if (start < self.data_start and off >= 0) or start + size > len(self.frame):
+            return None
+        return int.from_bytes(self.frame[start:start + size], "big")
+
+    # -- vlan (net/core/skbuff.c skb_vlan_push / skb_vlan_pop) ---------------------------
+    @property
+    def vlan_tag_present(self) -> bool:
+        return bool(self["vlan_present"])
+
+    def put_vlan_tag(self, proto_be: int, tci: int) -> None:
+        self["vlan_present"] = 1
+        self["vlan_tci"] = tci & 0xFFFF & ~VLAN_TAG_PRESENT
+        self["vlan_proto"] = proto_be & 0xFFFF
+
+    def insert_vlan_tag(self, proto_be: int, tci: int) -> None:
+        """Move a tag into the frame after the MAC addresses."""
+        tag = proto_be.to_bytes(2, "little") + tci.to_bytes(2, "big")
+        self.frame[2 * ETH_ALEN:2 * ETH_ALEN] = tag
+        self.set_protocol(int.from_bytes(proto_be.to_bytes(2, "little"), "big"))
+        self["len"] = self["len"] + VLAN_HLEN
+
+    def pop_frame_vlan(self) -> None:
+        inner = int.from_bytes(self.frame[16:18], "big")
+        del self.frame[2 * ETH_ALEN:2 * ETH_ALEN + VLAN_HLEN]
+        self.set_protocol(inner)
+        self["len"] = self["len"] - VLAN_HLEN
+
+    def frame_has_vlan(self) -> bool:
+        return self.protocol in (ETH_P_8021Q, ETH_P_8021AD) and len(self.frame) >= 18
+
+
+def pt_regs(values: dict[str, int] | bytes | None) -> bytearray:
+    """A kprobe context: registers by name, or raw bytes (up to sizeof(struct pt_regs))."""
+    if values is None:
+        return bytearray(PT_REGS_SIZE)
+    if isinstance(values, (bytes, bytearray, memoryview)):
+        return bytearray(bytes(values).ljust(PT_REGS_SIZE, b"\0")[:PT_REGS_SIZE])
+    regs = [values.get(name, 0) & ((1 << 64) - 1) for name in PT_REGS]
+    return bytearray(struct.pack(f"<{len(PT_REGS)}Q", *regs))

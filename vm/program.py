@@ -1,0 +1,147 @@
+"""A loaded program (struct bpf_prog) and BPF_PROG_LOAD's checks in front of the verifier."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import time
+from collections.abc import Callable
+from functools import partial
+
+from . import verifier
+from .compiler import compile_program
+from .env import RunEnv
+from .errors import BpfError, VmFault
+from .interpreter import PacketExit, TailCall, interpret
+from .isa import INSN_SIZE, LD_IMM64, PSEUDO_MAP_FD, Insn, decode
+from .maps import BpfMap, check_name
+from .memory import map_handle
+from .run import Run, TestRunResult
+from .uapi import BPF_COMPLEXITY_LIMIT_INSNS, BPF_MAXINSNS, PROG_TYPE_NAMES
+
+TIERS = ("compiled", "interpreter")
+# license_is_gpl_compatible() of include/linux/license.h.
+GPL_COMPATIBLE = frozenset({"GPL", "GPL v2", "GPL and additional rights", "Dual BSD/GPL",
+                            "Dual MIT/GPL", "Dual MPL/GPL"})
+
+
+class Program:
+    """`insns` are the program as `bpftool prog dump xlated` shows it: each map fd of a
+    PSEUDO_MAP_FD load replaced by the map's index in `maps`. Loading them again with
+    `resolve_map=lambda i: maps[i]` gives the same program (the journal relies on it)."""
+
+    def __init__(self, prog_type: int, insns: bytes, decoded: list[Insn], maps: list[BpfMap],
+                 *, name: str, license: str, kern_version: int):
+        self.prog_type = prog_type
+        self.insns = insns
+        self.decoded = decoded
+        self.maps = maps
+        self.name = name
+        self.license = license
+        self.gpl_compatible = license in GPL_COMPATIBLE
+        self.kern_version = kern_version
+        self.tag = program_tag(decoded)
+        self.run_cnt = 0
+        self.run_time_ns = 0
+        self._entries: dict[str, Callable[[Run, int], int]] = {}
+
+    def __repr__(self) -> str:
+        return (f"<Program {PROG_TYPE_NAMES.get(self.prog_type, self.prog_type)}"
+                f" {self.name or self.tag} insns={len(self.decoded)}>")
+
+    def entry(self, tier: str) -> Callable[[Run, int], int]:
+        fn = self._entries.get(tier)
+        if fn is None:
+            if tier == "compiled":
+                fn = compile_program(self)
+            elif tier == "interpreter":
+                fn = partial(interpret, self)
+            else:
+                raise BpfError(errno.EINVAL, f"unknown tier {tier!r} (one of {TIERS})")
+            self._entries[tier] = fn
+        return fn
+
+    def execute(self, run: Run, tier: str = "compiled") -> int:
+        """Run from the start with r1 = context, following tail calls; returns r0."""
+        prog = self
+        run.prog = self
+        while True:
+            try:
+                return prog.entry(tier)(run, run.ctx_addr)
+            except TailCall:
+                prog, run.tail_target = run.tail_target, None
+            except PacketExit:
+                return 0
+
+    def test_run(self, data_in: bytes = b"", ctx_in: bytes | None = None, repeat: int = 1,
+                 env: RunEnv | None = None, tier: str = "compiled") -> TestRunResult:
+        """BPF_PROG_TEST_RUN: run `repeat` times on the same packet; a fault is EFAULT."""
+        self.entry(tier)
+        run = Run.for_test(self, data_in, ctx_in, env or RunEnv())
+        retval = 0
+        start = time.perf_counter_ns()
+        try:
+            for _ in range(max(repeat, 1)):
+                run.reset()
+                retval = self.execute(run, tier)
+        except VmFault as fault:
+            raise BpfError(errno.EFAULT, f"program {self.name or self.tag} stopped: {fault}"
+                           ) from None
+        elapsed = time.perf_counter_ns() - start
+        self.run_cnt += max(repeat, 1)
+        self.run_time_ns += elapsed
+        return run.result(retval, elapsed // max(repeat, 1), want_ctx=ctx_in is not None)
+
+
+def program_tag(decoded: list[Insn]) -> str:
+    """bpf_prog_calc_tag: SHA-1 of the instructions with map references zeroed, 8 bytes."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    map_second_half = False
+    for i in decoded:
+        imm = 0 if map_second_half else i.imm
+        map_second_half = False
+        if i.opcode == LD_IMM64 and i.src == PSEUDO_MAP_FD:
+            imm, map_second_half = 0, True
+        digest.update(Insn(i.opcode, i.dst, i.src, i.off, imm).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_program(prog_type: int, insns: bytes, *, license: str,
+                 resolve_map: Callable[[int], BpfMap], kern_version: int = 0, name: str = "",
+                 log_level: int = 0, privileged: bool = True,
+                 allow_loops: bool = False) -> tuple[Program, str]:
+    """BPF_PROG_LOAD: check the shape of the program, resolve its maps, verify it. Returns the
+    program and the verifier log; errors are BpfError with the kernel's errno (and `.log`)."""
+    if prog_type not in PROG_TYPE_NAMES:
+        raise BpfError(errno.EINVAL, f"unknown program type {prog_type}")
+    check_name(name)
+    limit = BPF_COMPLEXITY_LIMIT_INSNS if privileged else BPF_MAXINSNS
+    if not insns or len(insns) % INSN_SIZE:
+        raise BpfError(errno.EINVAL, f"program of {len(insns)} bytes is not a whole number of"
+                       f" {INSN_SIZE}-byte instructions")
+    if len(insns) // INSN_SIZE > limit:
+        raise BpfError(errno.E2BIG, f"program of {len(insns) // INSN_SIZE} instructions is"
+                       f" above the limit of {limit}")
+    decoded = decode(insns)
+    maps: list[BpfMap] = []
+    for pc, i in enumerate(decoded):
+        if i.opcode != LD_IMM64:
+            continue
+        second = decoded[pc + 1] if pc + 1 < len(decoded) else None
+        if second is None or second.opcode or second.dst or second.src or second.off:
+            raise BpfError(errno.EINVAL, f"invalid bpf_ld_imm64 insn at {pc}")
+        if i.src == PSEUDO_MAP_FD:
+            m = resolve_map(i.imm)
+            if m not in maps:
+                maps.append(m)
+            index = maps.index(m)
+            decoded[pc] = Insn(i.opcode, i.dst, i.src, i.off, index, map_handle(index))
+        elif i.src:
+            raise BpfError(errno.EINVAL, f"unrecognized bpf_ld_imm64 insn at {pc}"
+                           f" (src_reg {i.src})")
+    xlated = b"".join(i.encode() for i in decoded)
+    prog = Program(prog_type, xlated, decoded, maps, name=name, license=license,
+                   kern_version=kern_version)
+    log = verifier.verify(prog_type, decoded, maps, license=license, privileged=privileged,
+                          log_level=log_level, allow_loops=allow_loops)
+    return prog, log
