@@ -159,8 +159,8 @@ def _alu(i: Insn, pc: int) -> str:
     if i.op == Alu.END:
         if i.imm not in (16, 32, 64):
             return f"raise VmFault('invalid byte swap width {i.imm}', {pc})"
-        expr = ops.end_expr(alu64, i.source == Source.X, i.imm)
-        return f"r{i.dst} = ({_subst(expr, d, '0')}) & {U64:#x}"
+        expr = ops.end_expr(alu64, i.source == Source.X, i.imm)  # on the whole register
+        return f"r{i.dst} = ({_subst(expr, f'r{i.dst}', '0')}) & {U64:#x}"
     variant = i.off if i.op in (Alu.DIV, Alu.MOD, Alu.MOV) else 0
     expr = (ops.ALU64 if alu64 else ops.ALU32).get((i.op, variant))
     if expr is None:

@@ -134,6 +134,11 @@ class SkBuff:
         """The ethertype in host order."""
         return int.from_bytes(self["protocol"].to_bytes(2, "little"), "big")
 
+    def data_out(self) -> bytes:
+        """The frame as BPF_PROG_TEST_RUN returns it: for programs that start at the network
+        header, the kernel hands back the link-layer header zeroed (measured on 6.18)."""
+        return bytes(self.data_start) + bytes(self.frame[self.data_start:])
+
     def apply_ctx_in(self, ctx_in: bytes) -> None:
         if len(ctx_in) > SK_BUFF_SIZE:
             if any(ctx_in[SK_BUFF_SIZE:]):

@@ -94,7 +94,7 @@ class Run:
         self.effects.setdefault(effect, []).append(value)
 
     def result(self, retval: int, duration: int, want_ctx: bool) -> TestRunResult:
-        data_out = bytes(self.skb.frame) if self.skb is not None else b""
+        data_out = self.skb.data_out() if self.skb is not None else b""
         effects = dict(self.effects)
         if self.skb is not None:
             for name in ("mark", "priority", "tc_index", "tc_classid"):
