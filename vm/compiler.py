@@ -95,19 +95,75 @@ def _block(insns: list[Insn], start: int, stop: int, end: int) -> list[str]:
     lines = [f"budget -= {count}",
              f"if budget < 0: run.budget = budget; raise VmFault('instruction budget exhausted',"
              f" {start})"]
+    dirty: set[int] = set()  # registers whose value may lie outside [0, 2**64)
+
+    def clean(regs: set[int] | list[int] | tuple[int, ...]) -> None:
+        for reg in sorted(dirty.intersection(regs)):
+            lines.append(f"r{reg} &= {U64:#x}")
+            dirty.discard(reg)
+
     pc = start
     while pc < stop:
         i = insns[pc]
         if i.cls in (Class.JMP, Class.JMP32) and i.op != Jmp.CALL:
+            clean(set(dirty))
             lines += _jump(i, pc, start)
             return lines
-        lines += _straight(i, pc)
+        lazy = _lazy(i)
+        if lazy is not None:
+            lines.append(lazy)
+            copies_clean = i.op == Alu.MOV and (i.source == Source.K or i.src not in dirty)
+            (dirty.discard if copies_clean else dirty.add)(i.dst)
+        else:
+            clean(_clean_reads(i))
+            lines += _straight(i, pc)
+            dirty.difference_update(_writes(i))
         pc += 2 if i.opcode == LD_IMM64 else 1
+    clean(set(dirty))
     if stop >= end:
         lines.append(f"raise VmFault('fell off the end of the program', {stop - 1})")
     else:
         lines.append(f"L = {stop}")
     return lines
+
+
+# ALU64 operations that commute with reduction modulo 2**64 (Python ints are unbounded two's
+# complement): their results may stay unmasked until a reader needs the exact value. Masking
+# is the largest cost of straight-line code, so blocks mask lazily.
+LAZY_OPS = {Alu.ADD: "+", Alu.SUB: "-", Alu.XOR: "^", Alu.OR: "|", Alu.AND: "&"}
+
+
+def _lazy(i: Insn) -> str | None:
+    """The unmasked source line of an ALU64 op that commutes with reduction mod 2**64."""
+    if i.cls != Class.ALU64 or i.off:
+        return None
+    src = f"r{i.src}" if i.source == Source.X else None
+    if i.op == Alu.MOV:
+        return f"r{i.dst} = {src or i.imm & U64}"
+    op = LAZY_OPS.get(i.op)
+    return None if op is None else f"r{i.dst} {op}= {src or i.imm & U64}"
+
+
+def _clean_reads(i: Insn) -> tuple[int, ...]:
+    """Registers an instruction needs in range before it runs (it reads them whole)."""
+    if i.cls == Class.ALU64:
+        if i.op in (Alu.DIV, Alu.MOD) and not i.off:  # unsigned: needs both exact
+            return (i.dst, i.src) if i.source == Source.X else (i.dst,)
+        if i.op in (Alu.RSH, Alu.END):
+            return (i.dst,)
+        return ()  # MUL, LSH: ring operations, masked after; ARSH, SDIV, SMOD, MOVSX: sx()
+    if i.opcode == Class.JMP | Jmp.CALL:
+        return (1, 2, 3, 4, 5)
+    return ()
+
+
+def _writes(i: Insn) -> tuple[int, ...]:
+    """Registers an instruction leaves in range (it masks what it writes)."""
+    if i.cls in (Class.ALU, Class.ALU64, Class.LDX) or i.opcode == LD_IMM64:
+        return (i.dst,)
+    if i.cls == Class.STX and i.mode == Mode.ATOMIC:
+        return (0, i.src)
+    return (0,)
 
 
 def _operand(i: Insn, mask: int) -> str:
@@ -161,6 +217,11 @@ def _alu(i: Insn, pc: int) -> str:
             return f"raise VmFault('invalid byte swap width {i.imm}', {pc})"
         expr = ops.end_expr(alu64, i.source == Source.X, i.imm)  # on the whole register
         return f"r{i.dst} = ({_subst(expr, f'r{i.dst}', '0')}) & {U64:#x}"
+    if i.source == Source.K and i.op in (Alu.LSH, Alu.RSH) and alu64:
+        count = i.imm & 63  # constant shifts: fold the count; a right shift needs no mask
+        if i.op == Alu.RSH:
+            return f"r{i.dst} = r{i.dst} >> {count}"
+        return f"r{i.dst} = (r{i.dst} << {count}) & {U64:#x}"
     variant = i.off if i.op in (Alu.DIV, Alu.MOD, Alu.MOV) else 0
     expr = (ops.ALU64 if alu64 else ops.ALU32).get((i.op, variant))
     if expr is None:

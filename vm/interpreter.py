@@ -46,7 +46,7 @@ class TailCall(Exception):
 def stack_top(mem: Memory, depth: int) -> int:
     """Map a fresh, zeroed 512-byte stack for call depth `depth`; return the frame pointer."""
     region = STACK_REGION if depth == 0 else STACK_FRAME_REGIONS + depth
-    mem.map(region, bytearray(MAX_BPF_STACK), True, f"stack of frame {depth}")
+    mem.map_zeroed(region, MAX_BPF_STACK, f"stack of frame {depth}")
     return region_base(region) + MAX_BPF_STACK
 
 

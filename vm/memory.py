@@ -58,6 +58,15 @@ class Memory:
         self.regions[region_id] = Region(buf, writable, name)
         return region_base(region_id)
 
+    def map_zeroed(self, region_id: int, size: int, name: str) -> int:
+        """Map `size` zero bytes at a fixed id, reusing the buffer already there (stacks are
+        mapped once per run and call, so this is on the hot path)."""
+        region = self.regions.get(region_id)
+        if region is not None and len(region.buf) == size and region.writable:
+            region.buf[:] = bytes(size)
+            return region_base(region_id)
+        return self.map(region_id, bytearray(size), True, name)
+
     def add(self, buf: bytearray | memoryview, writable: bool, name: str) -> int:
         """Map `buf` at a new region id; returns its base address."""
         region_id = self._next_id
