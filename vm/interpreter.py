@@ -50,9 +50,9 @@ def stack_top(mem: Memory, depth: int) -> int:
     return region_base(region) + MAX_BPF_STACK
 
 
-def interpret(prog: Program, run: Run, ctx: int) -> int:
+def interpret(prog: Program, run: Run, r1: int, r2: int = 0) -> int:
     """Run `prog` from insn 0 with r1 = ctx; returns r0 (raises TailCall, PacketExit, VmFault)."""
-    return _frame(prog, run, 0, [0, ctx, 0, 0, 0, 0], 0)
+    return _frame(prog, run, 0, [0, r1, r2, 0, 0, 0], 0)
 
 
 def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int:

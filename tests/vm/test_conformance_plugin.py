@@ -1,0 +1,60 @@
+"""`bpffs-vm-plugin` speaks the BPF conformance suite's plugin protocol: program hex on
+stdin (or --program), memory hex as the first argument, r0 in hex on stdout."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bpffs.vm import asm
+from bpffs.vm.isa import R0, R1, R2, Alu
+
+PLUGIN = [shutil.which("bpffs-vm-plugin")] if shutil.which("bpffs-vm-plugin") else \
+    [sys.executable, "-m", "bpffs.vm.conformance_plugin"]
+
+
+def plugin(program: bytes, memory: bytes = b"", *extra: str, stdin: bool = True
+           ) -> subprocess.CompletedProcess:
+    args = [*PLUGIN, *extra, " ".join(f"{b:02x}" for b in memory)]
+    text = " ".join(f"{b:02x}" for b in program)
+    if not stdin:
+        args += ["--program", text]
+    return subprocess.run(args, input=text if stdin else "", capture_output=True, text=True,
+                          timeout=60)
+
+
+SUM_MEMORY = asm.program(asm.ldx(4, R0, R1, 0), asm.ldx(4, R2, R1, 4),
+                         asm.alu64(Alu.ADD, R0, R2, reg=True), asm.exit())
+
+
+@pytest.mark.parametrize("tier", ["compiled", "interpreter"])
+def test_reads_the_memory_argument_and_prints_r0_in_hex(tier: str) -> None:
+    out = plugin(SUM_MEMORY, (0x10).to_bytes(4, "little") + (0x20).to_bytes(4, "little"),
+                 "--tier", tier)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "30"
+
+
+def test_program_may_come_from_an_option() -> None:
+    out = plugin(asm.program(asm.ld_imm64(R0, 0xDEADBEEFCAFE), asm.exit()), stdin=False)
+    assert (out.returncode, out.stdout.strip()) == (0, "deadbeefcafe")
+
+
+def test_r2_holds_the_memory_length() -> None:
+    out = plugin(asm.program(asm.mov64_reg(R0, R2), asm.exit()), bytes(13))
+    assert out.stdout.strip() == "d"
+
+
+def test_an_out_of_bounds_load_fails_with_a_message() -> None:
+    out = plugin(asm.program(asm.ldx(8, R0, R1, 4), asm.exit()), bytes(8))
+    assert out.returncode == 1
+    assert "invalid read of 8 bytes at offset 4" in out.stderr
+
+
+def test_malformed_hex_is_an_error() -> None:
+    out = subprocess.run([*PLUGIN, ""], input="b7 0", capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "bpffs-vm-plugin" in out.stderr

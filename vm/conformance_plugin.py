@@ -1,0 +1,54 @@
+"""`bpffs-vm-plugin`: this VM behind the plugin protocol of the BPF conformance suite
+(github.com/Alan-Jowett/bpf_conformance), as the kernel, uBPF and rbpf plugins are.
+
+The runner writes the program as hex bytes on stdin (or passes `--program HEX`) and the
+memory as hex in the first argument; the program runs with r1 = that memory and r2 = its
+length, and the plugin prints r0 in hex. A program that faults prints the fault on stderr and
+exits 1. No verifier runs (the suite tests the instruction set, not the verifier);
+`--tier interpreter` selects the reference tier.
+
+    bpffs-vm-plugin "01 02 03" < program.hex
+    bpf_conformance_runner --test_file_directory tests --plugin_path bpffs-vm-plugin
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .env import RunEnv
+from .errors import VmFault
+from .isa import U64, decode
+from .program import Program
+from .run import Run
+from .uapi import ProgType
+
+
+def run_hex(program_hex: str, memory_hex: str = "", tier: str = "compiled") -> int:
+    """r0 of the program, given as the suite gives it."""
+    code = bytes.fromhex("".join(program_hex.split()))
+    memory = bytearray.fromhex("".join(memory_hex.split()))
+    prog = Program(ProgType.SOCKET_FILTER, code, decode(code), [], name="conformance",
+                   license="GPL", kern_version=0)
+    run = Run(prog, RunEnv(), None, memory)
+    return prog.entry(tier)(run, run.ctx_addr if memory else 0, len(memory)) & U64
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="BPF conformance plugin for the bpffs VM")
+    parser.add_argument("memory", nargs="?", default="", help="memory contents as hex bytes")
+    parser.add_argument("--program", help="program as hex bytes (default: read stdin)")
+    parser.add_argument("--tier", choices=("compiled", "interpreter"), default="compiled")
+    args, _unknown = parser.parse_known_args(argv)
+    program = args.program if args.program is not None else sys.stdin.read()
+    try:
+        r0 = run_hex(program, args.memory, args.tier)
+    except (VmFault, ValueError) as e:
+        print(f"bpffs-vm-plugin: {e}", file=sys.stderr)
+        return 1
+    print(f"{r0:x}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
