@@ -28,6 +28,7 @@ from .libbpf import (
     prog_get_next_id,
     prog_load,
     prog_test_run,
+    read_perf_sample,
 )
 from .maps import Map
 from .sync import Client, default_client
@@ -39,5 +40,5 @@ __all__ = [
     "map_delete_elem", "map_get_fd_by_id", "map_get_next_id", "map_get_next_key",
     "map_lookup_and_delete_batch", "map_lookup_batch", "map_lookup_elem", "map_update_batch",
     "map_update_elem", "obj_get", "obj_get_info_by_fd", "obj_pin", "perf_event_open",
-    "prog_get_fd_by_id", "prog_get_next_id", "prog_load", "prog_test_run",
+    "prog_get_fd_by_id", "prog_get_next_id", "prog_load", "prog_test_run", "read_perf_sample",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 from bpffs.vm.uapi import BPF_ANY
 
+from . import protocol
 from .calls import ProgFd, TestRun
 from .sync import default_client
 
@@ -103,6 +104,16 @@ def prog_get_fd_by_id(prog_id: int) -> int:
 
 def perf_event_open(cpu: int = 0) -> int:
     return default_client().perf_event_open(cpu)
+
+
+def read_perf_sample(event_fd: int) -> tuple[int, int, bytes] | None:
+    """The next sample a program sent to this perf event: (cpu, time in ns, data); blocks
+    until one arrives, None when the event is gone."""
+    record = os.read(event_fd, protocol.INLINE_MAX)
+    if not record:
+        return None
+    cpu, timestamp, data = protocol.unpack(record)
+    return cpu, timestamp, data
 
 
 def close(fd: int) -> None:

@@ -23,11 +23,16 @@ from .isa import (
 _SIZES = {1: Size.B, 2: Size.H, 4: Size.W, 8: Size.DW}
 
 
-def program(*parts: Insn | list[Insn]) -> bytes:
-    out: list[Insn] = []
+def program(*parts: Insn | list[Insn] | bytes) -> bytes:
+    """Instructions, lists of them (LD_IMM64) and already assembled bytecode, in order."""
+    out = bytearray()
     for part in parts:
-        out.extend(part if isinstance(part, list) else [part])
-    return b"".join(i.encode() for i in out)
+        if isinstance(part, (bytes, bytearray)):
+            out += part
+        else:
+            for insn in part if isinstance(part, list) else [part]:
+                out += insn.encode()
+    return bytes(out)
 
 
 def alu64(op: Alu, dst: int, src: int = 0, imm: int = 0, off: int = 0, *, reg: bool) -> Insn:

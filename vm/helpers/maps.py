@@ -65,7 +65,7 @@ def tail_call(run: Run, r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
     index = r3 & 0xFFFFFFFF
     if not isinstance(array, ProgArrayMap) or index >= array.max_entries:
         return neg(errno.EINVAL)
-    if run.tail_calls >= MAX_TAIL_CALL_CNT:
+    if run.tail_calls > MAX_TAIL_CALL_CNT:  # 4.4's check: 33 tail calls (as today's kernel)
         return neg(errno.EINVAL)
     target = array.get(index)
     if target is None:
