@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,3 +116,42 @@ def raises_errno(err: int) -> Iterator[None]:
     with pytest.raises(OSError) as info:
         yield
     assert info.value.errno == err, f"expected errno {err}, got {info.value!r}"
+
+
+def in_child(fn: Callable[..., Any], *args: Any, user: tuple[int, int] | None = None,
+             umask: int | None = None) -> Any:
+    """fn(*args) in a forked child (as `user`, with `umask`): its result, or the OSError it
+    raised, re-raised here. Forking (not exec) keeps the imported modules: another user could
+    not read root's site-packages to import them again."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(read_end)
+            if umask is not None:
+                os.umask(umask)
+            if user is not None:
+                os.setgroups([])
+                os.setresgid(user[1], user[1], user[1])
+                os.setresuid(user[0], user[0], user[0])
+            try:
+                outcome: tuple = ("ok", fn(*args))
+            except OSError as e:
+                outcome = ("error", e.errno, str(e))
+            with os.fdopen(write_end, "wb") as f:
+                pickle.dump(outcome, f)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the child process failed"
+    outcome = pickle.loads(data)
+    if outcome[0] == "error":
+        raise OSError(outcome[1], outcome[2])
+    return outcome[1]

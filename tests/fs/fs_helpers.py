@@ -5,20 +5,18 @@ store's object counts that tell whether anything was lost or leaked."""
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import DaemonProcess
+from helpers import DaemonProcess, in_child
 
 from bpffs.client import Client
 from bpffs.vm.uapi import MapType
@@ -111,45 +109,6 @@ def as_user(cmd: list[str], user: tuple[int, int] | None) -> list[str]:
         return cmd
     uid, gid = user
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd]
-
-
-def in_child(fn: Callable[..., Any], *args: Any, user: tuple[int, int] | None = None,
-             umask: int | None = None) -> Any:
-    """fn(*args) in a forked child (as `user`, with `umask`): its result, or the OSError it
-    raised, re-raised here. Forking (not exec) keeps the imported modules: another user could
-    not read root's site-packages to import them again."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.close(read_end)
-            if umask is not None:
-                os.umask(umask)
-            if user is not None:
-                os.setgroups([])
-                os.setresgid(user[1], user[1], user[1])
-                os.setresuid(user[0], user[0], user[0])
-            try:
-                outcome: tuple = ("ok", fn(*args))
-            except OSError as e:
-                outcome = ("error", e.errno, str(e))
-            with os.fdopen(write_end, "wb") as f:
-                pickle.dump(outcome, f)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, "the child process failed"
-    outcome = pickle.loads(data)
-    if outcome[0] == "error":
-        raise OSError(outcome[1], outcome[2])
-    return outcome[1]
 
 
 def client_call(daemon: DaemonProcess, op: str, *args: Any, user: tuple[int, int] | None = None,
