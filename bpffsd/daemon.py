@@ -22,6 +22,7 @@ from bpffs.vm.errors import BpfError
 from . import __version__, sdnotify
 from .fs import Filesystems
 from .objfd import ObjectFds
+from .persist import Persistence
 from .server import Connection, Server
 from .store import BpfObject, Store
 from .syscall import Syscalls
@@ -37,6 +38,7 @@ class Config:
     state_dir: str | None  # None: nothing persists
     memory_limit: int | None = 1 << 30
     fuse_options: list[str] = field(default_factory=list)
+    persist_interval: float = 0.1  # seconds within which program-made map writes persist
 
 
 class Daemon:
@@ -47,6 +49,8 @@ class Daemon:
         self.trace = TraceRing()
         self.syscalls = Syscalls(self)
         self.fs = Filesystems(self)
+        self.persistence = (Persistence(self, config.state_dir, config.persist_interval)
+                            if config.state_dir else None)
         self.ready = trio.Event()
 
     # -- the request table ----------------------------------------------------------------------
@@ -66,6 +70,7 @@ class Daemon:
             "map_delete_batch": sc.map_delete_batch,
             "prog_load": sc.prog_load,
             "prog_test_run": sc.prog_test_run,
+            "prog_test_run_batch": sc.prog_test_run_batch,
             "obj_info": sc.obj_info,
             "prog_xlated": sc.prog_xlated,
             "get_next_id": sc.get_next_id,
@@ -109,14 +114,19 @@ class Daemon:
             "connections": len(self.server.connections) if hasattr(self, "server") else 0,
             "object_fds": len(self.fds.by_ino),
             "instances": self.fs.describe(),
+            "persistence": self.persistence.status() if self.persistence else None,
         }
 
     # -- hooks between parts ----------------------------------------------------------------------
-    def map_changed(self, bpf_map: Any) -> None:
-        """A map's contents changed through the syscall path (the journal records it)."""
+    def map_changed(self, bpf_map: Any, keys: list[bytes]) -> None:
+        """Keys of a map changed through the syscall path (the journal records them)."""
+        if self.persistence is not None:
+            self.persistence.map_changed(bpf_map, keys)
 
     def program_ran(self, prog: Any) -> None:
         """A program ran: the maps it can write may have changed."""
+        if self.persistence is not None:
+            self.persistence.program_ran(prog)
 
     def pin_paths(self, obj: BpfObject) -> list[str]:
         return self.fs.pin_paths(obj)
@@ -131,7 +141,11 @@ class Daemon:
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         listener = self._listen()
         try:
+            if self.persistence is not None:
+                self.persistence.restore()
             async with trio.open_nursery() as nursery:
+                if self.persistence is not None:
+                    await nursery.start(self.persistence.run)
                 await nursery.start(self.fds.run)
                 self.server = Server(self, listener)
                 await nursery.start(self.server.serve)

@@ -27,6 +27,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-mount", action="store_true", help="start without mounting anything")
     p.add_argument("--state-dir", default=paths.default_state_dir(),
                    help="where named instances persist (default: %(default)s)")
+    p.add_argument("--no-persist", action="store_true",
+                   help="keep nothing across restarts (no state directory)")
+    p.add_argument("--persist-interval", type=float, default=0.1, metavar="SECONDS",
+                   help="map writes made by programs persist within this time (default 0.1)")
     p.add_argument("--memory-limit", type=int, default=1 << 30, metavar="BYTES",
                    help="cap on memory all objects together may charge (default: 1 GiB)")
     p.add_argument("--detach", action="store_true",
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     config = Config(socket_path=args.socket,
                     mountpoint=None if args.no_mount else args.mount,
-                    state_dir=args.state_dir, memory_limit=args.memory_limit)
+                    state_dir=None if args.no_persist else args.state_dir,
+                    memory_limit=args.memory_limit, persist_interval=args.persist_interval)
     ready_fd = detach() if args.detach else None
     try:
         trio.run(serve, config, ready_fd)

@@ -18,6 +18,7 @@ import logging
 import os
 import select
 import socket
+import stat
 from dataclasses import dataclass
 
 import trio
@@ -79,6 +80,10 @@ class ObjectFds:
             raise BpfError(errno.EBADF, f"cannot stat the fd sent: {e.strerror}") from None
         ref = self.by_ino.get(st.st_ino)
         if ref is None or ref.closed:
+            if stat.S_ISSOCK(st.st_mode):
+                raise BpfError(errno.EBADF, "the fd sent is not an object fd of this bpffsd:"
+                               " if it came from an earlier bpffsd, that daemon has exited"
+                               " (restarted?); get the object again from its pin")
             raise BpfError(errno.EINVAL, "the fd sent is not a bpffs object fd")
         return ref
 

@@ -89,6 +89,7 @@ class Server:
             return
         self.connections.add(conn)
         recvmsg, send = sock.recvmsg, sock.send
+        persistence = self.daemon.persistence
         try:
             while True:
                 try:
@@ -98,9 +99,16 @@ class Server:
                     continue
                 if not data and not ancdata:
                     return  # the peer closed (or sent an empty datagram, which is no request)
+                mark = persistence.mark() if persistence is not None else None
                 reply, socks = self._serve_request(conn, data, ancdata, flags)
                 if isinstance(reply, Awaitable):
                     reply, socks = await self._finish(conn, reply)
+                if mark is not None and mark[0] is not None and mark[0].appended != mark[1]:
+                    failure = await persistence.durable(mark)
+                    if failure is not None:  # the change happened but is not durable
+                        for s in socks:
+                            s.close()
+                        reply, socks = protocol.error(failure.errno, failure.strerror), []
                 if reply is None:
                     return
                 if not socks and len(reply) <= protocol.INLINE_MAX:

@@ -114,6 +114,8 @@ class Filesystems:
     def _new_instance(self, name: str | None) -> Instance:
         inst = Instance(name, self.daemon.store)
         inst.tree.on_change.append(lambda *change: self._tree_changed(inst, *change))
+        if self.daemon.persistence is not None:
+            self.daemon.persistence.watch(inst)
         return inst
 
     def describe(self) -> list[dict]:

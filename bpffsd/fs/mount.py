@@ -144,7 +144,13 @@ class Mount:
                     break
                 if not data:
                     break
+                persistence = self.fs.daemon.persistence
+                mark = persistence.mark() if persistence is not None else None
                 reply = self._serve_request(handlers, data, ancdata, flags)
+                if mark is not None:
+                    failure = await persistence.durable(mark)  # shell tools get durability too
+                    if failure is not None:
+                        reply = protocol.error(failure.errno, str(failure))
                 try:
                     protocol.send_message(self._rpc, reply)
                 except BlockingIOError:

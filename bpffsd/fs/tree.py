@@ -194,6 +194,8 @@ class Tree:
         self.nodes: dict[int, Node] = {ROOT_INO: self.root}
         self._next_ino = ROOT_INO + 1
         self.on_change: list[Callable[[str, Dir, bytes, Node | None], None]] = []
+        # Every successful mutation as (operation, args): the journal replays them.
+        self.on_op: list[Callable[[str, tuple], None]] = []
 
     # -- lookup -------------------------------------------------------------------------------
     def node(self, ino: int) -> Node:
@@ -257,10 +259,18 @@ class Tree:
                     stack.append((prefix + name + b"/", child))
 
     # -- creation -----------------------------------------------------------------------------
-    def _new_ino(self) -> int:
-        ino = self._next_ino
-        self._next_ino += 1
+    def _new_ino(self, ino: int | None = None) -> int:
+        """A fresh inode number, or `ino` when replaying the journal."""
+        if ino is None:
+            ino = self._next_ino
+        elif ino in self.nodes:
+            raise BpfError(errno.EEXIST, f"inode {ino} exists already")
+        self._next_ino = max(self._next_ino, ino + 1)
         return ino
+
+    def _op(self, name: str, *args: Any) -> None:
+        for hook in self.on_op:
+            hook(name, args)
 
     def _check_create(self, parent: Dir, name: bytes, caller: Caller | None) -> None:
         check_name(name)
@@ -280,32 +290,39 @@ class Tree:
         return node
 
     def mkdir(self, parent: Dir, name: bytes, mode: int, caller: Caller,
-              check: bool = False) -> Dir:
+              check: bool = False, ino: int | None = None) -> Dir:
         """mode arrives with the umask applied (by the VFS, or by the client)."""
         self._check_create(parent, name, caller if check else None)
-        node = Dir(self._new_ino(), stat.S_IFDIR | (mode & 0o7777), caller.uid,
+        node = Dir(self._new_ino(ino), stat.S_IFDIR | (mode & 0o7777), caller.uid,
                    self._inherit_gid(parent, caller), nlink=2, parent=parent)
         parent.nlink += 1
-        return self._attach(parent, name, node)  # type: ignore[return-value]
+        self._attach(parent, name, node)
+        self._op("mkdir", parent.ino, name, node.mode, caller.uid, caller.gid, node.ino)
+        return node
 
     def pin(self, parent: Dir, name: bytes, obj: Any, caller: Caller, check: bool = False,
-            mode: int | None = None) -> Pin:
+            mode: int | None = None, ino: int | None = None) -> Pin:
         """BPF_OBJ_PIN: a new regular file holding a reference on obj."""
         self._check_create(parent, name, caller if check else None)
         perm = PIN_PERM & ~caller.umask if mode is None else mode & 0o7777
-        node = Pin(self._new_ino(), stat.S_IFREG | perm, caller.uid,
+        node = Pin(self._new_ino(ino), stat.S_IFREG | perm, caller.uid,
                    self._inherit_gid(parent, caller), obj=obj)
         self._hold(obj)
         obj.pins.add(node)
-        return self._attach(parent, name, node)  # type: ignore[return-value]
+        self._attach(parent, name, node)
+        self._op("pin", parent.ino, name, obj, node.mode, caller.uid, caller.gid, node.ino)
+        return node
 
-    def symlink(self, parent: Dir, name: bytes, target: bytes, caller: Caller) -> Symlink:
+    def symlink(self, parent: Dir, name: bytes, target: bytes, caller: Caller,
+                ino: int | None = None) -> Symlink:
         self._check_create(parent, name, None)
         if not target or b"\0" in target or len(target) >= 4096:
             raise BpfError(errno.EINVAL if target else errno.ENOENT, "invalid symlink target")
-        node = Symlink(self._new_ino(), stat.S_IFLNK | 0o777, caller.uid,
+        node = Symlink(self._new_ino(ino), stat.S_IFLNK | 0o777, caller.uid,
                        self._inherit_gid(parent, caller), target=target)
-        return self._attach(parent, name, node)  # type: ignore[return-value]
+        self._attach(parent, name, node)
+        self._op("symlink", parent.ino, name, target, caller.uid, caller.gid, node.ino)
+        return node
 
     def link(self, node: Node, parent: Dir, name: bytes) -> Node:
         if isinstance(node, Dir):
@@ -315,7 +332,9 @@ class Tree:
             raise BpfError(errno.ENOENT, "the file has been removed")
         node.nlink += 1
         node.touch(modified=False)
-        return self._attach(parent, name, node)
+        self._attach(parent, name, node)
+        self._op("link", node.ino, parent.ino, name)
+        return node
 
     @staticmethod
     def _inherit_gid(parent: Dir, caller: Caller) -> int:
@@ -327,6 +346,7 @@ class Tree:
         if isinstance(node, Dir):
             raise BpfError(errno.EISDIR, f"{show(name)!r} is a directory (use rmdir)")
         self._detach(parent, name, node)
+        self._op("unlink", parent.ino, name)
 
     def rmdir(self, parent: Dir, name: bytes) -> None:
         if name == b".":
@@ -344,6 +364,7 @@ class Tree:
         parent.touch()
         self._changed("remove", parent, name, node)
         self._maybe_drop(node)
+        self._op("rmdir", parent.ino, name)
 
     def _detach(self, parent: Dir, name: bytes, node: Node) -> None:
         parent.remove(name)
@@ -376,6 +397,11 @@ class Tree:
                                                                       | RENAME_EXCHANGE):
             raise BpfError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
         node = self.lookup(old_parent, old_name)
+        self._rename(old_parent, old_name, node, new_parent, new_name, flags)
+        self._op("rename", old_parent.ino, old_name, new_parent.ino, new_name, flags)
+
+    def _rename(self, old_parent: Dir, old_name: bytes, node: Node, new_parent: Dir,
+                new_name: bytes, flags: int) -> None:
         if new_name in (b".", b".."):
             raise BpfError(errno.EBUSY if old_name in (b".", b"..") else errno.EEXIST,
                            "cannot rename over '.' or '..'")
@@ -445,6 +471,7 @@ class Tree:
         node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
         node.touch(modified=False)
         self._changed("attr", None, b"", node)  # type: ignore[arg-type]
+        self._op("chmod", node.ino, mode & 0o7777)
 
     def chown(self, node: Node, uid: int | None, gid: int | None) -> None:
         if uid is not None:
@@ -453,6 +480,7 @@ class Tree:
             node.gid = gid
         node.touch(modified=False)
         self._changed("attr", None, b"", node)  # type: ignore[arg-type]
+        self._op("chown", node.ino, uid, gid)
 
     def _changed(self, what: str, parent: Dir | None, name: bytes, node: Node | None) -> None:
         for hook in self.on_change:
