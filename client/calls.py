@@ -207,6 +207,33 @@ def prog_test_run(session: Session, fd: int, data_in: bytes = b"", repeat: int =
                    out.pop("ctx_out", b""), out)
 
 
+@dataclass
+class BatchRun:
+    """Results of prog_test_run_batch, by packet index: every retval; data_out, effects and
+    errors only for the packets that have them."""
+
+    retvals: list[int] = field(default_factory=list)
+    outputs: dict[int, bytes] = field(default_factory=dict)
+    effects: dict[int, dict] = field(default_factory=dict)
+    errors: dict[int, tuple[int, str]] = field(default_factory=dict)
+
+
+def prog_test_run_batch(session: Session, fd: int, packets: Sequence[bytes],
+                        chunk: int = 4096, **options: Any) -> Call:
+    """One test run per packet, `chunk` packets per request (pcap replay). options as
+    prog_test_run's (the run environment, tier)."""
+    handle, _ = yield from bind(session, fd)
+    batch = BatchRun()
+    for start in range(0, len(packets), chunk):
+        (retvals, outputs, effects, errors), _ = yield Request("prog_test_run_batch", (
+            handle, [bytes(p) for p in packets[start:start + chunk]], options))
+        batch.retvals.extend(retvals)
+        batch.outputs.update((start + i, v) for i, v in outputs.items())
+        batch.effects.update((start + i, v) for i, v in effects.items())
+        batch.errors.update((start + i, tuple(v)) for i, v in errors.items())
+    return batch
+
+
 # -- pins and ids -------------------------------------------------------------------------------
 def _umask() -> int:
     with open("/proc/self/status") as f:
@@ -318,7 +345,8 @@ def status(session: Session) -> Call:
 
 OPERATIONS: dict[str, Any] = {fn.__name__: fn for fn in (
     map_create, map_lookup_elem, map_update_elem, map_delete_elem, map_get_next_key,
-    map_lookup_batch, map_update_batch, map_delete_batch, prog_load, prog_test_run, obj_pin,
+    map_lookup_batch, map_update_batch, map_delete_batch, prog_load, prog_test_run,
+    prog_test_run_batch, obj_pin,
     obj_get, obj_get_info_by_fd, prog_xlated, get_next_id, get_fd_by_id, perf_event_open,
     trace_read, mount, status)}
 

@@ -51,6 +51,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "map_delete_batch": ("int", "bytes"),  # packed keys
     "prog_load": ("int", "bytes", "str", "int", "str", "int", "int", "dict"),
     "prog_test_run": ("int", "bytes", "bytes?", "int", "int", "dict"),
+    "prog_test_run_batch": ("int", "list", "dict"),  # one run per packet (pcap replay)
     "obj_pin": ("int", "bytes", "int"),  # handle, name, umask; one fd: the parent dir (O_PATH)
     "obj_get": ("int",),  # one fd: the path (O_PATH); file_flags
     "obj_info": ("int",),
