@@ -1,6 +1,6 @@
 """`bpffs`: the command-line tool, in bpftool's grammar.
 
-    bpffs [OPTIONS] { map | prog | mount | status | version | help } COMMAND ...
+    bpffs [OPTIONS] { map | prog | pcap | mount | status | version | help } COMMAND ...
     OPTIONS := { -j|--json | -p|--pretty | -f|--bpffs | -n|--nomount | --socket PATH }
 
 Keywords may be abbreviated to any unambiguous prefix (`bpffs m s`). Errors print one line
@@ -16,12 +16,13 @@ from bpffs.vm.errors import BpfError
 
 from ..sync import Client
 from . import map as map_cmd
+from . import pcap as pcap_cmd
 from . import prog as prog_cmd
 from .args import Args, usage
 from .output import Output, exit_status
 from .system import mount, status
 
-OBJECTS = ["map", "prog", "mount", "status", "doctor", "version", "help"]
+OBJECTS = ["map", "prog", "pcap", "mount", "status", "doctor", "version", "help"]
 
 
 def print_help() -> None:
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                 map_cmd.run(client, args, out, opts["bpffs"])
             elif obj == "prog":
                 prog_cmd.run(client, args, out, opts["bpffs"])
+            elif obj == "pcap":
+                pcap_cmd.run(client, args, out, opts["bpffs"])
             elif obj == "mount":
                 mount(client, args, out)
             else:

@@ -8,18 +8,20 @@ import time
 
 from bpffs import vm
 
+from ..loader.elf import PROG_TYPE_WORDS, read_object
+from ..loader.load import LoadOptions, load_object
 from ..sync import Client
 from .args import Args, usage
 from .objects import all_ids, open_one, open_refs
 from .output import Output, hex_bytes
 
-COMMANDS = ["show", "list", "dump", "pin", "run", "tracelog", "help"]
+COMMANDS = ["show", "list", "dump", "pin", "run", "load", "loadall", "tracelog", "help"]
 
 
 def run(client: Client, args: Args, out: Output, show_pins: bool) -> None:
     command = args.keyword(COMMANDS, "prog command") if args else "show"
     handler = {"show": show, "list": show, "dump": dump, "pin": pin, "run": run_prog,
-               "tracelog": tracelog, "help": help_}[command]
+               "load": load, "loadall": load_all, "tracelog": tracelog, "help": help_}[command]
     handler(client, args, out, show_pins)
 
 
@@ -29,8 +31,13 @@ def help_(client: Client, args: Args, out: Output, show_pins: bool) -> None:
           "       bpffs prog pin     PROG FILE\n"
           "       bpffs prog run     PROG data_in FILE [data_out FILE [data_size_out L]]\n"
           "                          [ctx_in FILE [ctx_out FILE [ctx_size_out M]]] [repeat N]\n"
+          "       bpffs prog load    OBJ PATH [type TYPE] [section NAME] [pinmaps DIR]"
+          " [verbose]\n"
+          "       bpffs prog loadall OBJ DIR [type TYPE] [pinmaps DIR] [verbose]\n"
           "       bpffs prog tracelog\n"
-          "       PROG := { id PROG_ID | pinned FILE | name PROG_NAME }")
+          "       PROG := { id PROG_ID | pinned FILE | name PROG_NAME }\n"
+          "       TYPE := { socket | kprobe | classifier | tc | action }\n"
+          "       tc maps are pinned under $TC_BPF_MNT (default: the bpffs mount)")
 
 
 def _print_info(out: Output, info: dict, show_pins: bool) -> None:
@@ -145,6 +152,66 @@ def run_prog(client: Client, args: Args, out: Output, show_pins: bool) -> None:
     if "data_out" in options:
         doc["data_out"] = list(result.data_out)
     out.emit(doc)
+
+
+def load_all(client: Client, args: Args, out: Output, show_pins: bool) -> None:
+    load(client, args, out, show_pins, every=True)
+
+
+def load(client: Client, args: Args, out: Output, show_pins: bool, every: bool = False) -> None:
+    """`load OBJ PATH`: the object's first program (or `section NAME`, with the tail-call
+    targets of the object), pinned at PATH; `loadall OBJ DIR`: every program, pinned as
+    DIR/<name>. Maps are created or reused by the object's pinning conventions."""
+    obj, path = args.next("OBJ"), args.next("PATH")
+    options = LoadOptions()
+    pinmaps = None
+    while args:
+        word = args.keyword(["type", "section", "pinmaps", "verbose"], "load option")
+        if word == "type":
+            name = args.next("TYPE")
+            if name not in PROG_TYPE_WORDS:
+                raise usage(f"unknown program type '{name}' (expected one of:"
+                            f" {', '.join(PROG_TYPE_WORDS)})")
+            options.prog_type = PROG_TYPE_WORDS[name]
+        elif word == "section" and not every:
+            options.sections = [args.next("section NAME")]
+        elif word == "pinmaps":
+            pinmaps = args.next("pinmaps DIR")
+        elif word == "verbose":
+            options.log_level = 1
+        else:
+            raise usage(f"'{word}' does not go with loadall")
+    spec = read_object(obj)
+    if not every and options.sections is None:
+        options.sections = [spec.program().section]
+    try:
+        loaded = load_object(client, spec, options)
+    except OSError as e:
+        if getattr(e, "log", ""):
+            print(e.log.rstrip(), file=sys.stderr)  # type: ignore[attr-defined]
+        raise
+    with loaded:
+        try:
+            if every:
+                loaded.mkdirs(path)
+                loaded.pin_programs(client, path)
+            else:
+                assert options.sections is not None
+                loaded.pin(client, loaded.programs[spec.program(options.sections[0]).name],
+                           path)
+            if pinmaps:
+                loaded.pin_maps(client, pinmaps)
+        except BaseException:
+            loaded.roll_back()
+            raise
+        for name, log in loaded.logs.items():
+            out.line(f"-- verifier log of {name}:\n{log.rstrip()}")
+        out.emit({"programs": {n: client.obj_get_info_by_fd(fd)["id"]
+                               for n, fd in loaded.programs.items()},
+                  "maps": {n: client.obj_get_info_by_fd(fd)["id"]
+                           for n, fd in loaded.maps.items()},
+                  "reused": loaded.reused, "pinned": loaded.created,
+                  "logs": loaded.logs})
 
 
 def tracelog(client: Client, args: Args, out: Output, show_pins: bool) -> None:

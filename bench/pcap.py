@@ -1,0 +1,204 @@
+"""pcap replay throughput: the 4.4 protocol classifier (examples/tc_classifier.c, section
+`classifier`) over a synthetic capture (default 1,000,000 packets), side by side with the
+running kernel's BPF_PROG_TEST_RUN on the same packets, in the same run.
+
+    python3 bench/pcap.py [--packets N] [--tier compiled|interpreter] [--profile]
+
+Reports packets/s for: bpffs replay end to end (capture read, batched test runs over the
+control socket, verdict accounting), the VM alone in this process (no socket), and the kernel
+(one BPF_PROG_TEST_RUN syscall per packet through ctypes), with ratios. The machine is shared
+and has 2 cores: numbers are noisy, run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import DaemonProcess  # noqa: E402
+
+from bpffs import vm  # noqa: E402
+from bpffs.client import Client  # noqa: E402
+from bpffs.client.loader import read_object  # noqa: E402
+from bpffs.client.loader.load import LoadOptions, load_object  # noqa: E402
+from bpffs.client.replay import Replay, open_capture  # noqa: E402
+from bpffs.vm import kernel  # noqa: E402
+from bpffs.vm.uapi import ProgType, TcAct  # noqa: E402
+
+ETHERTYPES = [b"\x08\x06", b"\x08\x00", b"\x08\x00", b"\x86\xdd", b"\x88\xcc"]
+
+
+def build_classifier(out: Path) -> Path:
+    obj = out / "tc_classifier.o"
+    subprocess.run(["clang", "-O2", "-target", "bpf", f"-I{ROOT / 'examples/include'}", "-c",
+                    str(ROOT / "examples/tc_classifier.c"), "-o", str(obj)], check=True)
+    return obj
+
+
+def write_capture(path: Path, count: int, seed: int = 4) -> None:
+    """count Ethernet frames of 60-1514 bytes, a mix of ARP, IPv4 (twice as many), IPv6 and
+    LLDP, from a fixed pool of 4096 distinct frames (the content does not change the work)."""
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(4096):
+        size = rng.choice([60, 60, 74, 128, 576, 1514])
+        pool.append(rng.randbytes(12) + rng.choice(ETHERTYPES) + rng.randbytes(size - 14))
+    record = struct.Struct("<IIII")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+        chunk = []
+        for i in range(count):
+            frame = pool[i & 4095]
+            chunk.append(record.pack(i // 1000000, i % 1000000, len(frame), len(frame)) + frame)
+            if len(chunk) == 65536:
+                f.write(b"".join(chunk))
+                chunk.clear()
+        f.write(b"".join(chunk))
+
+
+def read_packets(path: Path) -> list[bytes]:
+    with open(path, "rb") as f:
+        return [data for _, data, _ in open_capture(f).packets()]
+
+
+def bench_replay(client: Client, fd: int, capture: Path, tier: str) -> tuple[float, dict]:
+    started = time.perf_counter()
+    with open(capture, "rb") as f:
+        cap = open_capture(f)
+        replay = Replay(client, fd, ProgType.SCHED_CLS, tier=tier)
+        for chunk in cap.chunks:
+            replay.feed(*chunk)
+        summary = replay.finish()
+    return time.perf_counter() - started, summary.as_dict()
+
+
+def bench_vm_in_process(insns: bytes, packets: list[bytes], tier: str) -> tuple[float, dict]:
+    prog, _ = vm.load_program(ProgType.SCHED_CLS, insns, license="GPL",
+                              resolve_map=lambda fd: None)
+    env = vm.RunEnv.from_options({}, pid=os.getpid(), uid=0, gid=0, trace=None)
+    verdicts: dict[int, int] = {}
+    started = time.perf_counter()
+    for data in packets:
+        r = prog.test_run(data, env=env, tier=tier).retval
+        verdicts[r] = verdicts.get(r, 0) + 1
+    return time.perf_counter() - started, verdicts
+
+
+def vm_phases(insns: bytes, packets: list[bytes], tier: str) -> dict[str, float]:
+    """Where a VM test run's time goes, per packet (us): building the run (skb, context,
+    address space), executing the program, building the result."""
+    from bpffs.vm.run import Run
+
+    prog, _ = vm.load_program(ProgType.SCHED_CLS, insns, license="GPL",
+                              resolve_map=lambda fd: None)
+    env = vm.RunEnv()
+    prog.entry(tier)
+    clock = time.perf_counter_ns
+    build = execute = result = 0
+    for data in packets:
+        t0 = clock()
+        run = Run.for_test(prog, data, None, env)
+        t1 = clock()
+        retval = prog.execute(run, tier)
+        t2 = clock()
+        run.result(retval, 0, want_ctx=False)
+        t3 = clock()
+        build, execute, result = build + t1 - t0, execute + t2 - t1, result + t3 - t2
+    return {"build the run": build / len(packets) / 1e3,
+            "execute": execute / len(packets) / 1e3,
+            "build the result": result / len(packets) / 1e3}
+
+
+def bench_kernel(insns: bytes, packets: list[bytes]) -> tuple[float, dict, float]:
+    """One BPF_PROG_TEST_RUN per packet; also the kernel's own reported run time (the sum
+    of `duration`), which leaves out the syscall and ctypes costs."""
+    fd, _ = kernel.prog_load(ProgType.SCHED_CLS, insns, "GPL")
+    verdicts: dict[int, int] = {}
+    inside_ns = 0
+    try:
+        started = time.perf_counter()
+        for data in packets:
+            r, _, duration, _ = kernel.prog_test_run(fd, data)
+            verdicts[r] = verdicts.get(r, 0) + 1
+            inside_ns += duration
+        return time.perf_counter() - started, verdicts, inside_ns / 1e9
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--packets", type=int, default=1_000_000)
+    parser.add_argument("--tier", default="compiled")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the client side of the replay with pyinstrument")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        spec = read_object(build_classifier(work))
+        insns = spec.program("classifier").insns
+        capture = work / "capture.pcap"
+        t = time.perf_counter()
+        write_capture(capture, args.packets)
+        print(f"capture: {args.packets:,} packets, {capture.stat().st_size / 1e6:.0f} MB"
+              f" (written in {time.perf_counter() - t:.1f}s)")
+        t = time.perf_counter()
+        packets = read_packets(capture)
+        read_s = time.perf_counter() - t
+        print(f"{'read capture only':<34} {len(packets) / read_s:>12,.0f} packets/s")
+
+        daemon = DaemonProcess(work / "daemon", mount=False).start()
+        rows = []
+        try:
+            with daemon.client() as client, load_object(client, spec, LoadOptions(
+                    mount=str(work), sections=["classifier"])) as loaded:
+                fd = loaded.programs["cls_main"]
+                if args.profile:
+                    from pyinstrument import Profiler
+
+                    with Profiler() as profiler:
+                        seconds, summary = bench_replay(client, fd, capture, args.tier)
+                    profiler.print()
+                else:
+                    seconds, summary = bench_replay(client, fd, capture, args.tier)
+                rows.append(("bpffs pcap replay (end to end)", seconds, summary["verdicts"]))
+        finally:
+            daemon.stop()
+        seconds, verdicts = bench_vm_in_process(insns, packets, args.tier)
+        rows.append((f"VM test_run in process ({args.tier})", seconds, verdicts))
+        phases = vm_phases(insns, packets[:100_000], args.tier)
+        inside = None
+        if kernel.available():
+            seconds, verdicts, inside = bench_kernel(insns, packets)
+            rows.append(("kernel BPF_PROG_TEST_RUN", seconds, verdicts))
+        else:
+            print("kernel: bpf(2) unavailable here (needs root); no baseline")
+        for name, seconds, verdicts in rows:
+            print(f"{name:<34} {len(packets) / seconds:>12,.0f} packets/s  ({seconds:.2f}s)"
+                  f"  verdicts {verdicts}")
+        per_run = 1e6 * rows[1][1] / len(packets)
+        print("VM test_run phases, us per packet: " + ", ".join(
+            f"{name} {us:.1f}" for name, us in phases.items()) + f" (of {per_run:.1f})")
+        if inside:
+            print(f"{'(kernel: inside the test runs)':<34} {len(packets) / inside:>12,.0f}"
+                  f" packets/s  ({inside:.2f}s)")
+        if len(rows) == 3:
+            replayed = {int(TcAct[name[len("TC_ACT_"):]]): n for name, n in rows[0][2].items()}
+            same = replayed == rows[1][2] == rows[2][2]
+            print("verdicts agree with the kernel" if same else "VERDICTS DIFFER FROM THE KERNEL")
+            print(f"replay / kernel: {rows[2][1] / rows[0][1]:.2f}x;"
+                  f" VM alone / kernel: {rows[2][1] / rows[1][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
