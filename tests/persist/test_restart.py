@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from helpers import DaemonProcess, raises_errno
 
-from bpffs.client import Client
 from bpffs.vm import asm
 from bpffs.vm.isa import R0, R1, R2, R3, R4, R10
 from bpffs.vm.uapi import BPF_ANY, Helper, MapType, ProgType

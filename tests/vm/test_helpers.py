@@ -10,7 +10,7 @@ from progs import ETH_IPV4
 
 from bpffs.vm import PerfEvent, RunEnv, asm, load_program
 from bpffs.vm.helpers.tracing import format_trace
-from bpffs.vm.isa import R0, R1, R2, R3, R4, R5, R6, R10, Alu
+from bpffs.vm.isa import R0, R1, R2, R3, R4, R5, R6, R7, R10, Alu
 from bpffs.vm.maps import create_map
 from bpffs.vm.uapi import (
     BPF_F_CURRENT_CPU,
@@ -82,9 +82,9 @@ def test_get_tunnel_key_without_metadata_fails_and_env_provides_it() -> None:
 def test_route_realm_and_cgroup_classid_come_from_the_env() -> None:
     env = RunEnv(route_realm=0x20003, cgroup_classid=0x10001)
     code = asm.program(asm.mov64_reg(R6, R1), asm.call(Helper.get_route_realm),
-                       asm.mov64_reg(R2, R0), asm.mov64_reg(R1, R6),
+                       asm.mov64_reg(R7, R0), asm.mov64_reg(R1, R6),
                        asm.call(Helper.get_cgroup_classid),
-                       asm.alu64(Alu.XOR, R0, R2, reg=True), asm.exit())
+                       asm.alu64(Alu.XOR, R0, R7, reg=True), asm.exit())
     assert run(code, env=env).retval == 0x20003 ^ 0x10001
 
 

@@ -1,10 +1,27 @@
-"""The verifier: BPF_PROG_LOAD's static checks (kernel/bpf/verifier.c).
+"""The verifier: BPF_PROG_LOAD's static checks (kernel/bpf/verifier.c), run on every load.
 
-`verify` is called by vm.program.load_program on every load. cfg.py holds the control-flow
-checks (valid opcodes, reserved fields, jump ranges, unreachable instructions, back-edges,
-helper calls allowed for the program type and license).
+cfg.py checks the shape and control flow (check_cfg), check.py walks every path with an
+abstract state of registers and stack (do_check), state.py holds that state. A rejected
+program is EACCES (EINVAL for malformed instructions, E2BIG when too complex) and the error
+carries the log so far, as the kernel writes it into the caller's log buffer.
 """
 
-from .cfg import verify
+from __future__ import annotations
 
-__all__ = ["verify"]
+from ..isa import Insn
+from ..maps import BpfMap
+from .cfg import Rejected, check_cfg
+from .check import do_check
+
+__all__ = ["Rejected", "verify"]
+
+
+def verify(prog_type: int, insns: list[Insn], maps: list[BpfMap], *, license: str,
+           privileged: bool, log_level: int, allow_loops: bool = False) -> str:
+    """The verifier log of an accepted program; raises Rejected (a BpfError with `.log`)."""
+    from ..program import GPL_COMPATIBLE
+
+    log: list[str] = []
+    check_cfg(prog_type, insns, license in GPL_COMPATIBLE, allow_loops, log)
+    do_check(prog_type, insns, maps, privileged, allow_loops, log, verbose=log_level > 0)
+    return "\n".join(log) + "\n" if log_level else ""

@@ -17,7 +17,6 @@ from ..isa import (
     Jmp,
     Mode,
 )
-from ..maps import BpfMap
 
 
 class Rejected(BpfError):
@@ -28,11 +27,10 @@ class Rejected(BpfError):
         self.log = "\n".join([*log, message]) + "\n"
 
 
-def verify(prog_type: int, insns: list[Insn], maps: list[BpfMap], *, license: str,
-           privileged: bool, log_level: int, allow_loops: bool = False) -> str:
-    from ..program import GPL_COMPATIBLE
-
-    log: list[str] = []
+def check_cfg(prog_type: int, insns: list[Insn], gpl: bool, allow_loops: bool,
+              log: list[str]) -> None:
+    """Jumps in range, no jump into LD_IMM64, an exit, helpers callable from this type and
+    license, no unreachable instruction, no back-edge (loop) unless allowed."""
     n = len(insns)
     targets: dict[int, list[int]] = {}
     has_exit = False
@@ -51,7 +49,7 @@ def verify(prog_type: int, insns: list[Insn], maps: list[BpfMap], *, license: st
                 if i.src == PSEUDO_CALL:
                     succ = [pc + 1, pc + 1 + i.imm]
                 else:
-                    _check_helper(i.imm, prog_type, license in GPL_COMPATIBLE, log)
+                    _check_helper(i.imm, prog_type, gpl, log)
                     succ = [pc + 1]
             elif i.op == Jmp.JA:
                 succ = [pc + 1 + (i.imm if i.opcode == JA32 else i.off)]
@@ -73,7 +71,6 @@ def verify(prog_type: int, insns: list[Insn], maps: list[BpfMap], *, license: st
     if not has_exit:
         raise Rejected(errno.EINVAL, "no exit instruction", log)
     _check_reachable_and_loops(insns, targets, allow_loops, log)
-    return "\n".join(log) + ("\n" if log else "") if log_level else ""
 
 
 def _check_helper(helper_id: int, prog_type: int, gpl: bool, log: list[str]) -> None:

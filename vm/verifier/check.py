@@ -1,0 +1,394 @@
+"""do_check: walk every path of the program with an abstract state and refuse anything that
+could read uninitialised registers or stack, touch memory out of bounds, dereference a possibly
+NULL map value, access a context field the program type may not, call a helper with wrong
+arguments, or (unprivileged) leak a pointer. Messages are the 4.4 kernel's."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+
+from ..context import ctx_access_ok, is_skb_program
+from ..disasm import format_insn
+from ..helpers import HELPERS, ArgType, HelperSpec, RetType
+from ..isa import (
+    JA32,
+    LD_IMM64,
+    PSEUDO_CALL,
+    PSEUDO_MAP_FD,
+    R0,
+    R1,
+    R6,
+    R10,
+    Alu,
+    Class,
+    Insn,
+    Jmp,
+    Mode,
+    Source,
+)
+from ..maps import BpfMap
+from ..uapi import MAX_BPF_STACK, Helper
+from .cfg import Rejected
+from .state import INVALID, MISC, NOT_INIT, POINTERS, SPILL, UNKNOWN, Reg, State, T
+
+MAX_PROCESSED = 1_000_000  # BPF_COMPLEXITY_LIMIT_INSNS
+ALU_OPS = frozenset(Alu)
+JMP_OPS = frozenset(Jmp)
+WIDEN_AFTER = 8  # visits of one instruction before constants are forgotten (loops allowed)
+# Helpers whose buffer argument they fill (modern ARG_PTR_TO_UNINIT_MEM): the buffer may be
+# uninitialised and is initialised after the call.
+FILLS = {Helper.probe_read: 0, Helper.get_current_comm: 0, Helper.skb_get_tunnel_key: 1}
+
+
+class Checker:
+    def __init__(self, prog_type: int, insns: list[Insn], maps: list[BpfMap],
+                 privileged: bool, allow_loops: bool, log: list[str], verbose: bool):
+        self.prog_type = prog_type
+        self.insns = insns
+        self.maps = maps
+        self.privileged = privileged
+        self.allow_loops = allow_loops
+        self.log = log
+        self.verbose = verbose
+        self.explored: dict[int, list[State]] = {}
+        self.visits: dict[int, int] = {}
+        self.next_id = 1
+        self.processed = 0
+        self.jump_targets = {pc + 1 + i.off for pc, i in enumerate(insns)
+                             if i.cls in (Class.JMP, Class.JMP32) and i.op not in
+                             (Jmp.CALL, Jmp.EXIT)}
+
+    def fail(self, message: str, err: int = errno.EACCES) -> None:
+        raise Rejected(err, message, self.log)
+
+    # -- the walk -------------------------------------------------------------------------------
+    def run(self) -> None:
+        start = State([NOT_INIT] * 11)
+        start.regs[R1] = Reg(T.CTX)
+        start.regs[R10] = Reg(T.STACK, 0)
+        pending: list[tuple[int, int, State]] = [(-1, 0, start)]
+        while pending:
+            origin, pc, state = pending.pop()
+            if origin >= 0 and self.verbose:
+                self.log.append(f"from {origin} to {pc}: {state.describe()}")
+            while True:
+                if pc in self.jump_targets and self._seen(pc, state):
+                    break
+                self.processed += 1
+                if self.processed > MAX_PROCESSED:
+                    self.fail(f"BPF program is too large. Processed {self.processed} insn",
+                              errno.E2BIG)
+                insn = self.insns[pc]
+                if self.verbose:
+                    self.log.append(f"{pc}: {format_insn(insn, pc)}")
+                outcome = self.step(pc, insn, state)
+                if outcome is None:  # exit
+                    break
+                nxt, branch = outcome
+                if branch is not None:
+                    pending.append((pc, branch[0], branch[1]))
+                pc = nxt
+        self.log.append(f"processed {self.processed} insns")
+
+    def _seen(self, pc: int, state: State) -> bool:
+        """Prune: an explored state at this point covers this one (is_state_visited)."""
+        visits = self.visits.get(pc, 0) + 1
+        self.visits[pc] = visits
+        if self.allow_loops and visits > WIDEN_AFTER:
+            state.widen()
+        states = self.explored.setdefault(pc, [])
+        if any(old.covers(state) for old in states):
+            return True
+        states.append(state.copy())
+        return False
+
+    # -- one instruction ------------------------------------------------------------------------
+    def step(self, pc: int, i: Insn, s: State) -> tuple[int, tuple[int, State] | None] | None:
+        cls = i.cls
+        if cls in (Class.ALU, Class.ALU64):
+            self.alu(i, s)
+        elif cls == Class.LDX:
+            if i.mode not in (Mode.MEM, Mode.MEMSX) or i.imm:
+                self.fail("BPF_LDX uses reserved fields", errno.EINVAL)
+            self.read_reg(s, i.src)
+            self.access(s, i.src, i.off, i.size, write=False, dst=i.dst)
+        elif cls == Class.STX and i.mode == Mode.ATOMIC:
+            self.read_reg(s, i.src)
+            self.read_reg(s, i.dst)
+            if s.regs[i.dst].type == T.CTX:
+                self.fail(f"BPF_XADD stores into R{i.dst} context is not allowed")
+            self.access(s, i.dst, i.off, i.size, write=False, dst=None)
+            self.access(s, i.dst, i.off, i.size, write=True, value=UNKNOWN)
+            if i.imm & 1:  # FETCH, XCHG, CMPXCHG write a register
+                self.write_reg(s, R0 if i.imm == 0xF1 else i.src, UNKNOWN)
+        elif cls == Class.STX:
+            if i.mode != Mode.MEM or i.imm:
+                self.fail("BPF_STX uses reserved fields", errno.EINVAL)
+            value = self.read_reg(s, i.src)
+            self.read_reg(s, i.dst)
+            self.access(s, i.dst, i.off, i.size, write=True, value=value)
+        elif cls == Class.ST:
+            if i.mode != Mode.MEM or i.src:
+                self.fail("BPF_ST uses reserved fields", errno.EINVAL)
+            self.read_reg(s, i.dst)
+            self.access(s, i.dst, i.off, i.size, write=True, value=Reg(T.CONST, i.imm))
+        elif i.opcode == LD_IMM64:
+            if i.src == PSEUDO_MAP_FD:
+                self.write_reg(s, i.dst, Reg(T.MAP_PTR, map=i.imm))
+            else:
+                self.write_reg(s, i.dst, Reg(T.CONST, i.imm64))
+            return pc + 2, None
+        elif cls == Class.LD:
+            self.ld_abs(i, s)
+        elif i.op == Jmp.EXIT:
+            r0 = self.read_reg(s, R0)
+            if r0.type in POINTERS and not self.privileged:
+                self.fail("R0 leaks addr as return value")
+            return None
+        elif i.op == Jmp.CALL:
+            if i.src == PSEUDO_CALL:
+                self.local_call(s)
+            else:
+                self.call(i.imm, s)
+        elif i.op == Jmp.JA:
+            return pc + 1 + (i.imm if i.opcode == JA32 else i.off), None
+        else:
+            return self.branch(pc, i, s)
+        return pc + 1, None
+
+    # -- registers ------------------------------------------------------------------------------
+    def read_reg(self, s: State, n: int) -> Reg:
+        if n > R10:
+            self.fail(f"R{n} is invalid", errno.EINVAL)
+        r = s.regs[n]
+        if r.type == T.NOT_INIT:
+            self.fail(f"R{n} !read_ok")
+        return r
+
+    def write_reg(self, s: State, n: int, value: Reg) -> None:
+        if n == R10:
+            self.fail("frame pointer is read only")
+        if n > R10:
+            self.fail(f"R{n} is invalid", errno.EINVAL)
+        s.regs[n] = value
+
+    def alu(self, i: Insn, s: State) -> None:
+        op = i.op
+        wide = i.cls == Class.ALU64
+        if op in (Alu.NEG, Alu.END):
+            if i.src or (op == Alu.NEG and (i.imm or i.source)) or \
+                    (op == Alu.END and i.imm not in (16, 32, 64)):
+                self.fail(f"BPF_{'NEG' if op == Alu.NEG else 'END'} uses reserved fields",
+                          errno.EINVAL)
+            self.read_reg(s, i.dst)
+            self.write_reg(s, i.dst, UNKNOWN)
+            return
+        if op not in ALU_OPS:
+            self.fail(f"invalid BPF_ALU opcode {op:#x}", errno.EINVAL)
+        if i.source == Source.X:
+            if i.imm:
+                self.fail("BPF_ALU uses reserved fields", errno.EINVAL)
+            src = self.read_reg(s, i.src)
+        else:
+            if i.src:
+                self.fail("BPF_ALU uses reserved fields", errno.EINVAL)
+            src = Reg(T.CONST, i.imm)
+        if op == Alu.MOV:
+            if i.source == Source.X and src.type in POINTERS and (not wide or i.off):
+                if not self.privileged:
+                    self.fail(f"R{i.src} partial copy of pointer")
+                src = UNKNOWN
+            elif not wide or i.off:
+                src = UNKNOWN if src.type != T.CONST else Reg(T.CONST, src.value & 0xFFFFFFFF)
+            self.write_reg(s, i.dst, src)
+            return
+        dst = self.read_reg(s, i.dst)
+        if op in (Alu.DIV, Alu.MOD) and i.source == Source.K and i.imm == 0:
+            self.fail("div by zero", errno.EINVAL)
+        if op in (Alu.LSH, Alu.RSH, Alu.ARSH) and i.source == Source.K and \
+                not 0 <= i.imm < (64 if wide else 32):
+            self.fail(f"invalid shift {i.imm}", errno.EINVAL)
+        if dst.type in POINTERS or src.type in POINTERS:
+            self.write_reg(s, i.dst, self.pointer_arith(i, dst, src, wide))
+            return
+        self.write_reg(s, i.dst, UNKNOWN)
+
+    def pointer_arith(self, i: Insn, dst: Reg, src: Reg, wide: bool) -> Reg:
+        """Pointer plus or minus a constant keeps the pointer (stack, map value); anything
+        else: unprivileged programs are refused, privileged ones get an unknown scalar."""
+        if wide and i.op in (Alu.ADD, Alu.SUB) and dst.type in (T.STACK, T.MAP_VALUE) and \
+                src.type == T.CONST:
+            delta = src.value if i.op == Alu.ADD else -src.value
+            return replace(dst, value=dst.value + delta)
+        if not self.privileged:
+            self.fail(f"R{i.dst} pointer arithmetic prohibited")
+        return UNKNOWN
+
+    # -- memory ---------------------------------------------------------------------------------
+    def access(self, s: State, regno: int, off: int, size: int, write: bool,
+               value: Reg | None = None, dst: int | None = None) -> None:
+        ptr = s.regs[regno]
+        if ptr.type == T.STACK:
+            self.stack_access(s, ptr.value + off, size, write, value, dst)
+            return
+        if ptr.type == T.MAP_VALUE:
+            m = self.maps[ptr.map]
+            start = ptr.value + off
+            if start < 0 or start + size > m.value_size:
+                self.fail(f"invalid access to map value, value_size={m.value_size}"
+                          f" off={start} size={size}")
+            if write and value is not None and value.type in POINTERS and not self.privileged:
+                self.fail(f"R{regno} leaks addr into map")
+        elif ptr.type == T.CTX:
+            if write and value is not None and value.type in POINTERS and not self.privileged:
+                self.fail(f"R{regno} leaks addr into ctx")
+            if ptr.value or not ctx_access_ok(self.prog_type, off, size, write):
+                self.fail(f"invalid bpf_context access off={off} size={size}")
+        else:
+            self.fail(f"R{regno} invalid mem access '{ptr.type.value}'")
+        if dst is not None:
+            self.write_reg(s, dst, UNKNOWN)
+
+    def stack_access(self, s: State, off: int, size: int, write: bool, value: Reg | None,
+                     dst: int | None) -> None:
+        if off >= 0 or off < -MAX_BPF_STACK or off % size:
+            self.fail(f"invalid stack off={off} size={size}")
+        base = MAX_BPF_STACK + off
+        slot = off & ~7
+        if write:
+            spill = size == 8 and value is not None and value.type in POINTERS
+            for b in range(base, base + size):
+                s.stack[b] = SPILL if spill else MISC
+            s.spills.pop(slot, None)
+            if spill:
+                s.spills[off] = value
+            return
+        kinds = set(s.stack[base:base + size])
+        if INVALID in kinds:
+            self.fail(f"invalid read from stack off {off}+0 size {size}")
+        if SPILL in kinds:
+            if size != 8 or off not in s.spills:
+                self.fail("corrupted spill memory")
+            if dst is not None:
+                self.write_reg(s, dst, s.spills[off])
+            return
+        if dst is not None:
+            self.write_reg(s, dst, UNKNOWN)
+
+    def ld_abs(self, i: Insn, s: State) -> None:
+        if i.mode not in (Mode.ABS, Mode.IND):
+            self.fail(f"unknown opcode {i.opcode:02x}", errno.EINVAL)
+        if not is_skb_program(self.prog_type):
+            self.fail("BPF_LD_[ABS|IND] instructions not allowed for this program type",
+                      errno.EINVAL)
+        if s.regs[R6].type != T.CTX:
+            self.fail("at the time of BPF_LD_ABS|IND R6 != pointer to skb", errno.EINVAL)
+        if i.mode == Mode.IND:
+            self.read_reg(s, i.src)
+        for n in range(1, 6):
+            s.regs[n] = NOT_INIT
+        s.regs[R0] = UNKNOWN
+
+    # -- calls ----------------------------------------------------------------------------------
+    def call(self, helper_id: int, s: State) -> None:
+        spec = HELPERS[helper_id]
+        map_index: int | None = None
+        for n, arg in enumerate(spec.args):
+            regno = R1 + n
+            reg = self.read_reg(s, regno)
+            map_index = self.check_arg(spec, n, arg, reg, s, map_index)
+        if helper_id in FILLS:  # the helper initialised its buffer
+            buf = s.regs[R1 + FILLS[helper_id]]
+            size = s.regs[R1 + FILLS[helper_id] + 1].value
+            base = MAX_BPF_STACK + buf.value
+            s.stack[base:base + size] = bytes([MISC]) * size
+        for n in range(1, 6):
+            s.regs[n] = NOT_INIT
+        if spec.ret == RetType.PTR_TO_MAP_VALUE_OR_NULL:
+            s.regs[R0] = Reg(T.MAP_VALUE_OR_NULL, 0, map_index, self.next_id)
+            self.next_id += 1
+        else:
+            s.regs[R0] = UNKNOWN if spec.ret == RetType.INTEGER else NOT_INIT
+
+    def check_arg(self, spec: HelperSpec, n: int, arg: ArgType, reg: Reg, s: State,
+                  map_index: int | None) -> int | None:
+        regno = R1 + n
+        if arg == ArgType.ANYTHING:
+            if reg.type in POINTERS and not self.privileged:
+                self.fail(f"R{regno} leaks addr into helper function")
+        elif arg == ArgType.PTR_TO_CTX:
+            self.expect(regno, reg, T.CTX)
+        elif arg == ArgType.CONST_MAP_PTR:
+            self.expect(regno, reg, T.MAP_PTR)
+            m = self.maps[reg.map]
+            if spec.map_types is not None and m.map_type not in spec.map_types:
+                self.fail(f"cannot pass map_type {m.map_type} into func {spec.id}")
+            return reg.map
+        elif arg in (ArgType.PTR_TO_MAP_KEY, ArgType.PTR_TO_MAP_VALUE):
+            if map_index is None:
+                self.fail("invalid map_ptr to access map->key", errno.EINVAL)
+            m = self.maps[map_index]
+            size = m.key_size if arg == ArgType.PTR_TO_MAP_KEY else m.value_size
+            self.stack_range(regno, reg, size, s, fill=False)
+        elif arg == ArgType.PTR_TO_STACK:
+            size_reg = s.regs[regno + 1]
+            if size_reg.type != T.CONST:
+                self.fail(f"R{regno + 1} type={size_reg.type.value} expected=imm")
+            if size_reg.value <= 0:
+                self.fail(f"invalid stack type R{regno} off={reg.value}"
+                          f" access_size={size_reg.value}")
+            fills = FILLS.get(spec.id) == n
+            self.stack_range(regno, reg, size_reg.value, s, fill=fills)
+        return map_index
+
+    def expect(self, regno: int, reg: Reg, wanted: T) -> None:
+        if reg.type != wanted:
+            self.fail(f"R{regno} type={reg.type.value} expected={wanted.value}")
+
+    def stack_range(self, regno: int, reg: Reg, size: int, s: State, fill: bool) -> None:
+        """check_stack_boundary: size bytes of stack at reg, initialised unless the helper
+        fills them."""
+        if reg.type != T.STACK:
+            self.fail(f"R{regno} type={reg.type.value} expected=fp")
+        off = reg.value
+        if off >= 0 or off < -MAX_BPF_STACK or off + size > 0:
+            self.fail(f"invalid stack type R{regno} off={off} access_size={size}")
+        if not fill:
+            base = MAX_BPF_STACK + off
+            for k in range(size):
+                if s.stack[base + k] == INVALID:
+                    self.fail(f"invalid indirect read from stack off {off}+{k} size {size}")
+
+    def local_call(self, s: State) -> None:
+        """bpf-to-bpf call (newer than 4.4): the callee is walked as part of the paths from
+        its own entry (check_cfg made it reachable); here the caller's view of it: r1-r5
+        clobbered, r0 an unknown scalar."""
+        for n in range(1, 6):
+            s.regs[n] = NOT_INIT
+        s.regs[R0] = UNKNOWN
+
+    # -- branches -------------------------------------------------------------------------------
+    def branch(self, pc: int, i: Insn, s: State) -> tuple[int, tuple[int, State] | None]:
+        if i.op not in JMP_OPS:
+            self.fail(f"invalid BPF_JMP opcode {i.opcode:#x}", errno.EINVAL)
+        dst = self.read_reg(s, i.dst)
+        if i.source == Source.X:
+            src = self.read_reg(s, i.src)
+            if (dst.type in POINTERS or src.type in POINTERS) and not self.privileged:
+                self.fail(f"R{i.dst} pointer comparison prohibited")
+        target = pc + 1 + i.off
+        other = s.copy()
+        if dst.type == T.MAP_VALUE_OR_NULL and i.source == Source.K and i.imm == 0 and \
+                i.op in (Jmp.JEQ, Jmp.JNE) and i.cls == Class.JMP:
+            # the taken branch of JEQ (fallthrough of JNE) sees NULL
+            other.resolve_null_check(dst.id, is_null=i.op == Jmp.JEQ)
+            s.resolve_null_check(dst.id, is_null=i.op == Jmp.JNE)
+        elif dst.type in POINTERS and i.source == Source.K and not self.privileged:
+            self.fail(f"R{i.dst} pointer comparison prohibited")
+        return pc + 1, (target, other)
+
+
+def do_check(prog_type: int, insns: list[Insn], maps: list[BpfMap], privileged: bool,
+             allow_loops: bool, log: list[str], verbose: bool) -> None:
+    Checker(prog_type, insns, maps, privileged, allow_loops, log, verbose).run()
