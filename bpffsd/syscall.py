@@ -19,7 +19,7 @@ import trio
 from bpffs import vm
 from bpffs.client import protocol
 from bpffs.vm.errors import BpfError
-from bpffs.vm.maps import BpfMap, FdArrayMap, ProgArrayMap, create_map
+from bpffs.vm.maps import BpfMap, FdArrayMap, ProgArrayMap, map_class
 from bpffs.vm.maps.base import pages
 from bpffs.vm.uapi import (
     BPF_LOG_MAX_SIZE,
@@ -106,9 +106,12 @@ class Syscalls:
     # -- maps ---------------------------------------------------------------------------------
     def map_create(self, conn: Connection, map_type: int, key_size: int, value_size: int,
                    max_entries: int, flags: int, name: str) -> Reply:
-        impl = create_map(map_type, key_size, value_size, max_entries, flags, name)
-        obj = self.store.add(Kind.MAP, impl, conn.peer.uid, impl.memlock_pages,
-                             conn.peer.memlock_limit_pages())
+        cls = map_class(map_type, key_size, value_size, max_entries, flags, name)
+        cost = cls.pages_for(key_size, value_size, max_entries)
+        limit = conn.peer.memlock_limit_pages()
+        self.store.check_charge(conn.peer.uid, cost, limit)  # before allocating the storage
+        impl = cls(key_size, value_size, max_entries, flags, name)
+        obj = self.store.add(Kind.MAP, impl, conn.peer.uid, cost, limit)
         with self.store.held(obj):
             return self.new_fd(conn, obj)
 
@@ -322,15 +325,14 @@ class Syscalls:
         effects: dict[int, dict] = {}
         errors: dict[int, list] = {}
         try:
-            for i, data in enumerate(packets):
+            for i, result in enumerate(prog.test_run_each(packets, env=env, tier=tier)):
                 if i % BATCH_SLICE == BATCH_SLICE - 1:
                     await trio.lowlevel.checkpoint()
-                try:
-                    result = prog.test_run(data, env=env, tier=tier)
-                except BpfError as e:
-                    errors[i] = [e.errno, e.strerror]
+                if isinstance(result, BpfError):
+                    errors[i] = [result.errno, result.strerror]
                     retvals.append(0)
                     continue
+                data = packets[i]
                 retvals.append(result.retval)
                 if result.data_out != data:
                     outputs[i] = result.data_out

@@ -50,6 +50,10 @@ SK_BUFF_FIELDS = (
 )
 SK_BUFF_SIZE = 76
 SKB = {f.name: f.offset for f in SK_BUFF_FIELDS}
+SK_BUFF = struct.Struct(f"<{len(SK_BUFF_FIELDS)}I")
+_FIELD_NAMES = tuple(f.name for f in SK_BUFF_FIELDS)
+BROADCAST = b"\xff" * ETH_ALEN
+NO_ADDRESS = bytes(ETH_ALEN)
 CB_FIELDS = frozenset(f"cb{n}" for n in range(5))
 
 # Per program type: the fields a program may write, and those it may not read.
@@ -102,7 +106,10 @@ class SkBuff:
         self.data_start = 0 if prog_type in (ProgType.SCHED_CLS, ProgType.SCHED_ACT) else ETH_HLEN
         self.tunnel_key: dict | None = None
         self._set_frame_fields()
-        self["ifindex"] = LOOPBACK_IFINDEX
+
+    def fields(self) -> dict[str, int]:
+        """Every __sk_buff field by name (one unpack: the result of a run reads many)."""
+        return dict(zip(_FIELD_NAMES, SK_BUFF.unpack_from(self.ctx), strict=True))
 
     def __getitem__(self, name: str) -> int:
         return int.from_bytes(self.ctx[SKB[name]:SKB[name] + 4], "little")
@@ -116,14 +123,16 @@ class SkBuff:
         return memoryview(self.frame)[self.data_start:]
 
     def _set_frame_fields(self) -> None:
-        """eth_type_trans on the loopback device (address 00:00:00:00:00:00)."""
-        dest = self.frame[:ETH_ALEN]
-        if dest[0] & 1:
-            self["pkt_type"] = PACKET_BROADCAST if dest == b"\xff" * 6 else PACKET_MULTICAST
+        """eth_type_trans on the loopback device (address 00:00:00:00:00:00): pkt_type,
+        protocol, len; ifindex is the loopback's."""
+        frame = self.frame
+        if frame[0] & 1:
+            pkt_type = PACKET_BROADCAST if frame[:ETH_ALEN] == BROADCAST else PACKET_MULTICAST
         else:
-            self["pkt_type"] = PACKET_HOST if dest == bytes(6) else PACKET_OTHERHOST
-        self.set_protocol(int.from_bytes(self.frame[12:14], "big"))
-        self["len"] = len(self.frame) - self.data_start
+            pkt_type = PACKET_HOST if frame[:ETH_ALEN] == NO_ADDRESS else PACKET_OTHERHOST
+        struct.pack_into("<IIIIH", self.ctx, 0, len(frame) - self.data_start, pkt_type, 0, 0,
+                         int.from_bytes(frame[12:14], "little"))
+        struct.pack_into("<I", self.ctx, SKB["ifindex"], LOOPBACK_IFINDEX)
 
     def set_protocol(self, ethertype: int) -> None:
         """skb->protocol is __be16: programs compare it with htons(ETH_P_*)."""

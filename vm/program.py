@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 from . import verifier
@@ -91,6 +91,34 @@ class Program:
         self.run_cnt += max(repeat, 1)
         self.run_time_ns += elapsed
         return run.result(retval, elapsed // max(repeat, 1), want_ctx=ctx_in is not None)
+
+
+    def test_run_each(self, packets: Iterable[bytes], env: RunEnv | None = None,
+                      tier: str = "compiled") -> Iterator[TestRunResult | BpfError]:
+        """One test run per packet, sharing one Run (pcap replay): the result of each, or the
+        error that refused or stopped it."""
+        self.entry(tier)
+        env = env or RunEnv()
+        run: Run | None = None
+        count, start = 0, time.perf_counter_ns()
+        for data in packets:
+            try:
+                if run is None:
+                    run = Run.for_test(self, data, None, env)
+                else:
+                    run.next_packet(data)
+                run.reset()
+                retval = self.execute(run, tier)
+            except BpfError as e:
+                yield e
+                continue
+            except VmFault as fault:
+                yield BpfError(errno.EFAULT, f"program {self.name or self.tag} stopped: {fault}")
+                continue
+            count += 1
+            yield run.result(retval, 0, want_ctx=False)
+        self.run_cnt += count
+        self.run_time_ns += time.perf_counter_ns() - start
 
 
 def program_tag(decoded: list[Insn]) -> str:

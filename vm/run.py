@@ -57,13 +57,7 @@ class Run:
                  env: RunEnv) -> Run:
         """Build the context as BPF_PROG_TEST_RUN does for the program's type."""
         if is_skb_program(prog.prog_type):
-            if len(data_in) < ETH_HLEN:
-                raise BpfError(errno.EINVAL, f"data_in of {len(data_in)} bytes is shorter than"
-                               f" an Ethernet header ({ETH_HLEN})")
-            if len(data_in) > MAX_PACKET:
-                raise BpfError(errno.EINVAL, f"data_in of {len(data_in)} bytes is larger than"
-                               f" {MAX_PACKET}")
-            skb = SkBuff(data_in, prog.prog_type)
+            skb = new_skb(data_in, prog.prog_type)
             if ctx_in:
                 skb.apply_ctx_in(ctx_in)
             return cls(prog, env, skb, skb.ctx)
@@ -74,6 +68,13 @@ class Run:
             return cls(prog, env, None, pt_regs(ctx_in))
         raise BpfError(errno.EINVAL, f"test runs of program type {prog.prog_type} are not"
                        " supported")
+
+    def next_packet(self, data_in: bytes) -> None:
+        """Reuse this run for another packet (a batch of test runs, as pcap replay makes)."""
+        self.skb = new_skb(data_in, self.prog.prog_type)
+        self.ctx = self.skb.ctx
+        self.mem.map(CTX_REGION, self.ctx, True, "context")
+        self.effects = {}
 
     def reset(self) -> None:
         """Forget per-repetition state: map value regions, tail-call count, budget."""
@@ -97,11 +98,22 @@ class Run:
         data_out = self.skb.data_out() if self.skb is not None else b""
         effects = dict(self.effects)
         if self.skb is not None:
+            fields = self.skb.fields()
             for name in ("mark", "priority", "tc_index", "tc_classid"):
-                if self.skb[name]:
-                    effects.setdefault(name, self.skb[name])
-            if self.skb.vlan_tag_present:
-                proto = int.from_bytes(self.skb["vlan_proto"].to_bytes(2, "little"), "big")
-                effects["vlan"] = {"proto": proto, "tci": self.skb["vlan_tci"]}
+                if fields[name]:
+                    effects.setdefault(name, fields[name])
+            if fields["vlan_present"]:
+                proto = int.from_bytes(fields["vlan_proto"].to_bytes(2, "little"), "big")
+                effects["vlan"] = {"proto": proto, "tci": fields["vlan_tci"]}
         return TestRunResult(retval & U32, data_out, duration,
                              bytes(self.ctx) if want_ctx else b"", effects)
+
+
+def new_skb(data_in: bytes, prog_type: int) -> SkBuff:
+    if len(data_in) < ETH_HLEN:
+        raise BpfError(errno.EINVAL, f"data_in of {len(data_in)} bytes is shorter than an"
+                       f" Ethernet header ({ETH_HLEN})")
+    if len(data_in) > MAX_PACKET:
+        raise BpfError(errno.EINVAL, f"data_in of {len(data_in)} bytes is larger than"
+                       f" {MAX_PACKET}")
+    return SkBuff(data_in, prog_type)
