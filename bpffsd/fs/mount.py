@@ -131,14 +131,18 @@ class Mount:
     async def _serve(self) -> int:
         """Serve the worker's requests until it goes; returns its exit status."""
         assert self._rpc is not None and self.process is not None
+        rpc = self._rpc  # stop() may clear self._rpc while a reply awaits durability
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_invalidations)
             handlers = self.ops.handlers()
             while True:
                 try:
-                    data, ancdata, flags, _ = self._rpc.recvmsg(*protocol.RECV_ARGS)
+                    data, ancdata, flags, _ = rpc.recvmsg(*protocol.RECV_ARGS)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self._rpc)
+                    try:
+                        await trio.lowlevel.wait_readable(rpc)
+                    except trio.ClosedResourceError:
+                        break
                     continue
                 except OSError:
                     break
@@ -152,7 +156,7 @@ class Mount:
                     if failure is not None:
                         reply = protocol.error(failure.errno, str(failure))
                 try:
-                    protocol.send_message(self._rpc, reply)
+                    protocol.send_message(rpc, reply)
                 except BlockingIOError:
                     log.warning("mount worker for %s is not reading replies", self.describe())
                 except OSError:
@@ -189,6 +193,7 @@ class Mount:
                 await self.process.wait()
                 await self._detach()
         if self._rpc is not None:
+            trio.lowlevel.notify_closing(self._rpc)  # wakes _serve if it waits on it
             self._rpc.close()
             self._rpc = None
 
