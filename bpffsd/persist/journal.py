@@ -77,7 +77,7 @@ class Journal:
         while view:
             written = os.write(self.fd, view)
             view = view[written:]
-        os.fsync(self.fd)
+        os.fdatasync(self.fd)  # the size is data too: appends are durable
 
     def close(self) -> None:
         os.close(self.fd)

@@ -7,7 +7,8 @@ rebuilds the objects (new ids) and the trees (same inode numbers). Records:
 
   ("map", id, type, key_size, value_size, max_entries, flags, name, uid)
   ("elems", id, [[key, value], ...])        whole contents of a data map
-  ("set", id, key, value) / ("del", id, key) one element of a data map
+  ("set", id, [[key, value], ...])          elements of a data map, written
+  ("del", id, [key, ...])                   elements of a data map, deleted
   ("slot", id, key, prog_id | None)         one slot of a prog_array
   ("prog", id, type, xlated insns, [map ids], license, name, kern_version, uid)
   ("instance", name)
@@ -82,11 +83,18 @@ class Recorder:
                 prog = impl.get(int.from_bytes(key, "little"))
                 self.emit(("slot", obj.id, key,
                            None if prog is None else self.ensure(self.of(prog))))
-        elif not isinstance(impl, FdArrayMap):
+        elif not isinstance(impl, FdArrayMap):  # one record per request, however many keys
+            written, deleted = [], []
             for key in keys:
                 value = impl.lookup(key)
-                self.emit(("set", obj.id, key, bytes(value)) if value is not None
-                          else ("del", obj.id, key))
+                if value is None:
+                    deleted.append(key)
+                else:
+                    written.append([key, bytes(value)])
+            if written:
+                self.emit(("set", obj.id, written))
+            if deleted:
+                self.emit(("del", obj.id, deleted))
 
     def contents(self, obj: BpfObject) -> None:
         self.emit(("elems", obj.id, [[k, v] for k, v in obj.impl.items()]))
@@ -183,15 +191,19 @@ class Replayer:
         for key, value in items:
             impl.update(key, value, BPF_ANY)
 
-    def _set(self, old_id: int, key: bytes, value: bytes) -> None:
-        self._get(Kind.MAP, old_id).impl.update(key, value, BPF_ANY)
+    def _set(self, old_id: int, items: list) -> None:
+        impl = self._get(Kind.MAP, old_id).impl
+        for key, value in items:
+            impl.update(key, value, BPF_ANY)
 
-    def _del(self, old_id: int, key: bytes) -> None:
-        try:
-            self._get(Kind.MAP, old_id).impl.delete(key)
-        except BpfError as e:
-            if e.errno != errno.ENOENT:
-                raise
+    def _del(self, old_id: int, keys: list) -> None:
+        impl = self._get(Kind.MAP, old_id).impl
+        for key in keys:
+            try:
+                impl.delete(key)
+            except BpfError as e:
+                if e.errno != errno.ENOENT:
+                    raise
 
     def _slot(self, old_id: int, key: bytes, prog_id: int | None) -> None:
         impl = self._get(Kind.MAP, old_id).impl
