@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from ..sync import Client
 from .args import Args, usage
 from .output import Output
@@ -41,7 +43,19 @@ def status(client: Client, args: Args, out: Output) -> None:
         name = repr(inst["name"]) if inst["name"] else "(unnamed)"
         mounts = ", ".join(inst["mounts"]) or "not mounted"
         out.line(f"instance {name}: {inst['pins']} pins; mounted at {mounts}")
-    for key in ("journal", "snapshot"):
-        if key in info:
-            out.line(f"{key}: {info[key]}")
+    persist = info.get("persistence")
+    if persist is None:
+        out.line("persistence: off")
+    else:
+        when = (time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(persist["last_snapshot"]))
+                if persist["last_snapshot"] else "never")
+        failure = f"; FAILING: {persist['journal_failure']}" if persist["journal_failure"] \
+            else ""
+        out.line(f"persistence: {persist['state_dir']}: journal {persist['journal_bytes']} bytes,"
+                 f" last snapshot {when}, {persist['persisted_objects']} objects"
+                 f" persisted{failure}")
+        restored = persist["restored"]
+        problems = restored.get("problems", []) + restored.get("truncated", [])
+        out.line(f"last restore: {restored.get('records', 0)} records"
+                 + (f"; {len(problems)} problems: {'; '.join(problems)}" if problems else ""))
     out.emit(info)
