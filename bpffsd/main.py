@@ -49,12 +49,14 @@ def raise_fd_limit() -> None:
 
 async def serve(config: Config, ready_fd: int | None = None) -> None:
     daemon = Daemon(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.run)
-        if ready_fd is not None:
-            os.write(ready_fd, b"1")
-            os.close(ready_fd)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # Catch the signals before serving: the daemon answers (and says READY=1) before
+    # daemon.run returns, and a SIGTERM then must still shut it down cleanly.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            if ready_fd is not None:
+                os.write(ready_fd, b"1")
+                os.close(ready_fd)
             async for signum in signals:
                 logging.getLogger("bpffsd").info("%s: shutting down",
                                                  signal.Signals(signum).name)

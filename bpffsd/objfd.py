@@ -89,10 +89,12 @@ class ObjectFds:
 
     async def _watch(self, ref: ObjectFd) -> None:
         try:
-            while True:
+            while not ref.closed:  # reap() may close it before this task first runs
                 await trio.lowlevel.wait_readable(ref.sock)
                 if self._hung_up(ref):
                     return
+        except trio.ClosedResourceError:
+            pass  # reap() closed it while we waited
         finally:
             self._close(ref)
 
@@ -114,6 +116,10 @@ class ObjectFds:
         refs.discard(ref)
         if not refs:
             del self._of_object[ref.obj]
+        # Wake the watcher parked on this fd first: a closed fd number that trio still
+        # watches, once reused by a new connection, fails that connection's wait (and the
+        # daemon) with BusyResourceError.
+        trio.lowlevel.notify_closing(ref.sock)
         ref.sock.close()
         self.store.put(ref.obj, user=True)
 

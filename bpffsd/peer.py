@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from bpffs.vm.uapi import PAGE_SIZE
 
 _UCRED = struct.Struct("iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_MEMLOCK_LINE = "Max locked memory"  # RLIMIT_MEMLOCK's row in /proc/PID/limits
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,27 @@ class Peer:
     def memlock_limit_pages(self) -> int | None:
         """The caller's RLIMIT_MEMLOCK in pages (None: unlimited), read from the process that
         connected; the daemon's own limit when that process is gone or invisible."""
-        try:
-            soft, _ = resource.prlimit(self.pid, resource.RLIMIT_MEMLOCK) if self.pid else (
-                resource.getrlimit(resource.RLIMIT_MEMLOCK))
-        except (ProcessLookupError, PermissionError):
+        soft = self._memlock_soft() if self.pid else None
+        if soft is None:
             soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         return None if soft == resource.RLIM_INFINITY else soft // PAGE_SIZE
+
+    def _memlock_soft(self) -> int | None:
+        """prlimit(2) on another user's process needs CAP_SYS_RESOURCE, which containers
+        often drop (root without it would silently apply its own limit to everyone);
+        /proc/PID/limits says the same to anyone."""
+        try:
+            return resource.prlimit(self.pid, resource.RLIMIT_MEMLOCK)[0]
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        try:
+            with open(f"/proc/{self.pid}/limits") as f:
+                for line in f:
+                    if line.startswith(_MEMLOCK_LINE):
+                        soft = line[len(_MEMLOCK_LINE):].split()[0]
+                        return resource.RLIM_INFINITY if soft == "unlimited" else int(soft)
+        except (OSError, ValueError, IndexError):
+            pass
+        return None

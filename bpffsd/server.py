@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -30,6 +31,15 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = logging.getLogger(__name__)
+_HUNG_UP = object()  # an async handler's result when its client hung up first
+# A client in a request loop sends its next request a few microseconds after reading a reply.
+# Parking in trio until then (epoll, the run loop, a task switch) costs ~20 us of CPU and as
+# much latency here, so after a reply the connection polls its socket for up to SPIN_NS first
+# (only while this client's requests keep coming that fast), and lets the other tasks run at
+# least every SPIN_STREAK requests. Measured on a 2-core VM: a trio echo round trip goes from
+# ~45 us to ~23 us, with less CPU (no epoll).
+SPIN_NS = 50_000
+SPIN_STREAK = 8
 
 
 class Connection:
@@ -63,6 +73,7 @@ class Server:
         self.listener = listener
         self.connections: set[Connection] = set()
         self.handlers: dict[str, Callable[..., Any]] = daemon.handlers()
+        self.inbox = protocol.Inbox()  # shared: each message is copied out before any await
 
     async def serve(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self.listener.setblocking(False)
@@ -88,15 +99,21 @@ class Server:
             sock.close()
             return
         self.connections.add(conn)
-        recvmsg, send = sock.recvmsg, sock.send
+        recvmsg, send = self.inbox.recvmsg, sock.send
         persistence = self.daemon.persistence
+        caught: tuple | None = None  # a request caught while spinning
+        spin = True  # this client's requests come back to back (see SPIN_NS)
+        streak = 0  # requests served since this task last let the others run
         try:
             while True:
-                try:
-                    data, ancdata, flags, _ = recvmsg(*protocol.RECV_ARGS)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                    continue
+                if caught is None:
+                    try:
+                        caught = recvmsg(sock)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                data, ancdata, flags = caught
+                caught = None
                 if not data and not ancdata:
                     return  # the peer closed (or sent an empty datagram, which is no request)
                 mark = persistence.mark() if persistence is not None else None
@@ -114,9 +131,23 @@ class Server:
                 if not socks and len(reply) <= protocol.INLINE_MAX:
                     try:
                         send(reply)  # the common case: small reply, room in the socket
-                        continue
                     except BlockingIOError:
                         pass
+                    else:
+                        if spin and streak < SPIN_STREAK:
+                            try:
+                                caught = recvmsg(sock, SPIN_NS)
+                            except BlockingIOError:
+                                pass
+                            else:
+                                streak += 1
+                                continue
+                        # Park now rather than fail a recvmsg first (a syscall and an
+                        # exception); spin after the next reply if this wait is short.
+                        sent = perf_counter_ns()
+                        await trio.lowlevel.wait_readable(sock)
+                        spin, streak = perf_counter_ns() - sent < SPIN_NS, 0
+                        continue
                 await self._send(sock, reply, socks)
         except OSError as e:
             log.debug("connection from pid %d ended: %s", conn.peer.pid, e)
@@ -149,12 +180,33 @@ class Server:
                 self._release_fds(conn)
 
     async def _finish(self, conn: Connection, pending: Awaitable) -> tuple[Any, list]:
+        """Await an async handler; a peer that hangs up meanwhile cancels it (a trace_read
+        may wait forever: its connection must not outlive the client)."""
+        result: Any = _HUNG_UP
         try:
-            return self._reply(await pending)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cancel_on_hangup, conn.sock, nursery.cancel_scope)
+                result = await pending
+                nursery.cancel_scope.cancel()
+            if result is _HUNG_UP:
+                return None, []  # nobody to reply to
+            return self._reply(result)
         except Exception as e:
             return self._failure(conn, e)
         finally:
             self._release_fds(conn)
+
+    @staticmethod
+    async def _cancel_on_hangup(sock: socket.socket, scope: trio.CancelScope) -> None:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            hung_up = not sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            hung_up = True
+        if hung_up:
+            scope.cancel()
 
     @staticmethod
     def _release_fds(conn: Connection) -> None:

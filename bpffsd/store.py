@@ -98,6 +98,12 @@ class Store:
         return obj
 
     def charge(self, uid: int, pages: int, limit_pages: int | None) -> None:
+        self.check_charge(uid, pages, limit_pages)
+        self.locked_pages[uid] = self.locked_pages.get(uid, 0) + pages
+        self.total_pages += pages
+
+    def check_charge(self, uid: int, pages: int, limit_pages: int | None) -> None:
+        """Raise unless uid may charge `pages` more (checked before allocating anything)."""
         used = self.locked_pages.get(uid, 0)
         if limit_pages is not None and used + pages > limit_pages:
             raise BpfError(errno.EPERM, f"RLIMIT_MEMLOCK exceeded: uid {uid} has {used} pages"
@@ -107,8 +113,6 @@ class Store:
             raise BpfError(errno.ENOMEM, f"bpffsd memory limit reached: {self.total_pages}"
                            f" pages in use, {pages} more requested, cap {self.limit_pages}"
                            " (bpffsd --memory-limit)")
-        self.locked_pages[uid] = used + pages
-        self.total_pages += pages
 
     def _uncharge(self, uid: int, pages: int) -> None:
         left = self.locked_pages[uid] - pages

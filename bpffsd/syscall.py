@@ -99,6 +99,18 @@ class Syscalls:
                            f" {'read' if write else 'write'}-only")
         return ref.obj.impl
 
+    def _check_charge(self, conn: Connection, cost: int) -> int | None:
+        """Raise unless the caller may charge `cost` pages; returns its limit. Objects whose
+        fds were all closed are dropped first when that decides it: close() then create must
+        work as on the kernel, where close is synchronous (here a watcher task notices)."""
+        limit = conn.peer.memlock_limit_pages()
+        try:
+            self.store.check_charge(conn.peer.uid, cost, limit)
+        except BpfError:
+            self.fds.reap()
+            self.store.check_charge(conn.peer.uid, cost, limit)
+        return limit
+
     def _changed(self, bpf_map: BpfMap, keys: list[bytes]) -> None:
         """Tell the journal which keys of a map changed through the syscall path."""
         self.daemon.map_changed(bpf_map, keys)
@@ -108,8 +120,7 @@ class Syscalls:
                    max_entries: int, flags: int, name: str) -> Reply:
         cls = map_class(map_type, key_size, value_size, max_entries, flags, name)
         cost = cls.pages_for(key_size, value_size, max_entries)
-        limit = conn.peer.memlock_limit_pages()
-        self.store.check_charge(conn.peer.uid, cost, limit)  # before allocating the storage
+        limit = self._check_charge(conn, cost)  # before allocating the storage
         impl = cls(key_size, value_size, max_entries, flags, name)
         obj = self.store.add(Kind.MAP, impl, conn.peer.uid, cost, limit)
         with self.store.held(obj):
@@ -135,11 +146,12 @@ class Syscalls:
         if not isinstance(m, FdArrayMap):
             raise BpfError(errno.EINVAL, f"{m.describe()} does not store fds")
         _check_size("key", key, m.key_size, m)
+        m.slot(key, flags)
         member = conn.resolve(value_handle).obj
         wanted = Kind.PROG if isinstance(m, ProgArrayMap) else Kind.PERF_EVENT
-        if member.kind != wanted:
-            raise BpfError(errno.EINVAL, f"{m.describe()} stores {wanted} fds, got a"
-                           f" {member.kind} fd")
+        if member.kind != wanted:  # bpf_prog_get: EINVAL; perf_event_get: EBADF
+            raise BpfError(errno.EINVAL if wanted == Kind.PROG else errno.EBADF,
+                           f"{m.describe()} stores {wanted} fds, got a {member.kind} fd")
         self.store.hold(member)
         try:
             m.put(key, member.impl, flags)
@@ -251,8 +263,8 @@ class Syscalls:
             if isinstance(used, ProgArrayMap) and not used.compatible(prog_type):
                 raise BpfError(errno.EINVAL, f"{used.describe()} holds programs of another type"
                                " than this one (tail calls need one type)")
-        obj = self.store.add(Kind.PROG, prog, conn.peer.uid,
-                             pages(BPF_PROG_HEADER + len(insns)), conn.peer.memlock_limit_pages())
+        cost = pages(BPF_PROG_HEADER + len(insns))
+        obj = self.store.add(Kind.PROG, prog, conn.peer.uid, cost, self._check_charge(conn, cost))
         for used in prog.maps:  # before the first put can free obj and release them
             self.store.hold(self.store.of(used))
         with self.store.held(obj):
@@ -397,7 +409,7 @@ class Syscalls:
         """A perf event for one CPU: store its fd in a PERF_EVENT_ARRAY, read samples from it."""
         event = vm.PerfEvent(cpu=cpu)
         obj = self.store.add(Kind.PERF_EVENT, event, conn.peer.uid, 1,
-                             conn.peer.memlock_limit_pages())
+                             self._check_charge(conn, 1))
         event.on_output = lambda cpu, data: self.fds.send_event(
             obj, protocol.pack([cpu, time.time_ns(), data]))
         with self.store.held(obj):

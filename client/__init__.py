@@ -4,7 +4,6 @@ trio AsyncClient. See bpffs.client.libbpf for the call list."""
 from bpffs.vm.errors import BpfError
 from bpffs.vm.uapi import BPF_ANY, BPF_EXIST, BPF_NOEXIST, MapType, ObjFlag, ProgType
 
-from .aio import AsyncClient
 from .calls import ProgFd, TestRun
 from .codecs import BytesCodec, CtypesCodec, IntCodec, StructCodec
 from .libbpf import (
@@ -42,3 +41,13 @@ __all__ = [
     "map_update_elem", "obj_get", "obj_get_info_by_fd", "obj_pin", "perf_event_open",
     "prog_get_fd_by_id", "prog_get_next_id", "prog_load", "prog_test_run", "read_perf_sample",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """AsyncClient on first use: importing trio costs ~0.15 s, which every `bpffs` command
+    and synchronous user would otherwise pay."""
+    if name == "AsyncClient":
+        from .aio import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

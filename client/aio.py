@@ -24,6 +24,7 @@ class AsyncClient:
     def __init__(self, sock: trio.socket.SocketType):
         self.sock = sock
         self.session = calls.Session()
+        self.inbox = protocol.Inbox()
         self._lock = trio.Lock()  # one request in flight: replies come back in order
         self.daemon_info: dict = {}
 
@@ -51,7 +52,8 @@ class AsyncClient:
             finally:
                 if memfd is not None:
                     os.close(memfd)
-            data, ancdata, flags, _ = await self.sock.recvmsg(*protocol.RECV_ARGS)
+            data, ancdata, flags = self.inbox.received(
+                *await self.sock.recvmsg_into(self.inbox.buffers, *protocol.RECV_INTO_ARGS))
         payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
         if not payload:
             raise BpfError(errno.ECONNRESET, "bpffsd closed the connection")

@@ -57,6 +57,14 @@ def bind(session: Session, fd: int) -> Generator[Request, Any, tuple[int, dict]]
     return ino, info
 
 
+def _map_handle(session: Session, fd: int) -> Generator[Request, Any, tuple[int, dict]]:
+    """bind() for the calls that need the map's shape (key and value sizes, fd arrays)."""
+    handle, info = yield from bind(session, fd)
+    if info.get("kind") != "map":
+        raise BpfError(errno.EINVAL, f"fd {fd} is a {info.get('kind')}, not a map")
+    return handle, info
+
+
 def _received_fd(reply: tuple[Any, list[int]]) -> int:
     _, fds = reply
     if len(fds) != 1:
@@ -88,12 +96,18 @@ def map_lookup_elem(session: Session, fd: int, key: bytes) -> Call:
 
 def map_update_elem(session: Session, fd: int, key: bytes, value: bytes,
                     flags: int = BPF_ANY) -> Call:
-    handle, info = yield from bind(session, fd)
-    if info.get("type") in _FD_ARRAYS:
+    handle, info = yield from _map_handle(session, fd)
+    if info["type"] in _FD_ARRAYS:
         # As the kernel: a prog/perf-event array's value is the fd of the object to store.
         if len(value) != 4:
             raise BpfError(errno.EINVAL, f"{MapType(info['type']).name} values are 4-byte fds")
-        member, _ = yield from bind(session, _U32.unpack(value)[0])
+        try:
+            member, _ = yield from bind(session, _U32.unpack(value)[0])
+        except BpfError as e:
+            if info["type"] != MapType.PERF_EVENT_ARRAY:
+                raise
+            # perf_event_get: any fd that is not a perf event is EBADF (bpf_prog_get: EINVAL)
+            raise BpfError(errno.EBADF, str(e).split(": ", 1)[-1]) from None
         yield Request("map_update_fd", (handle, bytes(key), member, flags))
         return None
     yield Request("map_update", (handle, bytes(key), bytes(value), flags))
@@ -118,7 +132,7 @@ def map_lookup_batch(session: Session, fd: int, count: int, cursor: bytes | None
                      delete: bool = False) -> Call:
     """Walk the map: up to count (keys, values) after cursor, and the next cursor (None at
     the end), as BPF_MAP_LOOKUP_BATCH (and _AND_DELETE_BATCH with delete=True)."""
-    handle, info = yield from bind(session, fd)
+    handle, info = yield from _map_handle(session, fd)
     (keys, values, nxt), _ = yield Request("map_lookup_batch", (handle, cursor, count, delete))
     return _unpack(keys, info["key_size"]), _unpack(values, info["value_size"]), nxt
 
@@ -128,7 +142,7 @@ def map_update_batch(session: Session, fd: int, keys: Sequence[bytes],
                      chunk: int = 8192) -> Call:
     """BPF_MAP_UPDATE_BATCH: returns the count updated. On failure the BpfError's `count`
     says how many elements were updated before the failing one."""
-    handle, info = yield from bind(session, fd)
+    handle, info = yield from _map_handle(session, fd)
     if len(keys) != len(values):
         raise BpfError(errno.EINVAL, f"{len(keys)} keys but {len(values)} values")
     per_request = max(1, min(chunk, (1 << 20) // (info["key_size"] + info["value_size"])))

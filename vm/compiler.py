@@ -10,13 +10,28 @@ bpf-to-bpf call is its own function. Semantics come from vm.ops, as in the inter
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from . import ops
 from .errors import VmFault
-from .interpreter import MAX_CALL_FRAMES, PacketExit, call_helper, stack_top
+from .interpreter import (
+    MAX_CALL_FRAMES,
+    PacketExit,
+    TailCall,
+    block_cost,
+    block_leaders,
+    call_helper,
+    jump_target,
+    run_tail_calls,
+    stack_top,
+    subprograms,
+)
 from .isa import (
+    CALL,
+    EXIT,
+    FRAME_POINTER,
+    JA,
     JA32,
     LD_IMM64,
     PSEUDO_CALL,
@@ -30,24 +45,31 @@ from .isa import (
     Mode,
     Source,
 )
+from .memory import CTX_REGION, PACK, SIZE_MASK, UNPACK, region_base
+from .uapi import MAX_BPF_STACK
 
 if TYPE_CHECKING:
     from .program import Program
 
 Entry = Callable[..., int]
+CTX_BASE = region_base(CTX_REGION)
 
 
 def compile_program(prog: Program) -> Entry:
     """Translate `prog` to one Python function per subprogram; returns the entry's."""
     insns = prog.decoded
-    entries = sorted({0} | {pc + 1 + i.imm for pc, i in enumerate(insns)
-                            if i.opcode == Class.JMP | Jmp.CALL and i.src == PSEUDO_CALL})
-    bounds = [*entries[1:], len(insns)]
     source = []
-    for start, end in zip(entries, bounds, strict=False):
-        source += _function(insns, start, end)
-    namespace = dict(ops.NAMESPACE, VmFault=VmFault, PacketExit=PacketExit,
-                     call_helper=call_helper, stack_top=stack_top, MAX_FRAMES=MAX_CALL_FRAMES)
+    for start, end in subprograms(insns):
+        source += _function(insns, start, end, start not in prog.stackless_functions)
+    for target in {pc + 1 + i.imm for pc, i in enumerate(insns)
+                   if i.opcode == CALL and i.src == PSEUDO_CALL} - set(range(len(insns))):
+        source += [f"def f{target}(*args):",  # a call outside the program: (unverified code)
+                   f"    raise VmFault('fell off the end of the program', {target})"]
+    namespace = dict(ops.NAMESPACE, VmFault=VmFault, PacketExit=PacketExit, TailCall=TailCall,
+                     call_helper=call_helper, stack_top=stack_top, MAX_FRAMES=MAX_CALL_FRAMES,
+                     run_tail_calls=run_tail_calls, prog=prog,
+                     **{f"unpack{size}": fn for size, fn in UNPACK.items()},
+                     **{f"pack{size}": fn for size, fn in PACK.items()})
     text = "\n".join(source)
     exec(compile(text, f"<bpf prog {prog.name or prog.tag}>", "exec"), namespace)
     entry = namespace["f0"]
@@ -55,71 +77,124 @@ def compile_program(prog: Program) -> Entry:
     return entry
 
 
-def _leaders(insns: list[Insn], start: int, end: int) -> list[int]:
-    leaders = {start}
-    pc = start
-    while pc < end:
-        i = insns[pc]
-        if i.cls in (Class.JMP, Class.JMP32) and i.op not in (Jmp.CALL,):
-            if i.op != Jmp.EXIT:
-                leaders.add(pc + 1 + (i.imm if i.opcode == JA32 else i.off))
-            leaders.add(pc + 1)
-        pc += 2 if i.opcode == LD_IMM64 else 1
-    for target in leaders:
-        if not start <= target <= end:
-            raise VmFault(f"jump out of range to insn {target}")
-        if target < end and target > start and insns[target - 1].opcode == LD_IMM64:
-            raise VmFault(f"jump into the middle of ld_imm64 at insn {target - 1}")
-    return sorted(t for t in leaders if t < end)
-
-
-def _function(insns: list[Insn], start: int, end: int) -> list[str]:
-    out = [f"def f{start}(run, r1, r2=0, r3=0, r4=0, r5=0, depth=0):",
-           "    mem = run.mem; load = mem.load; store = mem.store",
-           "    r0 = r6 = r7 = r8 = r9 = 0",
-           "    r10 = stack_top(mem, depth)",
-           "    budget = run.budget",
-           f"    L = {start}",
-           "    while True:"]
-    leaders = _leaders(insns, start, end)
+def _function(insns: list[Insn], start: int, end: int, uses_stack: bool) -> list[str]:
+    # r10 is read-only in verified programs; where no instruction writes it, every access at
+    # r10 + constant is a fixed offset into this frame's stack, checked here at compile time.
+    fixed_stack = uses_stack and not any(FRAME_POINTER in _writes(i)
+                                         for i in insns[start:end])
+    leaders = block_leaders(insns, start, end)
+    ctx_at = _context_registers(insns, start, end, leaders)
+    body = []
+    uses_ctx = [False]
     for n, block_start in enumerate(leaders):
         block_end = leaders[n + 1] if n + 1 < len(leaders) else end
-        out.append(f"        if L == {block_start}:")
-        out += ["            " + line for line in _block(insns, block_start, block_end, end)]
-    return out
+        body.append(f"        if L == {block_start}:")
+        body += ["            " + line
+                 for line in _block(insns, block_start, block_end, start, end, fixed_stack,
+                                    ctx_at.get(block_start, frozenset()), uses_ctx)]
+    # The context is where r1 points on entry to the program (a conformance-suite run may
+    # pass no context): direct accesses fall back to Memory unless it is mapped there.
+    return [f"def f{start}(run, r1, r2=0, r3=0, r4=0, r5=0, depth=0):",
+            "    mem = run.mem; load = mem.load; store = mem.store",
+            *([f"    ctx_region = mem.regions.get({CTX_REGION}) if r1 == {CTX_BASE:#x} else None",
+               "    ctx, ctx_size = (ctx_region.buf, ctx_region.size) if ctx_region else"
+               " (None, -1)"] if uses_ctx[0] else []),
+            "    r0 = r6 = r7 = r8 = r9 = 0",
+            "    r10 = stack_top(mem, depth)" if uses_stack else "    r10 = 0",
+            *([f"    stack = mem.view(r10 - {MAX_BPF_STACK}, {MAX_BPF_STACK}, True)"]
+              if fixed_stack else []),
+            "    budget = run.budget",
+            f"    L = {start}",
+            "    while True:", *body]
 
 
-def _block(insns: list[Insn], start: int, stop: int, end: int) -> list[str]:
-    count = sum(1 for pc in range(start, stop) if pc == start or
-                insns[pc - 1].opcode != LD_IMM64)
-    lines = [f"budget -= {count}",
+def _context_registers(insns: list[Insn], start: int, end: int, leaders: list[int]
+                       ) -> dict[int, frozenset[int]]:
+    """For each reachable block: the registers that hold the context's address on entry on
+    every path to it (r1 at the program's first insn, then copies of it), so that loads and
+    stores at such a register + constant go straight to the context buffer."""
+    if start != 0:
+        return {}
+    stops = dict(zip(leaders, [*leaders[1:], end], strict=True))
+    at: dict[int, frozenset[int]] = {start: frozenset({1})}
+    work = [start]
+    while work:
+        first = work.pop()
+        regs, pc, last = set(at[first]), first, first
+        while pc < stops[first]:
+            i = insns[pc]
+            copied = _copies(i) in regs
+            regs.difference_update(_writes(i))
+            if copied:
+                regs.add(i.dst)
+            last, pc = pc, pc + (2 if i.opcode == LD_IMM64 else 1)
+        for successor in _successors(insns[last], last, stops[first]):
+            if successor in stops:
+                joined = at[successor] & regs if successor in at else frozenset(regs)
+                if at.get(successor) != joined:
+                    at[successor] = joined
+                    work.append(successor)
+    return at
+
+
+def _copies(i: Insn) -> int | None:
+    """The register a 64-bit register move copies."""
+    return i.src if i.opcode == Class.ALU64 | Alu.MOV | Source.X and not i.off else None
+
+
+def _successors(i: Insn, pc: int, stop: int) -> list[int]:
+    if i.cls not in (Class.JMP, Class.JMP32) or i.op == Jmp.CALL:
+        return [stop]
+    if i.op == Jmp.EXIT:
+        return []
+    if i.op == Jmp.JA:
+        return [jump_target(i, pc)]
+    return [jump_target(i, pc), pc + 1]
+
+
+def _block(insns: list[Insn], start: int, stop: int, first: int, end: int,
+           fixed_stack: bool, ctx_regs: frozenset[int], uses_ctx: list[bool]) -> list[str]:
+    """Source of the block [start, stop) of the function [first, end); sets uses_ctx[0]
+    when it accesses the context directly."""
+    ctx_regs = set(ctx_regs)
+    lines = [f"budget -= {block_cost(insns, start, stop)}",
              f"if budget < 0: run.budget = budget; raise VmFault('instruction budget exhausted',"
              f" {start})"]
-    dirty: set[int] = set()  # registers whose value may lie outside [0, 2**64)
+    widths: dict[int, Width] = {}  # registers known narrower than EXACT, or unmasked
 
-    def clean(regs: set[int] | list[int] | tuple[int, ...]) -> None:
-        for reg in sorted(dirty.intersection(regs)):
-            lines.append(f"r{reg} &= {U64:#x}")
-            dirty.discard(reg)
+    def clean(regs: Iterable[int]) -> None:
+        for reg in sorted(regs):
+            bits, negative = widths.get(reg, EXACT)
+            if bits > 64 or negative:
+                lines.append(f"r{reg} &= {U64:#x}")
+                widths.pop(reg)
 
     pc = start
     while pc < stop:
         i = insns[pc]
         if i.cls in (Class.JMP, Class.JMP32) and i.op != Jmp.CALL:
-            clean(set(dirty))
-            lines += _jump(i, pc, start)
+            clean([0] if i.opcode == EXIT else list(widths))  # exit reads only r0
+            lines += _jump(insns, i, pc, start, range(first, end))
             return lines
-        lazy = _lazy(i)
+        copies_ctx = _copies(i) in ctx_regs
+        lazy = _lazy(i, widths)
         if lazy is not None:
-            lines.append(lazy)
-            copies_clean = i.op == Alu.MOV and (i.source == Source.K or i.src not in dirty)
-            (dirty.discard if copies_clean else dirty.add)(i.dst)
+            line, widths[i.dst] = lazy
+            lines.append(line)
         else:
             clean(_clean_reads(i))
-            lines += _straight(i, pc)
-            dirty.difference_update(_writes(i))
+            direct = _stack_access(i, widths) if fixed_stack else None
+            if direct is None:
+                direct = _context_access(i, ctx_regs, widths)
+                uses_ctx[0] |= direct is not None
+            lines += [direct] if direct else _straight(i, pc)
+            for reg in _writes(i):
+                widths.pop(reg, None)
+        ctx_regs.difference_update(_writes(i))
+        if copies_ctx:
+            ctx_regs.add(i.dst)
         pc += 2 if i.opcode == LD_IMM64 else 1
-    clean(set(dirty))
+    clean(list(widths))
     if stop >= end:
         lines.append(f"raise VmFault('fell off the end of the program', {stop - 1})")
     else:
@@ -127,21 +202,53 @@ def _block(insns: list[Insn], start: int, stop: int, end: int) -> list[str]:
     return lines
 
 
-# ALU64 operations that commute with reduction modulo 2**64 (Python ints are unbounded two's
-# complement): their results may stay unmasked until a reader needs the exact value. Masking
-# is the largest cost of straight-line code, so blocks mask lazily.
-LAZY_OPS = {Alu.ADD: "+", Alu.SUB: "-", Alu.XOR: "^", Alu.OR: "|", Alu.AND: "&"}
+# Masking is the largest cost of straight-line code, so blocks mask lazily. Python ints are
+# unbounded two's complement, and ADD, SUB, MUL, LSH, AND, OR, XOR commute with reduction
+# modulo 2**64: their results may stay unmasked (congruent to the exact value) until an
+# instruction needs the exact value (a comparison, a right shift, a division, a helper
+# argument, the end of the block). The compiler tracks a bound on each unmasked register's
+# size and whether it may be negative, and masks once a value would outgrow LAZY_BITS (big
+# ints get slower with size) -- negative values are avoided where it costs nothing, because
+# CPython's bitwise operations on negative ints take a slow path.
+Width = tuple[int, bool]  # (bound on the bit length of |value|, may be negative)
+EXACT: Width = (64, False)
+LAZY_BITS = 128
 
 
-def _lazy(i: Insn) -> str | None:
-    """The unmasked source line of an ALU64 op that commutes with reduction mod 2**64."""
+def _lazy(i: Insn, widths: dict[int, Width]) -> tuple[str, Width] | None:
+    """An ALU64 op emitted without a mask: its source line and the width of the result."""
     if i.cls != Class.ALU64 or i.off:
         return None
-    src = f"r{i.src}" if i.source == Source.X else None
-    if i.op == Alu.MOV:
-        return f"r{i.dst} = {src or i.imm & U64}"
-    op = LAZY_OPS.get(i.op)
-    return None if op is None else f"r{i.dst} {op}= {src or i.imm & U64}"
+    dst, op = f"r{i.dst}", i.op
+    d_bits, d_neg = widths.get(i.dst, EXACT)
+    if i.source == Source.X:
+        s, (s_bits, s_neg) = f"r{i.src}", widths.get(i.src, EXACT)
+    else:
+        value = i.imm & U64
+        s, s_bits, s_neg = str(value), value.bit_length(), False
+        if op == Alu.SUB:  # d - k == d + (2**64 - k) mod 2**64, and stays non-negative
+            value = -i.imm & U64
+            return f"{dst} += {value}", (max(d_bits, value.bit_length()) + 1, d_neg)
+    if op == Alu.MOV:
+        return f"{dst} = {s}", (s_bits, s_neg)
+    if op in (Alu.ADD, Alu.SUB):
+        width = (max(d_bits, s_bits) + 1, d_neg or s_neg or op == Alu.SUB)
+    elif op in (Alu.XOR, Alu.OR):
+        width = (max(d_bits, s_bits), d_neg or s_neg)
+    elif op == Alu.AND:  # a non-negative operand bounds the result
+        bounds = [b for b, neg in ((d_bits, d_neg), (s_bits, s_neg)) if not neg]
+        width = (min(bounds), False) if bounds else (max(d_bits, s_bits), True)
+    elif op == Alu.MUL:
+        width = (d_bits + s_bits, d_neg or s_neg)
+    elif op == Alu.LSH and i.source == Source.K:
+        width, s = (d_bits + (i.imm & 63), d_neg), str(i.imm & 63)
+    else:
+        return None
+    if width[0] > LAZY_BITS:
+        return None
+    symbol = {Alu.ADD: "+", Alu.SUB: "-", Alu.XOR: "^", Alu.OR: "|", Alu.AND: "&",
+              Alu.MUL: "*", Alu.LSH: "<<"}[op]
+    return f"{dst} {symbol}= {s}", width
 
 
 def _clean_reads(i: Insn) -> tuple[int, ...]:
@@ -158,12 +265,62 @@ def _clean_reads(i: Insn) -> tuple[int, ...]:
 
 
 def _writes(i: Insn) -> tuple[int, ...]:
-    """Registers an instruction leaves in range (it masks what it writes)."""
+    """Registers an instruction writes (always exact: it masks what it writes)."""
     if i.cls in (Class.ALU, Class.ALU64, Class.LDX) or i.opcode == LD_IMM64:
         return (i.dst,)
     if i.cls == Class.STX and i.mode == Mode.ATOMIC:
-        return (0, i.src)
-    return (0,)
+        if i.imm == Atomic.CMPXCHG:
+            return (0,)
+        return (i.src,) if i.imm == Atomic.XCHG or i.imm & Atomic.FETCH else ()
+    if i.cls in (Class.ST, Class.STX):
+        return ()
+    return (0,)  # LD_ABS, LD_IND, calls
+
+
+def _stack_access(i: Insn, widths: dict[int, Width]) -> str | None:
+    """A load or store at r10 + constant as direct struct access to the frame's stack, or
+    None (other instructions, and accesses outside the stack, which fault through Memory)."""
+    base = i.src if i.cls == Class.LDX else i.dst
+    if base != FRAME_POINTER or i.cls not in (Class.LDX, Class.ST, Class.STX):
+        return None
+    off = MAX_BPF_STACK + i.off
+    if off < 0 or off + i.size > MAX_BPF_STACK:
+        return None
+    if i.cls == Class.LDX and i.mode == Mode.MEM:
+        return f"r{i.dst} = unpack{i.size}(stack, {off})[0]"
+    if i.cls == Class.LDX and i.mode == Mode.MEMSX:
+        return f"r{i.dst} = sx(unpack{i.size}(stack, {off})[0], {i.size * 8}) & {U64:#x}"
+    if i.cls == Class.ST and i.mode == Mode.MEM:
+        return f"pack{i.size}(stack, {off}, {i.imm & SIZE_MASK[i.size]})"
+    if i.cls == Class.STX and i.mode == Mode.MEM:
+        bits, negative = widths.get(i.src, EXACT)
+        value = f"r{i.src}" if bits <= i.size * 8 and not negative else \
+            f"r{i.src} & {SIZE_MASK[i.size]:#x}"
+        return f"pack{i.size}(stack, {off}, {value})"
+    return None
+
+
+def _context_access(i: Insn, ctx_regs: set[int], widths: dict[int, Width]) -> str | None:
+    """A load or store at (a copy of) the context pointer + constant, straight to the
+    context buffer when it is in bounds; otherwise Memory's load or store, which faults."""
+    if i.cls not in (Class.LDX, Class.ST, Class.STX) or i.mode != Mode.MEM or i.off < 0:
+        return None
+    base = i.src if i.cls == Class.LDX else i.dst
+    if base not in ctx_regs:
+        return None
+    inside = f"ctx_size >= {i.off + i.size}"
+    addr = f"r{base} + {i.off}"  # exact: the context's address plus a small offset
+    if i.cls == Class.LDX:
+        return f"r{i.dst} = unpack{i.size}(ctx, {i.off})[0] if {inside} else" \
+               f" load({addr}, {i.size})"
+    if i.cls == Class.ST:
+        value = str(i.imm & SIZE_MASK[i.size])
+    else:
+        bits, negative = widths.get(i.src, EXACT)
+        value = f"r{i.src}" if bits <= i.size * 8 and not negative else \
+            f"r{i.src} & {SIZE_MASK[i.size]:#x}"
+    return f"pack{i.size}(ctx, {i.off}, {value}) if {inside} else" \
+           f" store({addr}, {i.size}, {value})"
 
 
 def _operand(i: Insn, mask: int) -> str:
@@ -201,7 +358,10 @@ def _straight(i: Insn, pc: int) -> list[str]:
             return ["run.budget = budget",
                     f"if depth + 1 >= MAX_FRAMES: raise VmFault('call depth above'"
                     f" ' {MAX_CALL_FRAMES} frames', {pc})",
-                    f"r0 = f{target}(run, r1, r2, r3, r4, r5, depth + 1)",
+                    "try:",
+                    f"    r0 = f{target}(run, r1, r2, r3, r4, r5, depth + 1)",
+                    "except TailCall:",
+                    "    r0 = run_tail_calls(run, 'compiled', depth + 1, prog)",
                     "budget = run.budget"]
         return ["run.budget = budget",
                 f"r0 = call_helper(run, {i.imm}, r1, r2, r3, r4, r5, {pc})"]
@@ -252,14 +412,21 @@ def _atomic(i: Insn, pc: int, addr: str) -> list[str]:
     return lines
 
 
-def _jump(i: Insn, pc: int, block_start: int) -> list[str]:
+def _jump(insns: list[Insn], i: Insn, pc: int, block_start: int, function: range
+          ) -> list[str]:
     if i.op == Jmp.EXIT:
-        if i.cls != Class.JMP:
+        if i.opcode != EXIT:
             return [f"raise VmFault('unknown opcode {i.opcode:#04x}', {pc})"]
         return ["run.budget = budget", "return r0"]
-    target = pc + 1 + (i.imm if i.opcode == JA32 else i.off)
+    target = jump_target(i, pc)
+    if target not in function:  # the interpreter would run on outside this function's code
+        return [f"raise VmFault('fell off the end of the program', {target})"]
+    if target > function.start and insns[target - 1].opcode == LD_IMM64:
+        return [f"raise VmFault('unknown opcode 0x00', {target})"]  # its second half
     again = "; continue" if target <= block_start else ""
     if i.op == Jmp.JA:
+        if i.opcode not in (JA, JA32):
+            return [f"raise VmFault('unknown opcode {i.opcode:#04x}', {pc})"]
         return [f"L = {target}{again}"]
     mask = U64 if i.cls == Class.JMP else U32
     template = ops.JMP.get(i.op)

@@ -94,18 +94,17 @@ def _text(i: Insn, pc: int, maps: Sequence[int]) -> str:
 
 
 def _atomic(i: Insn, size: str) -> str:
-    wide = i.size == 8
+    """The kernel names registers r<n> here whatever the operand size."""
+    width = "64" if i.size == 8 else ""
     where = f"({size} *)(r{i.dst} {i.off:+d})"
-    s = _reg(i.src, wide)
     if i.imm == Atomic.CMPXCHG:
-        return f"{_reg(0, wide)} = atomic{'64' if wide else ''}_cmpxchg({where}, " \
-               f"{_reg(0, wide)}, {s})"
+        return f"r0 = atomic{width}_cmpxchg({where}, r0, r{i.src})"
     if i.imm == Atomic.XCHG:
-        return f"{s} = atomic{'64' if wide else ''}_xchg({where}, {s})"
+        return f"r{i.src} = atomic{width}_xchg({where}, r{i.src})"
     name = ATOMIC_NAMES.get(i.imm & ~Atomic.FETCH, "?")
     if i.imm & Atomic.FETCH:
-        return f"{s} = atomic{'64' if wide else ''}_fetch_{name}({where}, {s})"
-    return f"lock *{where} {ALU_OPS.get(i.imm, '?=')} {s}"
+        return f"r{i.src} = atomic{width}_fetch_{name}({where}, r{i.src})"
+    return f"lock *{where} {ALU_OPS.get(i.imm, '?=')} r{i.src}"
 
 
 def _jump(i: Insn) -> str:
@@ -118,8 +117,10 @@ def _jump(i: Insn) -> str:
             return f"call bpf_{Helper(i.imm).name}#{i.imm}"
         except ValueError:
             return f"call unknown#{i.imm}"
+    if i.opcode == JA32:
+        return f"gotol pc{i.imm:+d}"
     if i.op == Jmp.JA:
-        return f"goto pc{i.imm if i.opcode == JA32 else i.off:+d}"
+        return f"goto pc{i.off:+d}"
     wide = i.cls == Class.JMP
     src = _reg(i.src, wide) if i.source == Source.X else f"{i.imm & 0xFFFFFFFF:#x}"
     return f"if {_reg(i.dst, wide)} {JMP_OPS.get(i.op, '?')} {src} goto pc{i.off:+d}"

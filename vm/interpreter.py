@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING
 from . import ops
 from .errors import VmFault
 from .isa import (
+    CALL,
+    EXIT,
+    FRAME_POINTER,
+    JA,
     JA32,
     LD_IMM64,
     PSEUDO_CALL,
@@ -43,6 +47,55 @@ class TailCall(Exception):
     """bpf_tail_call succeeded: the current program is replaced by run.tail_target."""
 
 
+def subprograms(insns: list[Insn]) -> list[tuple[int, int]]:
+    """(start, end) of the entry function and of each bpf-to-bpf call target."""
+    entries = sorted({0} | {pc + 1 + i.imm for pc, i in enumerate(insns)
+                            if i.opcode == CALL and i.src == PSEUDO_CALL
+                            and 0 <= pc + 1 + i.imm < len(insns)})
+    return list(zip(entries, [*entries[1:], len(insns)], strict=True))
+
+
+def jump_target(i: Insn, pc: int) -> int:
+    return pc + 1 + (i.imm if i.opcode == JA32 else i.off)
+
+
+def block_leaders(insns: list[Insn], start: int, end: int) -> list[int]:
+    """First insns of the basic blocks of the function [start, end): its start, jump
+    targets inside it, and the insns after jumps and exits. Calls do not end a block."""
+    leaders = {start}
+    pc = start
+    while pc < end:
+        i = insns[pc]
+        if i.cls in (Class.JMP, Class.JMP32) and i.op != Jmp.CALL:
+            if i.op != Jmp.EXIT:
+                leaders.add(jump_target(i, pc))
+            leaders.add(pc + 1)
+        pc += 2 if i.opcode == LD_IMM64 else 1
+    return sorted(t for t in leaders if start <= t < end)
+
+
+def block_cost(insns: list[Insn], start: int, stop: int) -> int:
+    """Budget charged on entering the block [start, stop): its insns, LD_IMM64 counting
+    once. Both tiers charge a whole block at its start, so they run out at the same place."""
+    return sum(1 for pc in range(start, stop) if pc == start or insns[pc - 1].opcode != LD_IMM64)
+
+
+def block_costs(insns: list[Insn]) -> dict[int, int]:
+    """block_cost of every block of every function, by its first insn."""
+    costs = {}
+    for start, end in subprograms(insns):
+        leaders = block_leaders(insns, start, end)
+        for first, stop in zip(leaders, [*leaders[1:], end], strict=True):
+            costs[first] = block_cost(insns, first, stop)
+    return costs
+
+
+def uses_frame_pointer(insns: list[Insn], start: int, end: int) -> bool:
+    """Whether a function mentions r10 at all. One that does not runs without a stack:
+    mapping and zeroing 512 bytes is a large part of a short program's run."""
+    return any(FRAME_POINTER in (i.dst, i.src) for i in insns[start:end])
+
+
 def stack_top(mem: Memory, depth: int) -> int:
     """Map a fresh, zeroed 512-byte stack for call depth `depth`; return the frame pointer."""
     region = STACK_REGION if depth == 0 else STACK_FRAME_REGIONS + depth
@@ -50,22 +103,40 @@ def stack_top(mem: Memory, depth: int) -> int:
     return region_base(region) + MAX_BPF_STACK
 
 
-def interpret(prog: Program, run: Run, r1: int, r2: int = 0) -> int:
+def interpret(prog: Program, run: Run, r1: int, r2: int = 0, depth: int = 0) -> int:
     """Run `prog` from insn 0 with r1 = ctx; returns r0 (raises TailCall, PacketExit, VmFault)."""
-    return _frame(prog, run, 0, [0, r1, r2, 0, 0, 0], 0)
+    return _frame(prog, run, 0, [0, r1, r2, 0, 0, 0], depth)
+
+
+def run_tail_calls(run: Run, tier: str, depth: int, caller: Program) -> int:
+    """A bpf_tail_call made in a bpf-to-bpf callee: as in the kernel (x86-64 JIT), the
+    target replaces the callee's frame, and its r0 goes back to the callee's caller, which
+    then goes on with its own program (and maps)."""
+    try:
+        while True:
+            target, run.tail_target = run.tail_target, None
+            try:
+                return target.entry(tier)(run, run.ctx_addr, depth=depth)
+            except TailCall:
+                continue
+    finally:
+        run.prog = caller
 
 
 def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int:
     insns: list[Insn] = prog.decoded
+    costs = prog.block_costs
     mem = run.mem
     r = args + [0] * 5
-    r[10] = stack_top(mem, depth)
+    r[10] = 0 if pc in prog.stackless_functions else stack_top(mem, depth)
     while True:
         if pc >= len(insns) or pc < 0:
             raise VmFault("fell off the end of the program", pc)
-        run.budget -= 1
-        if run.budget < 0:
-            raise VmFault("instruction budget exhausted", pc)
+        cost = costs.get(pc)
+        if cost is not None:
+            run.budget -= cost
+            if run.budget < 0:
+                raise VmFault("instruction budget exhausted", pc)
         i = insns[pc]
         op = i.opcode
         cls = op & 0x07
@@ -93,16 +164,19 @@ def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int
             r[0] = value
         elif cls in (Class.JMP, Class.JMP32):
             jop = i.op
-            if jop == Jmp.EXIT and cls == Class.JMP:
+            if op == EXIT:
                 return r[0]
-            if jop == Jmp.CALL and cls == Class.JMP:
+            if op == CALL:
                 if i.src == PSEUDO_CALL:
                     if depth + 1 >= MAX_CALL_FRAMES:
                         raise VmFault(f"call depth above {MAX_CALL_FRAMES} frames", pc)
-                    r[0] = _frame(prog, run, pc + 1 + i.imm, r[0:6], depth + 1)
+                    try:
+                        r[0] = _frame(prog, run, pc + 1 + i.imm, [0, *r[1:6]], depth + 1)
+                    except TailCall:
+                        r[0] = run_tail_calls(run, "interpreter", depth + 1, prog)
                 else:
                     r[0] = call_helper(run, i.imm, r[1], r[2], r[3], r[4], r[5], pc)
-            elif jop == Jmp.JA:
+            elif op in (JA, JA32):
                 pc += i.imm if op == JA32 else i.off
             else:
                 fn = (ops.JMP64_FN if cls == Class.JMP else ops.JMP32_FN).get(jop)

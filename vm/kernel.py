@@ -129,20 +129,45 @@ def prog_load(
     log_level: int = 0,
     log_size: int = 65536,
     kern_version: int = 0,
+    btf_fd: int = 0,
+    func_info: tuple[tuple[int, int], ...] = (),
 ) -> tuple[int, str]:
     """BPF_PROG_LOAD; returns (fd, verifier log). On rejection the OSError's
-    `verifier_log` attribute holds the log."""
+    `verifier_log` attribute holds the log. `func_info` is (insn offset, BTF FUNC type id) of
+    each function, for what the kernel allows only with BTF (tail calls in subprograms)."""
     lic = ctypes.create_string_buffer(license.encode())
     code = ctypes.create_string_buffer(insns, len(insns))
     log = ctypes.create_string_buffer(log_size) if log_level else None
-    attr = _attr(struct.pack("IIQQIIQI", prog_type, len(insns) // 8, _addr(code), _addr(lic),
-                             log_level, log_size if log_level else 0, _addr(log), kern_version))
+    payload = struct.pack("IIQQIIQI", prog_type, len(insns) // 8, _addr(code), _addr(lic),
+                          log_level, log_size if log_level else 0, _addr(log), kern_version)
+    finfo = None
+    if func_info:
+        records = b"".join(struct.pack("II", off, type_id) for off, type_id in func_info)
+        finfo = ctypes.create_string_buffer(records, len(records))
+        # ... u32 prog_flags; char prog_name[16]; u32 prog_ifindex, expected_attach_type,
+        # prog_btf_fd, func_info_rec_size; u64 func_info; u32 func_info_cnt
+        payload += struct.pack("<I16sIIIIQI", 0, b"", 0, 0, btf_fd, 8, _addr(finfo),
+                               len(func_info))
+    attr = _attr(payload)
     try:
         fd = _bpf(Cmd.PROG_LOAD, attr)
     except OSError as e:
         e.verifier_log = log.value.decode(errors="replace") if log is not None else ""
         raise
     return fd, (log.value.decode(errors="replace") if log is not None else "")
+
+
+def btf_load(blob: bytes, log_size: int = 65536) -> int:
+    """BPF_BTF_LOAD of a raw BTF blob (header, types, strings); returns the BTF fd. On
+    rejection the OSError's `verifier_log` holds the kernel's BTF log."""
+    buf = ctypes.create_string_buffer(blob, len(blob))
+    log = ctypes.create_string_buffer(log_size)
+    try:
+        return _bpf(Cmd.BTF_LOAD, _attr(struct.pack("QQIII", _addr(buf), _addr(log), len(blob),
+                                                    log_size, 1)))
+    except OSError as e:
+        e.verifier_log = log.value.decode(errors="replace")
+        raise
 
 
 def prog_test_run(
@@ -185,6 +210,7 @@ __all__ = [
     "MapOps",
     "ProgType",
     "available",
+    "btf_load",
     "map_create",
     "map_delete_elem",
     "map_get_next_key",

@@ -9,6 +9,8 @@ which wraps into another region id) faults.
 
 from __future__ import annotations
 
+import struct
+
 from .errors import MemoryFault
 
 REGION_SHIFT = 32
@@ -19,6 +21,12 @@ CTX_REGION = 2
 PACKET_REGION = 3
 FIRST_DYNAMIC_REGION = 16  # map values and helper buffers
 MAP_HANDLE_REGION = OFFSET_MASK  # never mapped: a map "pointer" cannot be dereferenced
+# Little-endian accessors by access size (struct is several times faster than int.from_bytes
+# on a slice, and loads and stores are most of what a program does besides ALU work).
+_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+UNPACK = {size: struct.Struct(fmt).unpack_from for size, fmt in _FORMATS.items()}
+PACK = {size: struct.Struct(fmt).pack_into for size, fmt in _FORMATS.items()}
+SIZE_MASK = {size: (1 << (size * 8)) - 1 for size in _FORMATS}
 
 
 def region_base(region_id: int) -> int:
@@ -38,10 +46,11 @@ def map_index(value: int) -> int | None:
 
 
 class Region:
-    __slots__ = ("buf", "name", "writable")
+    __slots__ = ("buf", "name", "size", "writable")
 
     def __init__(self, buf: bytearray | memoryview, writable: bool, name: str):
         self.buf = buf if isinstance(buf, memoryview) else memoryview(buf)
+        self.size = len(self.buf)
         self.writable = writable
         self.name = name
 
@@ -62,8 +71,8 @@ class Memory:
         """Map `size` zero bytes at a fixed id, reusing the buffer already there (stacks are
         mapped once per run and call, so this is on the hot path)."""
         region = self.regions.get(region_id)
-        if region is not None and len(region.buf) == size and region.writable:
-            region.buf[:] = bytes(size)
+        if region is not None and region.size == size and region.writable:
+            region.buf[:] = _zeros(size)
             return region_base(region_id)
         return self.map(region_id, bytearray(size), True, name)
 
@@ -79,7 +88,7 @@ class Memory:
         if region is None:
             raise MemoryFault(f"invalid {'write' if write else 'read'} of {size} bytes at"
                               f" {addr:#x}: not a mapped region")
-        if off + size > len(region.buf):
+        if off + size > region.size:
             raise MemoryFault(f"invalid {'write' if write else 'read'} of {size} bytes at"
                               f" offset {off} of {region.name} ({len(region.buf)} bytes)")
         if write and not region.writable:
@@ -87,12 +96,20 @@ class Memory:
         return region.buf, off
 
     def load(self, addr: int, size: int) -> int:
-        buf, off = self._find(addr, size, False)
-        return int.from_bytes(buf[off:off + size], "little")
+        """An instruction's load: size 1, 2, 4 or 8, unsigned little endian."""
+        region = self.regions.get(addr >> REGION_SHIFT)
+        off = addr & OFFSET_MASK
+        if region is None or off + size > region.size:
+            self._find(addr, size, False)  # raises the fault
+        return UNPACK[size](region.buf, off)[0]
 
     def store(self, addr: int, size: int, value: int) -> None:
-        buf, off = self._find(addr, size, True)
-        buf[off:off + size] = (value & ((1 << (size * 8)) - 1)).to_bytes(size, "little")
+        """An instruction's store of the low `size` bytes of value (size 1, 2, 4 or 8)."""
+        region = self.regions.get(addr >> REGION_SHIFT)
+        off = addr & OFFSET_MASK
+        if region is None or off + size > region.size or not region.writable:
+            self._find(addr, size, True)  # raises the fault
+        PACK[size](region.buf, off, value & SIZE_MASK[size])
 
     def read(self, addr: int, n: int) -> bytes:
         buf, off = self._find(addr, n, False)
@@ -108,3 +125,13 @@ class Memory:
 
     def region_of(self, addr: int) -> Region | None:
         return self.regions.get(addr >> REGION_SHIFT)
+
+
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(size: int) -> bytes:
+    zeros = _ZEROS.get(size)
+    if zeros is None:
+        zeros = _ZEROS[size] = bytes(size)
+    return zeros

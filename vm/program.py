@@ -6,13 +6,20 @@ import errno
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
-from functools import partial
+from functools import cached_property, partial
 
 from . import verifier
 from .compiler import compile_program
 from .env import RunEnv
 from .errors import BpfError, VmFault
-from .interpreter import PacketExit, TailCall, interpret
+from .interpreter import (
+    PacketExit,
+    TailCall,
+    block_costs,
+    interpret,
+    subprograms,
+    uses_frame_pointer,
+)
 from .isa import INSN_SIZE, LD_IMM64, PSEUDO_MAP_FD, Insn, decode
 from .maps import BpfMap, check_name
 from .memory import map_handle
@@ -48,6 +55,18 @@ class Program:
     def __repr__(self) -> str:
         return (f"<Program {PROG_TYPE_NAMES.get(self.prog_type, self.prog_type)}"
                 f" {self.name or self.tag} insns={len(self.decoded)}>")
+
+    @cached_property
+    def stackless_functions(self) -> frozenset[int]:
+        """Entry insns of the functions (main program, bpf-to-bpf callees) that never
+        mention r10: both tiers run them without mapping a stack."""
+        return frozenset(start for start, end in subprograms(self.decoded)
+                         if not uses_frame_pointer(self.decoded, start, end))
+
+    @cached_property
+    def block_costs(self) -> dict[int, int]:
+        """Instruction budget charged at the start of each basic block (both tiers)."""
+        return block_costs(self.decoded)
 
     def entry(self, tier: str) -> Callable[[Run, int], int]:
         fn = self._entries.get(tier)

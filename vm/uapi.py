@@ -25,6 +25,7 @@ class Cmd(IntEnum):
     PROG_GET_FD_BY_ID = 13
     MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
+    BTF_LOAD = 18
     MAP_LOOKUP_BATCH = 24
     MAP_LOOKUP_AND_DELETE_BATCH = 25
     MAP_UPDATE_BATCH = 26
@@ -155,7 +156,7 @@ BPF_LOG_MAX_SIZE = (1 << 24) - 1  # UINT_MAX >> 8 in 4.4; larger is EINVAL
 TASK_COMM_LEN = 16
 PAGE_SIZE = 4096
 # The largest kmalloc on x86_64 (KMALLOC_MAX_SIZE = 1 << (MAX_PAGE_ORDER + PAGE_SHIFT)): bounds
-# value sizes, as in the running kernel.
+# a hash map's key_size + value_size, as in the running kernel.
 KMALLOC_MAX_SIZE = 1 << 22
 BPF_F_MARK_ENFORCE = 1 << 6  # l4_csum_replace (4.9+)
 CSUM_MANGLED_0 = 0xFFFF  # a UDP checksum computed as 0 is sent as this

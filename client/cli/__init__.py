@@ -16,8 +16,6 @@ from bpffs.vm.errors import BpfError
 
 from ..sync import Client
 from . import map as map_cmd
-from . import pcap as pcap_cmd
-from . import prog as prog_cmd
 from .args import Args, usage
 from .output import Output, exit_status
 from .system import mount, status
@@ -76,15 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         with Client(opts["socket"]) as client:
             if obj == "map":
                 map_cmd.run(client, args, out, opts["bpffs"])
-            elif obj == "prog":
+            elif obj == "prog":  # imported when used: the ELF loader and dpkt take ~0.2 s
+                from . import prog as prog_cmd
+
                 prog_cmd.run(client, args, out, opts["bpffs"])
             elif obj == "pcap":
+                from . import pcap as pcap_cmd
+
                 pcap_cmd.run(client, args, out, opts["bpffs"])
             elif obj == "mount":
                 mount(client, args, out)
             else:
                 status(client, args, out)
-        return 0
+        return out.status
     except OSError as e:
         out.error(str(e) if isinstance(e, BpfError) else e.strerror or str(e))
         return exit_status(e.errno)

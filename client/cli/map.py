@@ -157,6 +157,7 @@ def lookup(client: Client, args: Args, out: Output, show_pins: bool) -> None:
             raise
         out.line(f"key:\n{hex_bytes(key)}\n\nNot found")
         out.emit(None)
+        out.fail_with(errno.ENOENT)
         return
     finally:
         os.close(fd)
@@ -208,7 +209,7 @@ def getnext(client: Client, args: Args, out: Output, show_pins: bool) -> None:
         nxt = client.map_get_next_key(fd, key)
     finally:
         os.close(fd)
-    out.line("key:\n" + (hex_bytes(key) if key is not None else "None"))
+    out.line("key: None" if key is None else f"key:\n{hex_bytes(key)}")
     out.line(f"next key:\n{hex_bytes(nxt)}")
     out.emit({"key": None if key is None else json_bytes(key), "next_key": json_bytes(nxt)})
 

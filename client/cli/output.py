@@ -21,11 +21,17 @@ class Output:
     def __init__(self, json_mode: bool = False, pretty: bool = False):
         self.json = json_mode or pretty
         self.pretty = pretty
+        self.status = 0  # exit status of a command that printed its answer yet failed
+
+    def fail_with(self, err: int) -> None:
+        """End with bpftool's status for err after printing (lookup: "Not found")."""
+        self.status = exit_status(err)
 
     def emit(self, value: Any) -> None:
         """A JSON document (only in JSON mode)."""
         if self.json:
-            print(json.dumps(value, indent=4 if self.pretty else None, default=_default))
+            print(json.dumps(value, indent=4 if self.pretty else None, default=_default,
+                             separators=None if self.pretty else (",", ":")))  # as bpftool
 
     def line(self, text: str = "") -> None:
         if not self.json:
@@ -33,7 +39,7 @@ class Output:
 
     def error(self, message: str) -> None:
         if self.json:
-            print(json.dumps({"error": message}))
+            print(json.dumps({"error": message}, separators=(",", ":")))
         else:
             print(f"Error: {message}", file=sys.stderr)
 

@@ -26,6 +26,14 @@ _ALLOWED_FLAGS = {MapType.HASH: BPF_F_NO_PREALLOC}
 
 def create_map(map_type: int, key_size: int, value_size: int, max_entries: int,
                flags: int = 0, name: str = "") -> BpfMap:
+    cls = map_class(map_type, key_size, value_size, max_entries, flags, name)
+    return cls(key_size, value_size, max_entries, flags, name)
+
+
+def map_class(map_type: int, key_size: int, value_size: int, max_entries: int,
+              flags: int = 0, name: str = "") -> type[BpfMap]:
+    """BPF_MAP_CREATE's checks without allocating: the class to construct. The daemon charges
+    `cls.pages_for(...)` before constructing, so a refused map never takes memory."""
     cls = MAP_CLASSES.get(map_type)
     if cls is None:
         raise BpfError(errno.EINVAL, f"unknown map type {map_type}"
@@ -34,7 +42,7 @@ def create_map(map_type: int, key_size: int, value_size: int, max_entries: int,
         raise BpfError(errno.EINVAL, f"unsupported map_flags {flags:#x} for {cls.__name__}")
     check_name(name)
     cls.check_attrs(key_size, value_size, max_entries)
-    return cls(key_size, value_size, max_entries, flags, name)
+    return cls
 
 
 def check_name(name: str) -> None:
@@ -55,4 +63,5 @@ __all__ = [
     "ProgArrayMap",
     "check_name",
     "create_map",
+    "map_class",
 ]

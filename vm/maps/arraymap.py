@@ -11,11 +11,12 @@ import struct
 from collections.abc import Iterator
 
 from ..errors import BpfError
-from ..uapi import BPF_NOEXIST, KMALLOC_MAX_SIZE, PAGE_SIZE, MapType
+from ..uapi import BPF_NOEXIST, PAGE_SIZE, MapType
 from .base import BpfMap, pages, round_up
 
 SIZEOF_BPF_ARRAY = 64  # struct bpf_array header in 4.4 (bpf_map + elem_size), cache aligned
 U32_MAX = 0xFFFFFFFF
+INT_MAX = 0x7FFFFFFF
 _INDEX = struct.Struct("<I")
 
 
@@ -32,15 +33,15 @@ class ArrayBase(BpfMap):
             raise BpfError(errno.EINVAL, f"{kind} map needs key_size 4 and value_size,"
                            f" max_entries > 0 (got key {key_size}, value {value_size},"
                            f" entries {max_entries})")
-        if value_size > KMALLOC_MAX_SIZE:
+        if value_size > INT_MAX:  # the running kernel's bound (4.4: KMALLOC_MAX_SIZE)
             raise BpfError(errno.E2BIG, f"{kind} map value_size {value_size} is too large")
         if max_entries > (U32_MAX - PAGE_SIZE - SIZEOF_BPF_ARRAY) // round_up(value_size, 8):
             raise BpfError(errno.ENOMEM, f"{kind} map of {max_entries} entries of"
                            f" {value_size} bytes is too large")
 
-    @property
-    def memlock_pages(self) -> int:
-        return pages(SIZEOF_BPF_ARRAY + self.max_entries * round_up(self.value_size, 8))
+    @classmethod
+    def pages_for(cls, key_size: int, value_size: int, max_entries: int) -> int:
+        return pages(SIZEOF_BPF_ARRAY + max_entries * round_up(value_size, 8))
 
     def __len__(self) -> int:
         return self.max_entries

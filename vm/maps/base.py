@@ -45,6 +45,11 @@ class BpfMap:
 
     @property
     def memlock_pages(self) -> int:
+        return self.pages_for(self.key_size, self.value_size, self.max_entries)
+
+    @classmethod
+    def pages_for(cls, key_size: int, value_size: int, max_entries: int) -> int:
+        """The memlock charge of a map of these attributes, known before allocating it."""
         raise NotImplementedError
 
     def check_update_flags(self, flags: int) -> None:

@@ -46,12 +46,18 @@ class FdArrayMap(ArrayBase):
         """The object at index, or None (used by tail calls and perf helpers)."""
         return self.slots[index] if 0 <= index < self.max_entries else None
 
-    def put(self, key: bytes, obj: Any, flags: int = BPF_ANY) -> None:
+    def slot(self, key: bytes, flags: int = BPF_ANY) -> int:
+        """The index an update of key with flags writes; the kernel checks these before it
+        looks at the fd (so their errnos win over a wrong fd's)."""
         if flags != BPF_ANY:
             raise BpfError(errno.EINVAL, f"{self.describe()} accepts only BPF_ANY updates")
         index = self.index(key)
         if index >= self.max_entries:
             raise self.out_of_range(index)
+        return index
+
+    def put(self, key: bytes, obj: Any, flags: int = BPF_ANY) -> None:
+        index = self.slot(key, flags)
         self.check_object(obj)
         old, self.slots[index] = self.slots[index], obj
         if old is not None:

@@ -12,12 +12,13 @@ import errno
 from collections.abc import Iterator
 
 from ..errors import BpfError
-from ..uapi import BPF_EXIST, BPF_NOEXIST, KMALLOC_MAX_SIZE, MAX_BPF_STACK, MapType
+from ..uapi import BPF_EXIST, BPF_NOEXIST, KMALLOC_MAX_SIZE, MapType
 from .base import BpfMap, pages, round_up
 
 # sizeof(struct htab_elem) and of a bucket head in 4.4 on 64-bit: the memlock cost formula.
 HTAB_ELEM_SIZE = 40
 HLIST_HEAD_SIZE = 8
+HTAB_ELEM_SIZE_NOW = 48  # sizeof(struct htab_elem) today: bounds key_size + value_size
 U32_MAX = 0xFFFFFFFF
 
 # With fewer tombstones than this the order list is never compacted.
@@ -38,15 +39,17 @@ class HashMap(BpfMap):
 
     @classmethod
     def check_attrs(cls, key_size: int, value_size: int, max_entries: int) -> None:
-        """htab_map_alloc's checks, 4.4 limits (the errno of each is the kernel's)."""
+        """htab_map_alloc's checks (the errno of each is the kernel's): sizes as the running
+        kernel bounds them, max_entries by 4.4's cost rule."""
         if max_entries == 0 or key_size == 0 or value_size == 0:
             raise BpfError(errno.EINVAL, "hash map needs key_size, value_size and max_entries > 0"
                            f" (got key {key_size}, value {value_size}, entries {max_entries})")
-        if key_size > MAX_BPF_STACK:
-            raise BpfError(errno.E2BIG, f"hash map key_size {key_size} exceeds {MAX_BPF_STACK}"
-                           " (keys are built on the 512-byte program stack)")
-        if value_size >= KMALLOC_MAX_SIZE - MAX_BPF_STACK - HTAB_ELEM_SIZE:
-            raise BpfError(errno.E2BIG, f"hash map value_size {value_size} is too large")
+        # The running kernel's size rule (4.4 also capped key_size at the 512-byte stack,
+        # which only programs need: the verifier refuses their larger keys anyway).
+        if key_size + value_size >= KMALLOC_MAX_SIZE - HTAB_ELEM_SIZE_NOW:
+            raise BpfError(errno.E2BIG, f"hash map key_size {key_size} + value_size"
+                           f" {value_size} is too large (an element must fit in"
+                           f" {KMALLOC_MAX_SIZE} bytes)")
         if max_entries > 1 << 31 or cls._cost(key_size, value_size, max_entries) >= U32_MAX - 4096:
             raise BpfError(errno.E2BIG, f"hash map max_entries {max_entries} is too large")
 
@@ -56,9 +59,9 @@ class HashMap(BpfMap):
         elem_size = HTAB_ELEM_SIZE + round_up(key_size, 8) + value_size
         return n_buckets * HLIST_HEAD_SIZE + elem_size * max_entries
 
-    @property
-    def memlock_pages(self) -> int:
-        return pages(self._cost(self.key_size, self.value_size, self.max_entries))
+    @classmethod
+    def pages_for(cls, key_size: int, value_size: int, max_entries: int) -> int:
+        return pages(cls._cost(key_size, value_size, max_entries))
 
     def __len__(self) -> int:
         return len(self._elems)
