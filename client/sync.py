@@ -24,6 +24,13 @@ from . import calls, paths, protocol
 # process costs ~8 us of the round trip on the 2-core VM this was measured on (25-35 us
 # instead of 37-54 us a lookup, at the price of a busy CPU while waiting).
 REPLY_SPIN_NS = 100_000
+# Spinning pays only while replies come back that fast, which needs two idle cores. When
+# another process keeps one busy, client and daemon share the other and a spinning client only
+# delays the daemon (measured at load 2.5: p50 ~90 us spinning, 65-80 us not, and twice the
+# CPU). So a client keeps the running average of its spinning round trips, and when it exceeds
+# SPIN_WORTH_NS (uncontended: ~20-25 us) waits in recvmsg for the next SPIN_BACKOFF calls.
+SPIN_WORTH_NS = 40_000
+SPIN_BACKOFF = 64
 
 
 def error_from_reply(reply: list) -> BpfError:
@@ -56,7 +63,8 @@ class Client:
         self.sock = connect_socket(self.path)
         self.session = calls.Session()
         self.inbox = protocol.Inbox()
-        self._spin = True  # replies have been coming within REPLY_SPIN_NS
+        self._rtt_avg = 0  # running average of spinning round trips (ns), see SPIN_WORTH_NS
+        self._spin_pause = 0  # calls left before spinning again
         self.pid = os.getpid()
         self.daemon_info = self._roundtrip(hello_request())[0]
 
@@ -73,9 +81,14 @@ class Client:
         sent = perf_counter_ns()
         protocol.send_message(self.sock, protocol.pack([request.op, *request.args]),
                               request.fds)
-        data, fds = protocol.recv_message(self.sock, self.inbox,
-                                          REPLY_SPIN_NS if self._spin else 0)
-        self._spin = perf_counter_ns() - sent < REPLY_SPIN_NS
+        if self._spin_pause:
+            self._spin_pause -= 1
+            data, fds = protocol.recv_message(self.sock, self.inbox)
+        else:
+            data, fds = protocol.recv_message(self.sock, self.inbox, REPLY_SPIN_NS)
+            self._rtt_avg += (perf_counter_ns() - sent - self._rtt_avg) >> 3
+            if self._rtt_avg > SPIN_WORTH_NS:
+                self._spin_pause, self._rtt_avg = SPIN_BACKOFF, 0
         if not data:
             raise BpfError(errno.ECONNRESET, "bpffsd closed the connection")
         reply = protocol.unpack(data)

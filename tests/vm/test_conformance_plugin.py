@@ -58,3 +58,20 @@ def test_malformed_hex_is_an_error() -> None:
     out = subprocess.run([*PLUGIN, ""], input="b7 0", capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 1 and "bpffs-vm-plugin" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang is not installed")
+def test_elf_mode_runs_the_main_function_of_an_object(tmp_path) -> None:
+    """The runner's --elf mode sends an ELF object; `main` is the program."""
+    source = tmp_path / "prog.c"
+    source.write_text("static int helper(int x) { return x * 3; }\n"
+                      "int other(void) { return 1; }\n"
+                      "int main(unsigned long long *mem) { return helper(mem[0]) + 2; }\n")
+    obj = tmp_path / "prog.o"
+    subprocess.run(["clang", "-O2", "-ffreestanding", "-target", "bpf", "-c", str(source), "-o",
+                    str(obj)],
+                   check=True, timeout=60)
+    out = subprocess.run([*PLUGIN, "--elf", (13).to_bytes(8, "little").hex()],
+                         input=obj.read_bytes().hex(), capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, "29"), out.stderr  # 13 * 3 + 2
