@@ -141,6 +141,17 @@ class Store:
         finally:
             self.put(obj)
 
+    def put_in_fd_array(self, array: FdArrayMap, key: bytes, member: BpfObject,
+                        flags: int) -> None:
+        """A prog_array / perf_event_array slot holds an internal reference on its member
+        (fd_array_map_update_elem); the reference goes back if the update fails."""
+        self.hold(member)
+        try:
+            array.put(key, member.impl, flags)
+        except BaseException:
+            self.put(member)
+            raise
+
     def put(self, obj: BpfObject, user: bool = False) -> None:
         if user:
             obj.usercnt -= 1

@@ -11,11 +11,13 @@ this daemon: it runs in a thread, never on the event loop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import inspect
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +42,26 @@ CLONE_NEWNS = 0x00020000
 DEFAULT_INSTANCE = "default"
 FSTAT_TIMEOUT = 10.0
 REAP_INTERVAL = 2.0  # seconds between looks for mounts in namespaces nobody lives in
+
+
+# statx(2) of an fd, from the inode the kernel has cached: AT_STATX_DONT_SYNC keeps FUSE from
+# asking the filesystem (our own mount, whose attributes a pin has just invalidated) again.
+AT_EMPTY_PATH, AT_STATX_DONT_SYNC, STATX_MASK_INO = 0x1000, 0x4000, 0x100
+STATX_SIZE = 256  # sizeof(struct statx)
+STATX_INO = (32, struct.Struct("<Q"))  # offset of stx_ino, its format
+STATX_DEV = (136, struct.Struct("<II"))  # stx_dev_major, stx_dev_minor
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def fd_identity(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of what an O_PATH fd names, without a round trip to its filesystem."""
+    buf = ctypes.create_string_buffer(STATX_SIZE)
+    if _libc.statx(fd, b"", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_MASK_INO, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    (dev_offset, dev_format), (ino_offset, ino_format) = STATX_DEV, STATX_INO
+    major, minor = dev_format.unpack_from(buf, dev_offset)
+    return os.makedev(major, minor), ino_format.unpack_from(buf, ino_offset)[0]
 
 
 async def in_thread(fn: Any, *args: Any) -> Any:
@@ -205,11 +227,11 @@ class Filesystems:
         """The mount and node an O_PATH fd names; a path off our mounts fails with off_mount
         (the kernel: EPERM to pin there, EACCES to get a file that is not a pin)."""
         with trio.move_on_after(FSTAT_TIMEOUT):
-            st = await in_thread(os.fstat, fd)
-            mount = self.mounts.get(st.st_dev)
+            dev, ino = await in_thread(fd_identity, fd)
+            mount = self.mounts.get(dev)
             if mount is None:
                 raise BpfError(off_mount, "the path is not on a bpffs (bpffsd) mount")
-            return mount.instance, mount.instance.tree.node(st.st_ino)
+            return mount.instance, mount.instance.tree.node(ino)
         raise BpfError(errno.EIO, "timed out resolving the path (its filesystem hangs)")
 
     async def obj_pin(self, conn: Connection, handle: int, name: bytes, umask: int) -> None:

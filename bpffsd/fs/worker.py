@@ -25,6 +25,7 @@ import socket
 import stat
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyfuse3
@@ -40,6 +41,11 @@ MNT_DETACH = 2
 # pushed as invalidations, so this only bounds the damage of a lost notification.
 CACHE_TIMEOUT = 10.0
 READDIR_CHUNK = 1024
+# setattr: pyfuse3's SetattrFields flag -> the change the daemon applies -> its EntryAttributes
+SETATTR_FIELDS = (("update_mode", "mode", "st_mode"), ("update_uid", "uid", "st_uid"),
+                  ("update_gid", "gid", "st_gid"), ("update_size", "size", "st_size"),
+                  ("update_atime", "atime", "st_atime_ns"),
+                  ("update_mtime", "mtime", "st_mtime_ns"))
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -126,6 +132,16 @@ def guarded(handler: Callable) -> Callable:
     return wrapper
 
 
+@dataclass
+class Listing:
+    """An open directory: where the kernel's reading stands, and entries fetched ahead."""
+
+    inode: int
+    cursor: int = 0  # cookie of the last entry handed to the kernel
+    buffered: list = field(default_factory=list)  # next entries, the nearest last
+    last_chunk: bool = False  # the daemon had no more entries after `buffered`
+
+
 class DaemonLink:
     """The worker's request channel to the daemon: one request at a time, in order."""
 
@@ -161,7 +177,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, daemon: DaemonLink):
         super().__init__()
         self.daemon = daemon
-        self.listings: dict[int, int] = {}  # opendir handle -> directory inode
+        self.listings: dict[int, Listing] = {}  # opendir handle -> its listing
         self._next_fh = 1
 
     def _fh(self) -> int:
@@ -178,19 +194,8 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def setattr(self, inode, attr, fields, fh, ctx):
-        changes: dict[str, int] = {}
-        if fields.update_mode:
-            changes["mode"] = attr.st_mode
-        if fields.update_uid:
-            changes["uid"] = attr.st_uid
-        if fields.update_gid:
-            changes["gid"] = attr.st_gid
-        if fields.update_size:
-            changes["size"] = attr.st_size
-        if fields.update_atime:
-            changes["atime"] = attr.st_atime_ns
-        if fields.update_mtime:
-            changes["mtime"] = attr.st_mtime_ns
+        changes = {change: getattr(attr, value) for flag, change, value in SETATTR_FIELDS
+                   if getattr(fields, flag)}
         return _attrs(await self.daemon.call("setattr", _ctx(ctx), inode, changes))
 
     @guarded
@@ -253,23 +258,32 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         await self.daemon.call("getattr", _ctx(ctx), inode)  # ENOENT / ENOTDIR now, not later
         fh = self._fh()
-        self.listings[fh] = inode
+        self.listings[fh] = Listing(inode)
         return fh
 
     @guarded
     async def readdir(self, fh, start_id, token):
         """Entries carry the daemon's per-directory cookie as their readdir offset, so
-        entries added or removed between calls are never skipped or repeated."""
-        inode = self.listings[fh]
-        cursor = start_id
+        entries added or removed between calls are never skipped or repeated. The kernel asks
+        for one page of entries at a time; the rest of a fetched chunk waits in the listing
+        for its next call (rewinddir and seekdir fetch again)."""
+        listing = self.listings[fh]
+        if start_id != listing.cursor:
+            listing.cursor, listing.buffered, listing.last_chunk = start_id, [], False
         while True:
-            entries = await self.daemon.call("readdir", inode, cursor, READDIR_CHUNK)
-            for name, cookie, raw in entries:
+            if not listing.buffered:
+                if listing.last_chunk:
+                    return
+                listing.buffered = await self.daemon.call("readdir", listing.inode,
+                                                          listing.cursor, READDIR_CHUNK)
+                listing.buffered.reverse()  # taken from the end
+                listing.last_chunk = len(listing.buffered) < READDIR_CHUNK
+            while listing.buffered:
+                name, cookie, raw = listing.buffered[-1]
                 if not pyfuse3.readdir_reply(token, name, _attrs(raw), cookie):
                     return
-                cursor = cookie
-            if len(entries) < READDIR_CHUNK:
-                return
+                listing.buffered.pop()
+                listing.cursor = cookie
 
     @guarded
     async def releasedir(self, fh):

@@ -214,12 +214,7 @@ class Replayer:
                 pass
             return
         member = self._get(Kind.PROG, prog_id)
-        self.store.hold(member)
-        try:
-            impl.put(key, member.impl, BPF_ANY)
-        except BaseException:
-            self.store.put(member)
-            raise
+        self.store.put_in_fd_array(impl, key, member, BPF_ANY)
 
     def _prog(self, old_id: int, prog_type: int, insns: bytes, map_ids: list[int],
               license: str, name: str, kern_version: int, uid: int) -> None:

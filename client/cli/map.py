@@ -12,7 +12,7 @@ from bpffs.vm.uapi import BPF_ANY, BPF_EXIST, BPF_NOEXIST, MAP_TYPE_NAMES, MapTy
 from .. import protocol
 from ..sync import Client
 from .args import Args, match, usage
-from .objects import all_ids, open_one, open_refs
+from .objects import open_one, show_infos
 from .output import Output, hex_bytes, json_bytes
 
 COMMANDS = ["show", "list", "create", "dump", "lookup", "update", "delete", "getnext", "pin",
@@ -52,13 +52,6 @@ def _open(client: Client, args: Args) -> tuple[int, dict]:
     return fd, client.obj_get_info_by_fd(fd)
 
 
-def _json_info(info: dict, show_pins: bool) -> dict:
-    doc = {k: v for k, v in info.items() if k not in ("pinned", "entries")}
-    if show_pins:
-        doc["pinned"] = info["pinned"]
-    return doc
-
-
 def _print_info(out: Output, info: dict, show_pins: bool) -> None:
     out.line(f"{info['id']}: {info['type']}  name {info['name']}  flags {info['flags']:#x}")
     out.line(f"\tkey {info['bytes_key']}B  value {info['bytes_value']}B  max_entries"
@@ -69,25 +62,7 @@ def _print_info(out: Output, info: dict, show_pins: bool) -> None:
 
 
 def show(client: Client, args: Args, out: Output, show_pins: bool) -> None:
-    single = bool(args)
-    if args:
-        fds = open_refs(client, "map", *args.object_ref("map"))
-    else:
-        fds = []
-        for map_id in all_ids(client, "map"):
-            try:
-                fds.append(client.get_fd_by_id("map", map_id))
-            except BpfError:
-                continue
-    args.done()
-    infos = []
-    for fd in fds:
-        infos.append(client.obj_get_info_by_fd(fd))
-        os.close(fd)
-    for info in infos:
-        _print_info(out, info, show_pins)
-    docs = [_json_info(i, show_pins) for i in infos]
-    out.emit(docs[0] if single and len(docs) == 1 else docs)
+    show_infos(client, args, out, "map", show_pins, _print_info)
 
 
 def create(client: Client, args: Args, out: Output, show_pins: bool) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 from bpffs.vm.errors import BpfError
 
 from ..sync import Client
+from .args import Args
+from .output import Output
 
 
 def all_ids(client: Client, kind: str) -> Iterator[int]:
@@ -55,6 +58,31 @@ def open_one(client: Client, kind: str, how: str, value: str) -> int:
         raise BpfError(errno.EINVAL, f"{len(fds)} {kind}s are named '{value}': use id or"
                        " pinned")
     return fds[0]
+
+
+def show_infos(client: Client, args: Args, out: Output, kind: str, show_pins: bool,
+               print_info: Callable[[Output, dict, bool], None]) -> None:
+    """`map show` / `prog show`: the named objects, or every object of `kind`."""
+    single = bool(args)
+    if args:
+        fds = open_refs(client, kind, *args.object_ref(kind))
+    else:
+        fds = []
+        for obj_id in all_ids(client, kind):
+            try:
+                fds.append(client.get_fd_by_id(kind, obj_id))
+            except BpfError:
+                continue  # freed meanwhile
+    args.done()
+    infos = []
+    for fd in fds:
+        infos.append(client.obj_get_info_by_fd(fd))
+        os.close(fd)
+    for info in infos:
+        print_info(out, info, show_pins)
+    docs = [{k: v for k, v in i.items() if k != "entries" and (show_pins or k != "pinned")}
+            for i in infos]
+    out.emit(docs[0] if single and len(docs) == 1 else docs)
 
 
 def _kind_of(info: dict) -> str:

@@ -12,7 +12,7 @@ from ..loader.elf import PROG_TYPE_WORDS, read_object
 from ..loader.load import LoadOptions, load_object
 from ..sync import Client
 from .args import Args, usage
-from .objects import all_ids, open_one, open_refs
+from .objects import open_one, show_infos
 from .output import Output, hex_bytes
 
 COMMANDS = ["show", "list", "dump", "pin", "run", "load", "loadall", "tracelog", "help"]
@@ -56,25 +56,7 @@ def _print_info(out: Output, info: dict, show_pins: bool) -> None:
 
 
 def show(client: Client, args: Args, out: Output, show_pins: bool) -> None:
-    single = bool(args)
-    if args:
-        fds = open_refs(client, "prog", *args.object_ref("prog"))
-    else:
-        fds = []
-        for prog_id in all_ids(client, "prog"):
-            try:
-                fds.append(client.get_fd_by_id("prog", prog_id))
-            except OSError:
-                continue
-    args.done()
-    infos = []
-    for fd in fds:
-        infos.append(client.obj_get_info_by_fd(fd))
-        os.close(fd)
-    for info in infos:
-        _print_info(out, info, show_pins)
-    docs = [{k: v for k, v in i.items() if show_pins or k != "pinned"} for i in infos]
-    out.emit(docs[0] if single and len(docs) == 1 else docs)
+    show_infos(client, args, out, "prog", show_pins, _print_info)
 
 
 def dump(client: Client, args: Args, out: Output, show_pins: bool) -> None:

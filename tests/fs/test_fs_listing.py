@@ -1,0 +1,111 @@
+"""Listing directories larger than one kernel readdir page and one daemon chunk: every entry
+exactly once, `rewinddir` starts over, and entries that stay put during concurrent changes are
+neither skipped nor repeated (entries added or removed meanwhile may or may not appear, as
+POSIX allows)."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bpffs.client import Client
+from bpffs.daemon.fs.worker import READDIR_CHUNK
+
+MANY = 2 * READDIR_CHUNK + 500  # three daemon chunks, about a hundred kernel pages
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.opendir.restype = ctypes.c_void_p
+_libc.readdir.restype = ctypes.c_void_p
+_libc.readdir.argtypes = _libc.rewinddir.argtypes = _libc.closedir.argtypes = [ctypes.c_void_p]
+D_NAME_OFFSET = 19  # struct dirent (glibc, 64-bit): d_ino 8, d_off 8, d_reclen 2, d_type 1
+
+
+@pytest.fixture(scope="module")
+def big_dir(daemon, tmp_path_factory) -> Path:
+    directory = daemon.mount / "big"
+    directory.mkdir()
+    with Client(str(daemon.socket)) as client:
+        fd = client.map_create(1, 4, 4, 1)
+        for k in range(MANY):
+            client.obj_pin(fd, str(directory / f"m{k}"))
+        os.close(fd)
+    return directory
+
+
+def expected_names() -> list[str]:
+    return sorted(f"m{k}" for k in range(MANY))
+
+
+def test_a_large_directory_lists_every_entry_once(big_dir: Path) -> None:
+    assert sorted(os.listdir(big_dir)) == expected_names()
+
+
+def test_ls_l_shows_every_pin_with_its_attributes(big_dir: Path) -> None:
+    lines = subprocess.run(["ls", "-l", str(big_dir)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()[1:]  # after "total 0"
+    assert len(lines) == MANY
+    assert all(line.startswith("-rw-------") for line in lines)
+
+
+def _read_names(dirp: int, limit: int | None = None) -> list[str]:
+    names = []
+    while limit is None or len(names) < limit:
+        entry = _libc.readdir(dirp)
+        if not entry:
+            break
+        name = ctypes.string_at(entry + D_NAME_OFFSET).decode()
+        if name not in (".", ".."):
+            names.append(name)
+    return names
+
+
+def test_rewinddir_in_the_middle_starts_the_listing_over(big_dir: Path) -> None:
+    dirp = _libc.opendir(os.fsencode(big_dir))
+    assert dirp, os.strerror(ctypes.get_errno())
+    try:
+        first_part = _read_names(dirp, limit=READDIR_CHUNK + 7)
+        _libc.rewinddir(dirp)
+        whole = _read_names(dirp)
+    finally:
+        _libc.closedir(dirp)
+    assert sorted(whole) == expected_names()
+    assert whole[:len(first_part)] == first_part
+
+
+def _churn(mount: str, socket_path: str, rounds: int) -> None:
+    """Pins and unlinks names of its own in the listed directory, as fast as it can."""
+    with Client(socket_path) as client:
+        fd = client.map_create(1, 4, 4, 1)
+        for n in range(rounds):
+            client.obj_pin(fd, f"{mount}/big/churn{n}")
+            if n >= 5:
+                os.unlink(f"{mount}/big/churn{n - 5}")
+        for n in range(max(rounds - 5, 0), rounds):
+            os.unlink(f"{mount}/big/churn{n}")
+        os.close(fd)
+
+
+def test_listing_during_concurrent_changes_skips_and_repeats_nothing(daemon,
+                                                                     big_dir: Path) -> None:
+    churner = multiprocessing.Process(target=_churn,
+                                      args=(str(daemon.mount), str(daemon.socket), 400))
+    churner.start()
+    listings = []
+    try:
+        while churner.is_alive() or len(listings) < 3:
+            listings.append(os.listdir(big_dir))
+    finally:
+        churner.join(timeout=120)
+    assert churner.exitcode == 0
+    assert any(n.startswith("churn") for names in listings for n in names)  # it overlapped
+    for names in listings:
+        counts = Counter(names)
+        assert [name for name, count in counts.items() if count > 1] == []
+        assert sorted(n for n in names if not n.startswith("churn")) == expected_names()
+    assert sorted(os.listdir(big_dir)) == expected_names()
