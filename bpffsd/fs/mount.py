@@ -135,9 +135,10 @@ class Mount:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_invalidations)
             handlers = self.ops.handlers()
+            inbox = protocol.Inbox()  # one reused receive buffer (see Inbox)
             while True:
                 try:
-                    data, ancdata, flags, _ = rpc.recvmsg(*protocol.RECV_ARGS)
+                    data, ancdata, flags = inbox.recvmsg(rpc)
                 except BlockingIOError:
                     try:
                         await trio.lowlevel.wait_readable(rpc)

@@ -148,6 +148,7 @@ class DaemonLink:
     def __init__(self, sock: socket.socket):
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.lock = trio.Lock()
+        self.inbox = protocol.Inbox()  # one reused receive buffer (see Inbox)
 
     async def call(self, op: str, *args: Any) -> Any:
         payload = protocol.pack([op, *args])
@@ -158,7 +159,8 @@ class DaemonLink:
             finally:
                 if memfd is not None:
                     os.close(memfd)
-            data, ancdata, flags, _ = await self.sock.recvmsg(*protocol.RECV_ARGS)
+            data, ancdata, flags = self.inbox.received(
+                *await self.sock.recvmsg_into(self.inbox.buffers, *protocol.RECV_INTO_ARGS))
         if not data:
             raise pyfuse3.FUSEError(errno.ENOTCONN)
         payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
