@@ -37,17 +37,25 @@ def need_namespaces() -> None:
 
 class Container:
     """A long-lived process alone in a private mount namespace (`unshare -m --propagation
-    private sleep infinity`): what the daemon targets with --target-pid."""
+    private sleep infinity`): what the daemon targets with --target-pid. With `uid_base`, it
+    also has its own PID namespace and user namespace, whose root is host uid/gid `uid_base`
+    (65536 ids mapped, as container runtimes do)."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], uid_base: int | None = None):
         need_namespaces()
         self.env = env
-        self.proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep",
-                                      "infinity"])
+        self.user_ns = uid_base is not None
+        extra = ["-U", "-p", "--fork", "--kill-child"] if self.user_ns else []
+        self.proc = subprocess.Popen(["unshare", "-m", *extra, "--propagation", "private",
+                                      "sleep", "infinity"])
         deadline = time.monotonic() + 10
         while self.ns_ino() == os.stat("/proc/self/ns/mnt").st_ino:
             assert time.monotonic() < deadline, "unshare did not enter a new namespace"
             time.sleep(0.01)
+        if self.user_ns:
+            Path(f"/proc/{self.pid}/uid_map").write_text(f"0 {uid_base} 65536")
+            Path(f"/proc/{self.pid}/setgroups").write_text("deny")
+            Path(f"/proc/{self.pid}/gid_map").write_text(f"0 {uid_base} 65536")
 
     @property
     def pid(self) -> int:
@@ -57,8 +65,9 @@ class Container:
         return os.stat(f"/proc/{self.pid}/ns/mnt").st_ino
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(["nsenter", "-t", str(self.pid), "-m", *argv], env=self.env,
-                                capture_output=True, text=True, timeout=60)
+        namespaces = ["-m", "-U"] if self.user_ns else ["-m"]  # -U: as the container's root
+        result = subprocess.run(["nsenter", "-t", str(self.pid), *namespaces, *argv],
+                                env=self.env, capture_output=True, text=True, timeout=60)
         if check:
             assert result.returncode == 0, f"{argv} in the container: {result.stderr}"
         return result
@@ -73,7 +82,7 @@ class Container:
                         *args).stdout
 
     def mount(self, daemon: DaemonProcess, path: str, *options: str) -> str:
-        self.run("mkdir", "-p", path)
+        subprocess.run(["nsenter", "-t", str(self.pid), "-m", "mkdir", "-p", path], check=True)
         return cli(daemon, "mount", path, "--target-pid", str(self.pid), *options)
 
     def mounted(self, path: str) -> bool:

@@ -128,3 +128,32 @@ def test_a_map_fd_passed_between_containers_is_pinned_there(daemon, containers,
     assert int(b.python(f"""
         print(client.obj_get_info_by_fd(client.obj_get("{MNT}/from_a"))["id"])
     """)) == sent_id
+
+
+CONTAINER_ROOT = 100_000  # host uid and gid of root in a user-namespaced container
+
+
+def test_a_container_with_its_own_user_and_pid_namespaces(daemon, client) -> None:
+    """The recipe for a rootless-style container: its root is host uid 100000. The kernel
+    maps ids across the FUSE mount, so the container sees its own files as root's and the
+    host's as nobody's; the daemon sees the container's root as the unprivileged uid 100000."""
+    with Container(daemon.env, uid_base=CONTAINER_ROOT) as c:
+        c.mount(daemon, MNT)
+        assert c.run("id", "-u").stdout.strip() == "0"
+        c.run("mkdir", f"{MNT}/mine")
+        assert c.run("stat", "-c", "%u:%g", f"{MNT}/mine").stdout.strip() == "0:0"
+        from_host = f"/proc/{c.pid}/root{MNT}"  # the container's tree, seen from the host
+        assert os.stat(f"{from_host}/mine").st_uid == CONTAINER_ROOT
+        assert c.run("stat", "-c", "%U", MNT).stdout.strip() == "nobody"  # host root's 1777
+
+        fd = client.map_create(1, 4, 4, 1)
+        client.obj_pin(fd, f"{from_host}/mine/from_host")  # the host pins into the container
+        assert c.run("ls", f"{MNT}/mine").stdout.split() == ["from_host"]
+        assert c.run("stat", "-c", "%U %a", f"{MNT}/mine/from_host").stdout.split() == [
+            "nobody", "600"]
+        c.run("rm", f"{MNT}/mine/from_host")  # its own directory: the container may unlink
+        assert client.obj_get_info_by_fd(fd)["id"] > 0  # the host's fd still holds the map
+        os.close(fd)
+        touched = c.run("touch", f"{MNT}/mine/file", check=False)
+        assert touched.returncode != 0 and "Permission denied" in touched.stderr
+        assert c.run("ls", "-A", f"{MNT}/mine").stdout.split() == []
