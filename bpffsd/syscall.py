@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -41,7 +43,7 @@ BPF_PROG_HEADER = 40
 # Program types an unprivileged caller may load (4.4: socket filters only).
 UNPRIVILEGED_PROG_TYPES = {ProgType.SOCKET_FILTER}
 _RDONLY, _WRONLY = int(ObjFlag.RDONLY), int(ObjFlag.WRONLY)  # plain ints: hot path
-BATCH_SLICE = 64  # packets of a test-run batch between two chances for other clients to run
+BATCH_SLICE = 256  # packets of a test-run batch between two chances for other clients to run
 
 
 @dataclass
@@ -152,12 +154,7 @@ class Syscalls:
         if member.kind != wanted:  # bpf_prog_get: EINVAL; perf_event_get: EBADF
             raise BpfError(errno.EINVAL if wanted == Kind.PROG else errno.EBADF,
                            f"{m.describe()} stores {wanted} fds, got a {member.kind} fd")
-        self.store.hold(member)
-        try:
-            m.put(key, member.impl, flags)
-        except BaseException:
-            self.store.put(member)
-            raise
+        self.store.put_in_fd_array(m, key, member, flags)
         self._changed(m, [key])
 
     def map_delete(self, conn: Connection, handle: int, key: bytes) -> None:
@@ -200,27 +197,21 @@ class Syscalls:
         values = _split(packed_values, m.value_size, "value", m)
         if len(keys) != len(values):
             raise BpfError(errno.EINVAL, f"{len(keys)} keys but {len(values)} values")
-        done = 0
-        update = m.update
-        try:
-            for key, value in zip(keys, values, strict=True):
-                update(key, value, flags)
-                done += 1
-        except BpfError as e:
-            e.detail = done  # type: ignore[attr-defined]
-            raise
-        finally:
-            if done:
-                self._changed(m, keys[:done])
-        return done
+        return self._apply_batch(m, keys, m.update, zip(keys, values, repeat(flags)))
 
     def map_delete_batch(self, conn: Connection, handle: int, packed_keys: bytes) -> int:
         m = self._map(conn, handle, write=True)
         keys = _split(packed_keys, m.key_size, "key", m)
+        return self._apply_batch(m, keys, m.delete, zip(keys))
+
+    def _apply_batch(self, m: BpfMap, keys: list[bytes], apply: Callable[..., object],
+                     calls: Iterable[tuple]) -> int:
+        """Applies `apply` call by call, in order; on an error the exception's `detail` says
+        how many calls took effect (the kernel's attr.batch.count), and those are recorded."""
         done = 0
         try:
-            for key in keys:
-                m.delete(key)
+            for args in calls:
+                apply(*args)
                 done += 1
         except BpfError as e:
             e.detail = done  # type: ignore[attr-defined]
@@ -328,31 +319,17 @@ class Syscalls:
         and the batch goes on]. No ctx_in: ctx_out is always empty. Other clients are served
         every BATCH_SLICE packets: a batch must not stall the daemon."""
         prog = self._test_run_prog(conn, handle)
-        if not all(type(p) is bytes for p in packets):
+        if set(map(type, packets)) - {bytes}:
             raise BpfError(errno.EINVAL, "prog_test_run_batch: packets must be bytes")
         env = self.daemon.run_env(conn, options)
-        tier = options.get("tier", "compiled")
-        retvals: list[int] = []
-        outputs: dict[int, bytes] = {}
-        effects: dict[int, dict] = {}
-        errors: dict[int, list] = {}
         try:
-            for i, result in enumerate(prog.test_run_each(packets, env=env, tier=tier)):
-                if i % BATCH_SLICE == BATCH_SLICE - 1:
-                    await trio.lowlevel.checkpoint()
-                if isinstance(result, BpfError):
-                    errors[i] = [result.errno, result.strerror]
-                    retvals.append(0)
-                    continue
-                data = packets[i]
-                retvals.append(result.retval)
-                if result.data_out != data:
-                    outputs[i] = result.data_out
-                if result.effects:
-                    effects[i] = result.effects
+            batch = prog.test_run_batch(env, options.get("tier", "compiled"))
+            for start in range(0, len(packets), BATCH_SLICE):
+                batch.feed(packets[start:start + BATCH_SLICE])
+                await trio.lowlevel.checkpoint()
         finally:
             self.daemon.program_ran(prog)
-        return [retvals, outputs, effects, errors]
+        return [batch.retvals, batch.outputs, batch.effects, batch.errors]
 
     # -- information --------------------------------------------------------------------------
     def obj_info(self, conn: Connection, handle: int) -> dict:

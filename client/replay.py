@@ -31,7 +31,9 @@ from .sync import Client
 MAX_PACKET = 262144  # tcpdump's MAXIMUM_SNAPLEN: larger records are "giant" and not run
 ETH_HLEN = 14  # the kernel's test run refuses shorter skb data (EINVAL)
 DLT_EN10MB = 1
-CHUNK = 4096  # packets per request
+# Packets per request. Measured on 1M-packet replays: 2048 ran ~20% faster than 4096 (a request
+# of ~0.8 MB and its unpacked copy stay in cache) and no slower than 1024 (fixed costs).
+CHUNK = 2048
 REPLAYABLE = {ProgType.SOCKET_FILTER, ProgType.SCHED_CLS, ProgType.SCHED_ACT}
 # magic -> (struct of a record header, divisor of the sub-second field)
 _PCAP_MAGIC = {0xA1B2C3D4: ("<IIII", 1e6), 0xA1B23C4D: ("<IIII", 1e9),
@@ -84,7 +86,10 @@ def _classic(f: BinaryIO, size: int, chunk: int, layout: str, divisor: float) ->
             stamps: list[float] = []
             packets: list[bytes] = []
             wire: list[int] = []
-            while pos + 16 <= end and len(packets) < chunk:
+            add_stamp, add_packet, add_wire = stamps.append, packets.append, wire.append
+            for _ in range(chunk):
+                if pos + 16 > end:
+                    break
                 sec, frac, caplen, length = unpack(data, pos)
                 pos += 16
                 if pos + caplen > end:
@@ -92,9 +97,9 @@ def _classic(f: BinaryIO, size: int, chunk: int, layout: str, divisor: float) ->
                                            f" has {end - pos}: capture truncated")
                     pos = end
                     break
-                stamps.append(sec + frac / divisor)
-                packets.append(data[pos:pos + caplen])
-                wire.append(length)
+                add_stamp(sec + frac / divisor)
+                add_packet(data[pos:pos + caplen])
+                add_wire(length)
                 pos += caplen
             state["pos"] = pos
             if packets:
@@ -171,9 +176,17 @@ _GOES_ON = {v for a in (TcAct.UNSPEC, TcAct.OK, TcAct.RECLASSIFY, TcAct.PIPE, Tc
                         TcAct.REDIRECT) for v in (int(a), int(a) & 0xFFFFFFFF)}
 
 
-def _redirect(target: dict) -> str:
-    """The VM's record of a (clone_)redirect: {"ifindex": N, "ingress": bool}."""
-    return f"ifindex {target['ifindex']} ({'ingress' if target.get('ingress') else 'egress'})"
+_CLASSID = operator.methodcaller("get", "tc_classid")
+_REDIRECTS = frozenset({"redirect", "clone_redirects"})  # effects keys of (clone_)redirects
+
+
+def _target(target: dict) -> tuple[int, bool]:
+    """The VM's record of a (clone_)redirect, {"ifindex": N, "ingress": bool}, as a key."""
+    return target["ifindex"], bool(target.get("ingress"))
+
+
+def _redirect(ifindex: int, ingress: bool) -> str:
+    return f"ifindex {ifindex} ({'ingress' if ingress else 'egress'})"
 
 
 class Replay:
@@ -253,19 +266,25 @@ class Replay:
             for retval, count in Counter(retvals).items():
                 if retval is not None:
                     s.verdicts[_tc_name(retval)] += count
-            goes = _GOES_ON
-            kept = [r in goes for r in retvals]
+            kept = list(map(_GOES_ON.__contains__, retvals))
             s.accepted_packets += sum(kept)
-            s.accepted_bytes += sum(n for k, n in zip(kept, lengths, strict=True) if k)
+            s.accepted_bytes += sum(itertools.compress(lengths, kept))
             s.accepted_bytes += sum(len(d) - lengths[i] for i, d in outputs.items() if kept[i])
-            for effects in run.effects.values():
-                classid = effects.get("tc_classid")
-                if classid:
-                    s.classids[f"{classid >> 16:x}:{classid & 0xFFFF:x}"] += 1
+            # Counted by value first, named once per distinct value (most packets have one).
+            classids = Counter(map(_CLASSID, run.effects.values()))
+            redirects: Counter = Counter()
+            clones: Counter = Counter()
+            for effects in itertools.filterfalse(_REDIRECTS.isdisjoint, run.effects.values()):
                 if effects.get("redirect"):
-                    s.redirects[_redirect(effects["redirect"])] += 1
-                for clone in effects.get("clone_redirects", ()):
-                    s.clone_redirects[_redirect(clone)] += 1
+                    redirects[_target(effects["redirect"])] += 1
+                clones.update(map(_target, effects.get("clone_redirects", ())))
+            for classid, count in classids.items():
+                if classid:
+                    s.classids[f"{classid >> 16:x}:{classid & 0xFFFF:x}"] += count
+            for (ifindex, ingress), count in redirects.items():
+                s.redirects[_redirect(ifindex, ingress)] += count
+            for (ifindex, ingress), count in clones.items():
+                s.clone_redirects[_redirect(ifindex, ingress)] += count
         else:
             # A socket filter cannot change the packet; it keeps its first retval bytes. (The
             # test run's data_out is not the packet: the kernel zeroes its Ethernet type.)

@@ -10,6 +10,7 @@ bpf-to-bpf call is its own function. Semantics come from vm.ops, as in the inter
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,11 @@ if TYPE_CHECKING:
     from .program import Program
 
 Entry = Callable[..., int]
+_MEMORY_CALL = re.compile(r"(?<![\w.])(load|store)\(")  # a call of the bound mem.load/store
 CTX_BASE = region_base(CTX_REGION)
+# LD_ABS reads network byte order (sizes 1, 2, 4: BPF_B, BPF_H, BPF_W).
+BE_UNPACK = {size: struct.Struct(fmt).unpack_from for size, fmt in ((1, ">B"), (2, ">H"),
+                                                                     (4, ">I"))}
 
 
 def compile_program(prog: Program) -> Entry:
@@ -69,7 +74,8 @@ def compile_program(prog: Program) -> Entry:
                      call_helper=call_helper, stack_top=stack_top, MAX_FRAMES=MAX_CALL_FRAMES,
                      run_tail_calls=run_tail_calls, prog=prog,
                      **{f"unpack{size}": fn for size, fn in UNPACK.items()},
-                     **{f"pack{size}": fn for size, fn in PACK.items()})
+                     **{f"pack{size}": fn for size, fn in PACK.items()},
+                     **{f"unpack_be{size}": fn for size, fn in BE_UNPACK.items()})
     text = "\n".join(source)
     exec(compile(text, f"<bpf prog {prog.name or prog.tag}>", "exec"), namespace)
     entry = namespace["f0"]
@@ -84,28 +90,37 @@ def _function(insns: list[Insn], start: int, end: int, uses_stack: bool) -> list
                                          for i in insns[start:end])
     leaders = block_leaders(insns, start, end)
     ctx_at = _context_registers(insns, start, end, leaders)
-    body = []
+    # The first block runs once, before the loop, unless a jump leads back to it.
+    entered_again = any(jump_target(i, pc) == start for pc, i in enumerate(insns[start:end], start)
+                        if i.cls in (Class.JMP, Class.JMP32) and i.op not in (Jmp.CALL, Jmp.EXIT))
+    head: list[str] = []
+    body: list[str] = []
     uses_ctx = [False]
     for n, block_start in enumerate(leaders):
         block_end = leaders[n + 1] if n + 1 < len(leaders) else end
-        body.append(f"        if L == {block_start}:")
-        body += ["            " + line
-                 for line in _block(insns, block_start, block_end, start, end, fixed_stack,
-                                    ctx_at.get(block_start, frozenset()), uses_ctx)]
+        lines = _block(insns, block_start, block_end, start, end, fixed_stack,
+                       ctx_at.get(block_start, frozenset()), uses_ctx)
+        if block_start == start and not entered_again:
+            head = ["    " + line for line in lines]
+        else:
+            body += [f"        if L == {block_start}:", *("            " + line for line in lines)]
+    # load/store of Memory bound once, where the code calls them outside the fallbacks of
+    # direct accesses (which go through mem.load / mem.store).
+    bound = any(_MEMORY_CALL.search(line) for line in head + body)
     # The context is where r1 points on entry to the program (a conformance-suite run may
     # pass no context): direct accesses fall back to Memory unless it is mapped there.
     return [f"def f{start}(run, r1, r2=0, r3=0, r4=0, r5=0, depth=0):",
-            "    mem = run.mem; load = mem.load; store = mem.store",
-            *([f"    ctx_region = mem.regions.get({CTX_REGION}) if r1 == {CTX_BASE:#x} else None",
-               "    ctx, ctx_size = (ctx_region.buf, ctx_region.size) if ctx_region else"
-               " (None, -1)"] if uses_ctx[0] else []),
+            "    mem = run.mem; load = mem.load; store = mem.store" if bound else
+            "    mem = run.mem",
+            *([f"    ctx, ctx_size = run.ctx_view if r1 == {CTX_BASE:#x} else (None, -1)"]
+              if uses_ctx[0] else []),
             "    r0 = r6 = r7 = r8 = r9 = 0",
-            "    r10 = stack_top(mem, depth)" if uses_stack else "    r10 = 0",
+            *(["    r10 = stack_top(mem, depth)"] if uses_stack else []),  # else never named
             *([f"    stack = mem.view(r10 - {MAX_BPF_STACK}, {MAX_BPF_STACK}, True)"]
               if fixed_stack else []),
             "    budget = run.budget",
-            f"    L = {start}",
-            "    while True:", *body]
+            *(head or [f"    L = {start}"]),
+            *(["    while True:", *body] if body else [])]
 
 
 def _context_registers(insns: list[Insn], start: int, end: int, leaders: list[int]
@@ -172,6 +187,12 @@ def _block(insns: list[Insn], start: int, stop: int, first: int, end: int,
     pc = start
     while pc < stop:
         i = insns[pc]
+        if pc + 1 < stop and _zero_extends(i, insns[pc + 1]):
+            lines.append(f"r{i.dst} &= {U32:#x}")
+            widths[i.dst] = (32, False)
+            ctx_regs.discard(i.dst)
+            pc += 2
+            continue
         if i.cls in (Class.JMP, Class.JMP32) and i.op != Jmp.CALL:
             clean([0] if i.opcode == EXIT else list(widths))  # exit reads only r0
             lines += _jump(insns, i, pc, start, range(first, end))
@@ -200,6 +221,13 @@ def _block(insns: list[Insn], start: int, stop: int, first: int, end: int,
     else:
         lines.append(f"L = {stop}")
     return lines
+
+
+def _zero_extends(i: Insn, following: Insn) -> bool:
+    """`r <<= 32; r >>= 32` (clang's cast of a 64-bit register to u32): one mask."""
+    lsh, rsh = Class.ALU64 | Alu.LSH | Source.K, Class.ALU64 | Alu.RSH | Source.K
+    return (i.opcode == lsh and following.opcode == rsh and i.dst == following.dst
+            and i.imm == following.imm == 32 and not i.off and not following.off)
 
 
 # Masking is the largest cost of straight-line code, so blocks mask lazily. Python ints are
@@ -312,7 +340,7 @@ def _context_access(i: Insn, ctx_regs: set[int], widths: dict[int, Width]) -> st
     addr = f"r{base} + {i.off}"  # exact: the context's address plus a small offset
     if i.cls == Class.LDX:
         return f"r{i.dst} = unpack{i.size}(ctx, {i.off})[0] if {inside} else" \
-               f" load({addr}, {i.size})"
+               f" mem.load({addr}, {i.size})"
     if i.cls == Class.ST:
         value = str(i.imm & SIZE_MASK[i.size])
     else:
@@ -320,7 +348,7 @@ def _context_access(i: Insn, ctx_regs: set[int], widths: dict[int, Width]) -> st
         value = f"r{i.src}" if bits <= i.size * 8 and not negative else \
             f"r{i.src} & {SIZE_MASK[i.size]:#x}"
     return f"pack{i.size}(ctx, {i.off}, {value}) if {inside} else" \
-           f" store({addr}, {i.size}, {value})"
+           f" mem.store({addr}, {i.size}, {value})"
 
 
 def _operand(i: Insn, mask: int) -> str:
@@ -348,6 +376,13 @@ def _straight(i: Insn, pc: int) -> list[str]:
         return _atomic(i, pc, addr)
     if i.opcode == LD_IMM64:
         return [f"r{i.dst} = {i.imm64}"]
+    if cls == Class.LD and i.mode == Mode.ABS and i.imm >= 0 and i.size in BE_UNPACK:
+        # SkBuff.load for an offset into the data, inline: the packet from the skb each time
+        # (a helper may have changed it); no skb or beyond the packet ends the program.
+        return ["skb = run.skb",
+                f"if skb is None or skb.data_start + {i.imm + i.size} > len(skb.current):"
+                " raise PacketExit",
+                f"r0 = unpack_be{i.size}(skb.current, skb.data_start + {i.imm})[0]"]
     if cls == Class.LD and i.mode in (Mode.ABS, Mode.IND):
         off = str(i.imm) if i.mode == Mode.ABS else f"sx((r{i.src} + {i.imm}) & {U32:#x}, 32)"
         return [f"r0 = run.load_packet({off}, {i.size})",

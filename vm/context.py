@@ -23,7 +23,7 @@ VLAN_HLEN = 4
 ETH_P_8021Q = 0x8100
 ETH_P_8021AD = 0x88A8
 VLAN_TAG_PRESENT = 0x1000  # 4.4 kept the "present" bit in vlan_tci (the CFI bit)
-PACKET_HOST, PACKET_BROADCAST, PACKET_MULTICAST, PACKET_OTHERHOST = 0, 1, 2, 3
+PACKET_HOST, PACKET_MULTICAST, PACKET_OTHERHOST = 0, 2, 3  # (PACKET_BROADCAST, 1: see reload)
 LOOPBACK_IFINDEX = 1  # BPF_PROG_TEST_RUN runs skbs on the loopback device
 # BPF_LD_ABS negative offsets (include/uapi/linux/filter.h).
 SKF_NET_OFF = -0x100000
@@ -50,9 +50,6 @@ SK_BUFF_FIELDS = (
 )
 SK_BUFF_SIZE = 76
 SKB = {f.name: f.offset for f in SK_BUFF_FIELDS}
-SK_BUFF = struct.Struct(f"<{len(SK_BUFF_FIELDS)}I")
-_FIELD_NAMES = tuple(f.name for f in SK_BUFF_FIELDS)
-BROADCAST = b"\xff" * ETH_ALEN
 NO_ADDRESS = bytes(ETH_ALEN)
 CB_FIELDS = frozenset(f"cb{n}" for n in range(5))
 
@@ -75,6 +72,27 @@ PT_REGS_SIZE = 8 * len(PT_REGS)
 CTX_SIZE = {ProgType.SOCKET_FILTER: SK_BUFF_SIZE, ProgType.SCHED_CLS: SK_BUFF_SIZE,
             ProgType.SCHED_ACT: SK_BUFF_SIZE, ProgType.KPROBE: PT_REGS_SIZE}
 _FIELD_AT = {f.offset: f for f in SK_BUFF_FIELDS}
+
+
+def fields_struct(names: tuple[str, ...], whole: bool = False) -> struct.Struct:
+    """A struct over __sk_buff that packs or unpacks just `names` (in offset order): one
+    call instead of one per field. The bytes between them are skipped by unpack and zeroed
+    by pack (with `whole`, up to the end of the struct)."""
+    fmt, pos = "<", 0
+    for f in SK_BUFF_FIELDS:
+        if f.name in names:
+            fmt += f"{f.offset - pos}x" + ("H" if f.name == "protocol" else "I")
+            pos = f.offset + (2 if f.name == "protocol" else 4)
+    if whole:
+        fmt += f"{SK_BUFF_SIZE - pos}x"
+    return struct.Struct(fmt)
+
+
+# A fresh skb's fields in one pack: len, pkt_type, protocol (__be16: the frame's bytes as
+# they are), ifindex; every other byte zero (struct's pad bytes are written as zeros).
+_FRESH = fields_struct(("len", "pkt_type", "protocol", "ifindex"), whole=True)
+# Destination address and Ethernet type (as the bytes are: protocol is __be16).
+_ETH_HEADER = struct.Struct(f"<{ETH_ALEN}s{ETH_ALEN}xH")
 
 
 def ctx_access_ok(prog_type: int, off: int, size: int, write: bool) -> bool:
@@ -101,15 +119,28 @@ class SkBuff:
     header (`data_start`)."""
 
     def __init__(self, frame: bytes, prog_type: int):
-        self.frame = bytearray(frame)
         self.ctx = bytearray(SK_BUFF_SIZE)
         self.data_start = 0 if prog_type in (ProgType.SCHED_CLS, ProgType.SCHED_ACT) else ETH_HLEN
-        self.tunnel_key: dict | None = None
-        self._set_frame_fields()
+        self.reload(frame)
 
-    def fields(self) -> dict[str, int]:
-        """Every __sk_buff field by name (one unpack: the result of a run reads many)."""
-        return dict(zip(_FIELD_NAMES, SK_BUFF.unpack_from(self.ctx), strict=True))
+    def reload(self, frame: bytes) -> None:
+        """Start over with another packet: everything a run may have changed (the frame, every
+        __sk_buff field, the tunnel key) is set afresh, in place (a batch of test runs reuses
+        one SkBuff; the context buffer stays mapped). The fields are eth_type_trans's on the
+        loopback device (address 00:00:00:00:00:00): pkt_type, protocol, len; ifindex is
+        the loopback's; the others zero."""
+        if type(frame) is not bytes:
+            frame = bytes(frame)
+        self.current: bytes | bytearray = frame  # the packet as it is now (see `frame`)
+        self._writable: bytearray | None = None
+        self.tunnel_key: dict | None = None
+        destination, ethertype = _ETH_HEADER.unpack_from(frame)
+        if destination[0] & 1:  # the loopback's broadcast address is 00:..:00, its own
+            pkt_type = PACKET_MULTICAST  # address: so ff:..:ff is multicast (as measured)
+        else:
+            pkt_type = PACKET_HOST if destination == NO_ADDRESS else PACKET_OTHERHOST
+        _FRESH.pack_into(self.ctx, 0, len(frame) - self.data_start, pkt_type, ethertype,
+                         LOOPBACK_IFINDEX)
 
     def __getitem__(self, name: str) -> int:
         return int.from_bytes(self.ctx[SKB[name]:SKB[name] + 4], "little")
@@ -118,21 +149,18 @@ class SkBuff:
         self.ctx[SKB[name]:SKB[name] + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
 
     @property
+    def frame(self) -> bytearray:
+        """The packet, writable: copied from data_in the first time anything asks for it
+        (copy on write: most programs only read, through `current`)."""
+        frame = self._writable
+        if frame is None:
+            frame = self._writable = self.current = bytearray(self.current)
+        return frame
+
+    @property
     def data(self) -> memoryview:
         """What the program addresses: from the MAC or the network header."""
         return memoryview(self.frame)[self.data_start:]
-
-    def _set_frame_fields(self) -> None:
-        """eth_type_trans on the loopback device (address 00:00:00:00:00:00): pkt_type,
-        protocol, len; ifindex is the loopback's."""
-        frame = self.frame
-        if frame[0] & 1:
-            pkt_type = PACKET_BROADCAST if frame[:ETH_ALEN] == BROADCAST else PACKET_MULTICAST
-        else:
-            pkt_type = PACKET_HOST if frame[:ETH_ALEN] == NO_ADDRESS else PACKET_OTHERHOST
-        struct.pack_into("<IIIIH", self.ctx, 0, len(frame) - self.data_start, pkt_type, 0, 0,
-                         int.from_bytes(frame[12:14], "little"))
-        struct.pack_into("<I", self.ctx, SKB["ifindex"], LOOPBACK_IFINDEX)
 
     def set_protocol(self, ethertype: int) -> None:
         """skb->protocol is __be16: programs compare it with htons(ETH_P_*)."""
@@ -146,7 +174,7 @@ class SkBuff:
     def data_out(self) -> bytes:
         """The frame as BPF_PROG_TEST_RUN returns it: for programs that start at the network
         header, the kernel hands back the link-layer header zeroed (measured on 6.18)."""
-        return bytes(self.data_start) + bytes(self.frame[self.data_start:])
+        return bytes(self.data_start) + bytes(self.current[self.data_start:])
 
     def apply_ctx_in(self, ctx_in: bytes) -> None:
         if len(ctx_in) > SK_BUFF_SIZE:
@@ -175,9 +203,9 @@ class SkBuff:
             start = off - SKF_LL_OFF
         else:
             return None
-        if (start < self.data_start and off >= 0) or start + size > len(self.frame):
+        if (start < self.data_start and off >= 0) or start + size > len(self.current):
             return None
-        return int.from_bytes(self.frame[start:start + size], "big")
+        return int.from_bytes(self.current[start:start + size], "big")
 
     # -- vlan (net/core/skbuff.c skb_vlan_push / skb_vlan_pop) ---------------------------
     @property
@@ -203,7 +231,7 @@ class SkBuff:
         self["len"] = self["len"] - VLAN_HLEN
 
     def frame_has_vlan(self) -> bool:
-        return self.protocol in (ETH_P_8021Q, ETH_P_8021AD) and len(self.frame) >= 18
+        return self.protocol in (ETH_P_8021Q, ETH_P_8021AD) and len(self.current) >= 18
 
 
 def pt_regs(values: dict[str, int] | bytes | None) -> bytearray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from functools import cached_property, partial
 
 from . import verifier
@@ -23,7 +23,7 @@ from .interpreter import (
 from .isa import INSN_SIZE, LD_IMM64, PSEUDO_MAP_FD, Insn, decode
 from .maps import BpfMap, check_name
 from .memory import map_handle
-from .run import Run, TestRunResult
+from .run import PacketBatch, Run, TestRunResult
 from .uapi import BPF_COMPLEXITY_LIMIT_INSNS, BPF_MAXINSNS, PROG_TYPE_NAMES
 
 TIERS = ("compiled", "interpreter")
@@ -81,16 +81,17 @@ class Program:
         return fn
 
     def execute(self, run: Run, tier: str = "compiled") -> int:
-        """Run from the start with r1 = context, following tail calls; returns r0."""
-        prog = self
+        """Run from the start with r1 = context, following tail calls (at most
+        MAX_TAIL_CALL_CNT deep); returns r0."""
         run.prog = self
-        while True:
-            try:
-                return prog.entry(tier)(run, run.ctx_addr)
-            except TailCall:
-                prog, run.tail_target = run.tail_target, None
-            except PacketExit:
-                return 0
+        try:
+            return (self._entries.get(tier) or self.entry(tier))(run, run.ctx_addr)
+        except TailCall:
+            pass
+        except PacketExit:
+            return 0
+        target, run.tail_target = run.tail_target, None
+        return target.execute(run, tier)
 
     def test_run(self, data_in: bytes = b"", ctx_in: bytes | None = None, repeat: int = 1,
                  env: RunEnv | None = None, tier: str = "compiled") -> TestRunResult:
@@ -111,33 +112,11 @@ class Program:
         self.run_time_ns += elapsed
         return run.result(retval, elapsed // max(repeat, 1), want_ctx=ctx_in is not None)
 
-
-    def test_run_each(self, packets: Iterable[bytes], env: RunEnv | None = None,
-                      tier: str = "compiled") -> Iterator[TestRunResult | BpfError]:
-        """One test run per packet, sharing one Run (pcap replay): the result of each, or the
-        error that refused or stopped it."""
+    def test_run_batch(self, env: RunEnv | None = None, tier: str = "compiled"
+                       ) -> PacketBatch:
+        """One test run per packet of what is fed to the batch (pcap replay)."""
         self.entry(tier)
-        env = env or RunEnv()
-        run: Run | None = None
-        count, start = 0, time.perf_counter_ns()
-        for data in packets:
-            try:
-                if run is None:
-                    run = Run.for_test(self, data, None, env)
-                else:
-                    run.next_packet(data)
-                run.reset()
-                retval = self.execute(run, tier)
-            except BpfError as e:
-                yield e
-                continue
-            except VmFault as fault:
-                yield BpfError(errno.EFAULT, f"program {self.name or self.tag} stopped: {fault}")
-                continue
-            count += 1
-            yield run.result(retval, 0, want_ctx=False)
-        self.run_cnt += count
-        self.run_time_ns += time.perf_counter_ns() - start
+        return PacketBatch(self, env or RunEnv(), tier)
 
 
 def program_tag(decoded: list[Insn]) -> str:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import errno
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .context import CTX_SIZE, ETH_HLEN, MAX_PACKET, SkBuff, is_skb_program, pt_regs
+from .context import (
+    CTX_SIZE,
+    ETH_HLEN,
+    MAX_PACKET,
+    SkBuff,
+    fields_struct,
+    is_skb_program,
+    pt_regs,
+)
 from .env import RunEnv
-from .errors import BpfError
+from .errors import BpfError, VmFault
+from .interpreter import PacketExit, TailCall
 from .isa import U32
 from .memory import CTX_REGION, FIRST_DYNAMIC_REGION, Memory
 from .uapi import ProgType
@@ -45,7 +56,7 @@ class Run:
         self.skb = skb
         self.ctx = ctx
         self.mem = Memory()
-        self.ctx_addr = self.mem.map(CTX_REGION, ctx, True, "context")
+        self.ctx_addr = self.map_context(ctx)
         self.helpers: dict[int, HelperSpec] = HELPERS
         self.effects: dict[str, Any] = {}
         self.tail_target: Program | None = None
@@ -69,18 +80,34 @@ class Run:
         raise BpfError(errno.EINVAL, f"test runs of program type {prog.prog_type} are not"
                        " supported")
 
+    def map_context(self, ctx: bytearray) -> int:
+        """Map the context at CTX_REGION; `ctx_view` (buffer, size) is how the compiled tier
+        reaches it directly."""
+        addr = self.mem.map(CTX_REGION, ctx, True, "context")
+        region = self.mem.regions[CTX_REGION]
+        self.ctx_view = (region.buf, region.size)
+        return addr
+
     def next_packet(self, data_in: bytes) -> None:
-        """Reuse this run for another packet (a batch of test runs, as pcap replay makes)."""
-        self.skb = new_skb(data_in, self.prog.prog_type)
-        self.ctx = self.skb.ctx
-        self.mem.map(CTX_REGION, self.ctx, True, "context")
-        self.effects = {}
+        """Reuse this run for another packet (a batch of test runs, as pcap replay makes),
+        reset() included: the skb starts over in place, so its context stays mapped."""
+        skb = self.skb
+        if skb is not None and ETH_HLEN <= len(data_in) <= MAX_PACKET:
+            skb.reload(data_in)
+        else:
+            self.skb = skb = new_skb(data_in, self.prog.prog_type)
+            self.ctx = skb.ctx
+            self.map_context(self.ctx)
+        if self.effects:  # (the result copied them)
+            self.effects = {}
+        self.reset()
 
     def reset(self) -> None:
         """Forget per-repetition state: map value regions, tail-call count, budget."""
-        for region in [r for r in self.mem.regions if r >= FIRST_DYNAMIC_REGION]:
-            del self.mem.regions[region]
-        self.mem._next_id = FIRST_DYNAMIC_REGION
+        if self.mem._next_id != FIRST_DYNAMIC_REGION:
+            for region in [r for r in self.mem.regions if r >= FIRST_DYNAMIC_REGION]:
+                del self.mem.regions[region]
+            self.mem._next_id = FIRST_DYNAMIC_REGION
         self.tail_target = None
         self.tail_calls = 0
         self.budget = self.env.budget
@@ -96,17 +123,113 @@ class Run:
 
     def result(self, retval: int, duration: int, want_ctx: bool) -> TestRunResult:
         data_out = self.skb.data_out() if self.skb is not None else b""
-        effects = dict(self.effects)
-        if self.skb is not None:
-            fields = self.skb.fields()
-            for name in ("mark", "priority", "tc_index", "tc_classid"):
-                if fields[name]:
-                    effects.setdefault(name, fields[name])
-            if fields["vlan_present"]:
-                proto = int.from_bytes(fields["vlan_proto"].to_bytes(2, "little"), "big")
-                effects["vlan"] = {"proto": proto, "tci": fields["vlan_tci"]}
+        effects = self.all_effects(_REPORTED.unpack_from(self.skb.ctx)
+                                   if self.skb is not None else _NOTHING_REPORTED)
         return TestRunResult(retval & U32, data_out, duration,
                              bytes(self.ctx) if want_ctx else b"", effects)
+
+    def all_effects(self, reported: tuple[int, ...]) -> dict[str, Any]:
+        """What the run did: the recorded effects, then the skb fields a result reports
+        (`reported`: their values, _REPORTED.unpack_from the context) where set."""
+        effects = dict(self.effects) if self.effects else {}
+        mark, vlan_present, vlan_tci, vlan_proto, priority, tc_index, tc_classid = reported
+        if mark:
+            effects.setdefault("mark", mark)
+        if priority:
+            effects.setdefault("priority", priority)
+        if tc_index:
+            effects.setdefault("tc_index", tc_index)
+        if tc_classid:
+            effects.setdefault("tc_classid", tc_classid)
+        if vlan_present:
+            proto = int.from_bytes(vlan_proto.to_bytes(2, "little"), "big")
+            effects["vlan"] = {"proto": proto, "tci": vlan_tci}
+        return effects
+
+
+class PacketBatch:
+    """One test run per packet, all on one Run (pcap replay), results in columns so that the
+    common packet costs one int: `retvals` of every packet; `outputs`, data_out of the
+    packets where it differs from data_in; `effects`, those of the runs that had any;
+    `errors`, [errno, message] of the packets refused or stopped (their retval is 0)."""
+
+    def __init__(self, prog: Program, env: RunEnv, tier: str):
+        self.prog, self.env, self.tier = prog, env, tier
+        self.run: Run | None = None
+        self.retvals: list[int] = []
+        self.outputs: dict[int, bytes] = {}
+        self.effects: dict[int, dict[str, Any]] = {}
+        self.errors: dict[int, list] = {}
+
+    def feed(self, packets: Iterable[bytes]) -> None:
+        """Run the next packets; the program's run count and time are charged here."""
+        prog, tier, run = self.prog, self.tier, self.run
+        retvals, outputs, effects, errors = self.retvals, self.outputs, self.effects, self.errors
+        execute, reported, nothing = prog.execute, _REPORTED.unpack_from, _NOTHING_REPORTED
+        first, failed, start = len(retvals), 0, time.perf_counter_ns()
+        entry, budget = prog.entry(tier), self.env.budget
+        for i, data in enumerate(packets, first):
+            try:
+                skb = run.skb if run is not None else None
+                if skb is not None and ETH_HLEN <= len(data) <= MAX_PACKET:
+                    # next_packet, reset and execute, inline for the common case: the
+                    # program's type has an skb and the packet fits it.
+                    skb.reload(data)
+                    if run.effects:
+                        run.effects = {}
+                    if run.mem._next_id != FIRST_DYNAMIC_REGION:
+                        run.reset()  # map values of the last run
+                    run.tail_target, run.tail_calls, run.budget = None, 0, budget
+                    run.prog = prog
+                    try:
+                        retval = entry(run, run.ctx_addr)
+                    except PacketExit:
+                        retval = 0
+                    except TailCall:
+                        target, run.tail_target = run.tail_target, None
+                        retval = target.execute(run, tier)
+                else:
+                    if run is None:
+                        run = self.run = Run.for_test(prog, data, None, self.env)
+                        run.reset()
+                    else:
+                        run.next_packet(data)
+                    retval = execute(run, tier)
+            except BpfError as e:
+                errors[i] = [e.errno, e.strerror]
+                retvals.append(0)
+                failed += 1
+                continue
+            except VmFault as fault:
+                errors[i] = [errno.EFAULT, f"program {prog.name or prog.tag} stopped: {fault}"]
+                retvals.append(0)
+                failed += 1
+                continue
+            retvals.append(retval & U32)
+            skb = run.skb
+            if skb is not None and not skb.data_start:  # data_out is the frame
+                frame = skb.current
+                if frame is not data and frame != data:  # written (copied) and changed
+                    outputs[i] = bytes(frame)
+                values = reported(skb.ctx)
+                if values != nothing or run.effects:
+                    found = run.all_effects(values)
+                    if found:
+                        effects[i] = found
+            else:
+                result = run.result(retval, 0, want_ctx=False)
+                if result.data_out != data:
+                    outputs[i] = result.data_out
+                if result.effects:
+                    effects[i] = result.effects
+        prog.run_cnt += len(retvals) - first - failed
+        prog.run_time_ns += time.perf_counter_ns() - start
+
+
+# The __sk_buff fields a test run's result reports when a run set them (Run.all_effects).
+_REPORTED = fields_struct(("mark", "vlan_present", "vlan_tci", "vlan_proto", "priority",
+                           "tc_index", "tc_classid"))
+_NOTHING_REPORTED = (0,) * 7
 
 
 def new_skb(data_in: bytes, prog_type: int) -> SkBuff:

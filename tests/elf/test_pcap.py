@@ -221,7 +221,7 @@ def test_a_long_batch_does_not_stall_other_clients(daemon: DaemonProcess, classi
     import threading
     import time
 
-    packets = [IPV4, ARP, IPV6, LLDP] * 4096
+    packets = [IPV4, ARP, IPV6, LLDP] * 65536  # about a second of work: long past the sleep
     done: dict[str, float] = {}
 
     def replay() -> None:

@@ -5,15 +5,24 @@ last mount goes; a map fd passed between containers over a Unix socket can be pi
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fs_helpers import CLIENT_PRELUDE, Container, cli, wait_for
+from helpers import in_child
 
 from bpffs.client import Client
+from bpffs.vm import asm
+from bpffs.vm.uapi import ProgType
 
 MNT = "/mnt/bpf"
 
@@ -131,13 +140,25 @@ def test_a_map_fd_passed_between_containers_is_pinned_there(daemon, containers,
 
 
 CONTAINER_ROOT = 100_000  # host uid and gid of root in a user-namespaced container
+RETURN_0 = asm.program(asm.mov64_imm(0, 0), asm.exit())
 
 
-def test_a_container_with_its_own_user_and_pid_namespaces(daemon, client) -> None:
+@pytest.fixture
+def public_root() -> Iterator[Path]:
+    """A directory other users can reach (pytest's tmp dirs are 0700), removed after the
+    daemons started in it have stopped."""
+    public = Path(tempfile.mkdtemp(prefix="bpffs-public-"))
+    public.chmod(0o755)
+    yield public
+    shutil.rmtree(public, ignore_errors=True)
+
+
+def test_a_container_with_its_own_user_and_pid_namespaces(public_root, start_daemon) -> None:
     """The recipe for a rootless-style container: its root is host uid 100000. The kernel
     maps ids across the FUSE mount, so the container sees its own files as root's and the
     host's as nobody's; the daemon sees the container's root as the unprivileged uid 100000."""
-    with Container(daemon.env, uid_base=CONTAINER_ROOT) as c:
+    daemon = start_daemon(root=public_root / "d")
+    with Container(daemon.env, uid_base=CONTAINER_ROOT) as c, daemon.client() as client:
         c.mount(daemon, MNT)
         assert c.run("id", "-u").stdout.strip() == "0"
         c.run("mkdir", f"{MNT}/mine")
@@ -157,3 +178,38 @@ def test_a_container_with_its_own_user_and_pid_namespaces(daemon, client) -> Non
         touched = c.run("touch", f"{MNT}/mine/file", check=False)
         assert touched.returncode != 0 and "Permission denied" in touched.stderr
         assert c.run("ls", "-A", f"{MNT}/mine").stdout.split() == []
+
+        fd = client.map_create(1, 4, 4, 1)
+        client.obj_pin(fd, f"{from_host}/hosts")  # host root's pin, 0600
+        os.close(fd)
+
+        def as_the_containers_root() -> list:
+            """A client inside the container (its user and mount namespaces, as its root)."""
+            enter_namespaces(c.pid)
+            with Client(str(daemon.socket)) as inside:
+                os.close(inside.map_create(1, 4, 4, 1))  # unprivileged callers may
+                pinned = os.path.exists(f"{MNT}/hosts")
+                outcomes = []
+                for attempt in (lambda: inside.obj_get(f"{MNT}/hosts"),
+                                lambda: inside.prog_load(ProgType.SCHED_CLS, RETURN_0, "GPL")):
+                    try:
+                        os.close(attempt())
+                        outcomes.append(0)
+                    except OSError as e:
+                        outcomes.append(e.errno)
+                return [os.getuid(), pinned, *outcomes]
+
+        assert in_child(as_the_containers_root) == [0, True, errno.EACCES, errno.EPERM]
+
+
+def enter_namespaces(pid: int) -> None:
+    """Join the user and mount namespaces of `pid` and become root there (this process must
+    be single-threaded, as a forked child is)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for ns in ("user", "mnt"):
+        ns_fd = os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY)
+        if libc.setns(ns_fd, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into the {ns} namespace of {pid}")
+        os.close(ns_fd)
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)

@@ -221,3 +221,44 @@ def test_a_program_run_without_a_context_faults_on_r1_in_both_tiers() -> None:
         with pytest.raises(VmFault, match="not a mapped region"):
             run_hex(code.hex(), "", tier)
         assert run_hex(code.hex(), "2a000000", tier) == 42
+
+
+@pytest.mark.parametrize("start_value", [-1, -(1 << 40), 1 << 63, 0x1_2345_6789, 7])
+def test_a_shift_pair_zero_extension_keeps_the_low_32_bits(start_value: int) -> None:
+    """clang's u32 cast `r <<= 32; r >>= 32` becomes one mask in the compiled tier, also on a
+    register left unmasked (or negative) by the ops before it; a shift pair that is not
+    exactly that (another count, another register, a jump target between) stays two shifts."""
+    def shift(op: Alu, dst: int, imm: int):
+        return asm.alu64(op, dst, imm=imm, reg=False)
+
+    zext = asm.program(asm.ld_imm64(R0, start_value), asm.add64_imm(R0, 5),
+                       asm.alu64(Alu.MUL, R0, imm=3, reg=False), shift(Alu.LSH, R0, 32),
+                       shift(Alu.RSH, R0, 32), asm.exit())
+    assert both(zext)[0] == ((start_value + 5) * 3) & 0xFFFFFFFF
+    other = asm.program(asm.ld_imm64(R0, start_value), shift(Alu.LSH, R0, 32),
+                        shift(Alu.RSH, R0, 31), asm.exit())
+    both(other)
+    across = asm.program(asm.ld_imm64(R0, start_value), asm.mov64_imm(R2, 0),
+                         asm.jmp_imm(Jmp.JEQ, R2, 0, 1), shift(Alu.LSH, R0, 32),
+                         shift(Alu.RSH, R0, 32), asm.exit())  # the jump lands on the RSH
+    assert both(across)[0] == (start_value & U64) >> 32
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_ld_abs_at_constant_offsets_reads_the_packet_or_ends_the_program(size: int) -> None:
+    """LD_ABS is inlined in the compiled tier: in bounds it reads network order; past the
+    end it ends the program with r0 = 0, as the interpreter does."""
+    for off in (0, 12, len(PACKET) - size, len(PACKET) - size + 1, 1 << 20):
+        code = asm.program(asm.mov64_reg(6, R1), asm.mov64_imm(R0, 99), asm.ld_abs(size, off),
+                           asm.exit())
+        expected = int.from_bytes(PACKET[off:off + size], "big") \
+            if off + size <= len(PACKET) else 0
+        assert both(code)[0] == expected
+
+
+def test_a_jump_back_to_the_first_insn_runs_the_first_block_again() -> None:
+    """The first block is compiled outside the block loop unless a jump leads back to it."""
+    code = asm.program(asm.add64_imm(R0, 1), asm.jmp_imm(Jmp.JLT, R0, 5, -2), asm.exit())
+    assert both(code)[0] == 5
+    straight = asm.program(asm.mov64_imm(R0, 3), asm.exit())
+    assert both(straight)[0] == 3

@@ -230,3 +230,15 @@ def test_tail_call_limit_matches_the_kernel() -> None:
         count = int.from_bytes(vm_counter.lookup_copy(bytes(4)), "little")
         assert (result.retval, count) == (retval, kernel_count), tier
     assert kernel_count == 34  # the first run and 33 tail calls (4.4: cnt > 32 stops)
+
+
+@pytest.mark.parametrize("destination", ["ffffffffffff", "01005e000001", "000000000000",
+                                         "020000000002", "ffffffffff00"])
+def test_pkt_type_and_protocol_of_the_destination_address(destination: str) -> None:
+    """eth_type_trans on the test run's device, the loopback: its address and its broadcast
+    address are both 00:..:00, so ff:..:ff is multicast like any group address."""
+    frame = bytes.fromhex(destination) + FRAME[6:]
+    code = asm.program(asm.ldx(4, R0, R1, SKB["pkt_type"]), asm.ldx(4, R2, R1, SKB["protocol"]),
+                       asm.alu64(Alu.LSH, R2, imm=8, reg=False),
+                       asm.alu64(Alu.OR, R0, R2, reg=True), asm.exit())
+    assert_same(lambda: code, data=frame)
