@@ -14,9 +14,8 @@ import itertools
 import mmap
 import operator
 import struct
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -25,6 +24,7 @@ import dpkt
 from bpffs.vm.errors import BpfError
 from bpffs.vm.uapi import ProgType, TcAct
 
+from . import calls
 from .calls import BatchRun
 from .sync import Client
 
@@ -34,6 +34,7 @@ DLT_EN10MB = 1
 # Packets per request. Measured on 1M-packet replays: 2048 ran ~20% faster than 4096 (a request
 # of ~0.8 MB and its unpacked copy stay in cache) and no slower than 1024 (fixed costs).
 CHUNK = 2048
+PIPELINE_DEPTH = 2  # requests in flight: one running in the daemon, the next one queued
 REPLAYABLE = {ProgType.SOCKET_FILTER, ProgType.SCHED_CLS, ProgType.SCHED_ACT}
 # magic -> (struct of a record header, divisor of the sub-second field)
 _PCAP_MAGIC = {0xA1B2C3D4: ("<IIII", 1e6), 0xA1B23C4D: ("<IIII", 1e9),
@@ -190,8 +191,9 @@ def _redirect(ifindex: int, ingress: bool) -> str:
 
 
 class Replay:
-    """Feed packets through a program in chunks and account for each result. Requests run on
-    a worker thread, so the daemon runs chunk N+1 while this thread accounts for chunk N."""
+    """Feed packets through a program in chunks and account for each result. Requests are
+    pipelined on the client's connection (PIPELINE_DEPTH in flight): the daemon already has
+    chunk N+1 while this side accounts for chunk N and reads the next."""
 
     def __init__(self, client: Client, prog_fd: int, prog_type: int,
                  write: Callable[[float, bytes], None] | None = None, chunk: int = CHUNK,
@@ -205,8 +207,9 @@ class Replay:
         self.chunk, self.options = chunk, options
         self._pending: list[bytes] = []
         self._pending_stamps: list[float] = []
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay")
-        self._in_flight: tuple[tuple[list, list], Future] | None = None
+        # (timestamps, packets) of each request in flight, and what returns its BatchRun
+        self._in_flight: deque[tuple[tuple[list, list], Callable[[], BatchRun]]] = deque()
+        client.run(calls.bind(client.session, prog_fd))  # pipelined calls bind nothing
 
     def feed(self, stamps: list[float], packets: list[bytes], wire: list[int]) -> None:
         """Run a chunk of packets (timestamps, captured bytes, lengths on the wire)."""
@@ -230,23 +233,28 @@ class Replay:
     def _send(self) -> None:
         batch = (self._pending_stamps, self._pending)
         self._pending_stamps, self._pending = [], []
-        future = self._worker.submit(self.client.prog_test_run_batch, self.fd, batch[1],
-                                     chunk=self.chunk, **self.options)
-        previous, self._in_flight = self._in_flight, (batch, future)
-        if previous is not None:
-            self._account(*previous[0], previous[1].result())
+        self._in_flight.append((batch, self.client.start(calls.prog_test_run_batch(
+            self.client.session, self.fd, batch[1], chunk=len(batch[1]), **self.options))))
+        if len(self._in_flight) == PIPELINE_DEPTH:
+            self._collect()
+
+    def _collect(self) -> None:
+        batch, result = self._in_flight.popleft()
+        self._account(*batch, result())
 
     def finish(self) -> Summary:
         """Run what is still pending and account for everything; returns the summary."""
         try:
             if self._pending:
                 self._send()
-            if self._in_flight is not None:
-                batch, future = self._in_flight
-                self._in_flight = None
-                self._account(*batch, future.result())
+            while self._in_flight:
+                self._collect()
         finally:
-            self._worker.shutdown()
+            while self._in_flight:  # after an error: the replies still due, unread
+                try:
+                    self._in_flight.popleft()[1]()
+                except BpfError:
+                    pass
         return self.summary
 
     def _account(self, stamps: list[float], packets: list[bytes], run: BatchRun) -> None:

@@ -12,6 +12,7 @@ import functools
 import os
 import socket
 import threading
+from collections.abc import Callable
 from time import perf_counter_ns
 from typing import Any
 
@@ -79,16 +80,23 @@ class Client:
 
     def _roundtrip(self, request: calls.Request) -> tuple[Any, list[int]]:
         sent = perf_counter_ns()
-        protocol.send_message(self.sock, protocol.pack([request.op, *request.args]),
-                              request.fds)
+        self._send(request)
         if self._spin_pause:
             self._spin_pause -= 1
-            data, fds = protocol.recv_message(self.sock, self.inbox)
-        else:
-            data, fds = protocol.recv_message(self.sock, self.inbox, REPLY_SPIN_NS)
+            return self._receive()
+        try:
+            return self._receive(REPLY_SPIN_NS)
+        finally:
             self._rtt_avg += (perf_counter_ns() - sent - self._rtt_avg) >> 3
             if self._rtt_avg > SPIN_WORTH_NS:
                 self._spin_pause, self._rtt_avg = SPIN_BACKOFF, 0
+
+    def _send(self, request: calls.Request) -> None:
+        protocol.send_message(self.sock, protocol.pack([request.op, *request.args]),
+                              request.fds)
+
+    def _receive(self, spin_ns: int = 0) -> tuple[Any, list[int]]:
+        data, fds = protocol.recv_message(self.sock, self.inbox, spin_ns)
         if not data:
             raise BpfError(errno.ECONNRESET, "bpffsd closed the connection")
         reply = protocol.unpack(data)
@@ -96,6 +104,35 @@ class Client:
             protocol.close_all(fds)
             raise error_from_reply(reply)
         return reply[1], fds
+
+    def start(self, call: calls.Call) -> Callable[[], Any]:
+        """Send a one-request call now; returns the function that waits for its reply and
+        returns its result. Several calls may be in flight at once (pipelining: the daemon
+        serves a connection's requests in order, so a long run of requests keeps it busy
+        while this side prepares the next); their results must be collected in the order
+        they were started, every one of them. The call's fds must be bound already: a
+        call that needs a second request (such as a bind first) fails with EINVAL."""
+        try:
+            request = next(call)
+        except StopIteration as done:
+            value = done.value
+            return lambda: value
+        self._send(request)
+
+        def result() -> Any:
+            try:
+                try:
+                    reply = self._receive()
+                except BpfError as e:
+                    call.throw(e)  # the call may add detail, or re-raise
+                else:
+                    call.send(reply)
+            except StopIteration as done:
+                return done.value
+            call.close()
+            raise BpfError(errno.EINVAL, "a pipelined call made a second request")
+
+        return result
 
     def run(self, call: calls.Call) -> Any:
         try:

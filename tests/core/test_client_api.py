@@ -31,6 +31,7 @@ from bpffs.client import (
     Map,
     MapType,
     StructCodec,
+    calls,
     default_client,
 )
 from bpffs.client.cli import main as cli_entry
@@ -191,6 +192,32 @@ def test_batch_failures_report_how_far_they_got(client) -> None:
         client.map_lookup_batch(fd, 0)
     with raises_errno(errno.EINVAL):
         client.map_update_batch(fd, [k(1)], [])
+    os.close(fd)
+
+
+def test_pipelined_calls_return_in_order_and_an_error_stays_with_its_call(client) -> None:
+    """Client.start: requests in flight together, results collected in order; a failed one
+    raises at its own result and the connection stays in step."""
+    fd = client.map_create(MapType.HASH, 4, 4, 4)
+    client.map_update_elem(fd, k(1), k(10))  # binds the fd: a pipelined call cannot
+    op = calls.OPERATIONS
+    results = [client.start(op["map_lookup_elem"](client.session, fd, k(1))),
+               client.start(op["map_update_elem"](client.session, fd, k(2), k(20),
+                                                  BPF_NOEXIST)),
+               client.start(op["map_lookup_elem"](client.session, fd, k(3))),  # missing
+               client.start(op["map_lookup_elem"](client.session, fd, k(2)))]
+    assert results[0]() == k(10)
+    assert results[1]() is None
+    with raises_errno(errno.ENOENT):
+        results[2]()
+    assert results[3]() == k(20)
+    assert client.map_lookup_elem(fd, k(1)) == k(10)  # nothing left unread on the socket
+    with Client(client.path) as elsewhere:
+        other = elsewhere.map_create(MapType.HASH, 4, 4, 4)  # not bound on `client` yet
+    with raises_errno(errno.EINVAL):  # it would need a bind first: two requests
+        client.start(op["map_lookup_elem"](client.session, other, k(1)))()
+    assert client.map_lookup_elem(fd, k(2)) == k(20)
+    os.close(other)
     os.close(fd)
 
 
