@@ -232,6 +232,9 @@ class Mount:
                         break
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(sock)
+                    except OSError as e:  # the worker is gone (unmounted, killed): _serve
+                        log.debug("invalidations for %s dropped: %s", self.describe(), e)
+                        return  # sees it exit and decides what follows
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -186,6 +186,14 @@ class Operations(pyfuse3.Operations):
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
 
+    def directory_changed(self, inode: int) -> None:
+        """Entries fetched ahead for listings of `inode` are stale: a READDIRPLUS reply made
+        from them would give the kernel a dentry for a name already gone. Called after every
+        change to a directory, this mount's own (its handlers) and others' (invalidations)."""
+        for listing in self.listings.values():
+            if listing.inode == inode:
+                listing.buffered, listing.last_chunk = [], False
+
     @guarded
     async def lookup(self, parent_inode, name, ctx):
         return _attrs(await self.daemon.call("lookup", _ctx(ctx), parent_inode, name))
@@ -205,29 +213,41 @@ class Operations(pyfuse3.Operations):
         return await self.daemon.call("readlink", _ctx(ctx), inode)
 
     @guarded
+    async def _change(self, parents: tuple[int, ...], op: str, ctx, *args: Any) -> Any:
+        """A change to directories `parents` (a new or removed entry)."""
+        try:
+            return await self.daemon.call(op, _ctx(ctx), *args)
+        finally:
+            for parent in parents:
+                self.directory_changed(parent)
+
+    @guarded
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return _attrs(await self.daemon.call("mkdir", _ctx(ctx), parent_inode, name, mode))
+        return _attrs(await self._change((parent_inode,), "mkdir", ctx, parent_inode, name,
+                                         mode))
 
     @guarded
     async def unlink(self, parent_inode, name, ctx):
-        await self.daemon.call("unlink", _ctx(ctx), parent_inode, name)
+        await self._change((parent_inode,), "unlink", ctx, parent_inode, name)
 
     @guarded
     async def rmdir(self, parent_inode, name, ctx):
-        await self.daemon.call("rmdir", _ctx(ctx), parent_inode, name)
+        await self._change((parent_inode,), "rmdir", ctx, parent_inode, name)
 
     @guarded
     async def symlink(self, parent_inode, name, target, ctx):
-        return _attrs(await self.daemon.call("symlink", _ctx(ctx), parent_inode, name, target))
+        return _attrs(await self._change((parent_inode,), "symlink", ctx, parent_inode, name,
+                                         target))
 
     @guarded
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self.daemon.call("rename", _ctx(ctx), parent_inode_old, name_old, parent_inode_new,
-                             name_new, flags)
+        await self._change((parent_inode_old, parent_inode_new), "rename", ctx,
+                           parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @guarded
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return _attrs(await self.daemon.call("link", _ctx(ctx), inode, new_parent_inode, new_name))
+        return _attrs(await self._change((new_parent_inode,), "link", ctx, inode,
+                                         new_parent_inode, new_name))
 
     @guarded
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -313,7 +333,7 @@ class Operations(pyfuse3.Operations):
         pass
 
 
-async def listen_for_invalidations(sock: socket.socket) -> None:
+async def listen_for_invalidations(sock: socket.socket, ops: Operations) -> None:
     """Apply the daemon's cache invalidations; the daemon closing this socket means: unmount."""
     tsock = trio.socket.from_stdlib_socket(sock)
     while True:
@@ -324,6 +344,7 @@ async def listen_for_invalidations(sock: socket.socket) -> None:
         for kind, ino, name in protocol.unpack(data):
             try:
                 if kind == "entry":
+                    ops.directory_changed(ino)
                     pyfuse3.invalidate_entry_async(ino, name, ignore_enoent=True)
                 else:
                     pyfuse3.invalidate_inode(ino, attr_only=True)
@@ -394,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         target = os.fsencode(os.path.realpath(args.mountpoint))
         options = {"fsname=bpffsd", "subtype=bpffsd", "default_permissions",
                    *filter(None, args.options.split(","))}
-        pyfuse3.init(Operations(DaemonLink(rpc)), args.mountpoint, options)
+        ops = Operations(DaemonLink(rpc))
+        pyfuse3.init(ops, args.mountpoint, options)
     except Exception as e:
         err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
         protocol.send_message(rpc, protocol.pack(["failed", err, str(e)]))
@@ -403,16 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     notify = socket.socket(fileno=args.notify_fd)
     clean = False
     try:
-        trio.run(_serve, notify)
+        trio.run(_serve, notify, ops)
         clean = True
     finally:
         pyfuse3.close(unmount=clean)
     return 0
 
 
-async def _serve(notify: socket.socket) -> None:
+async def _serve(notify: socket.socket, ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(listen_for_invalidations, notify)
+        nursery.start_soon(listen_for_invalidations, notify, ops)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

@@ -118,6 +118,24 @@ def test_a_killed_mount_worker_is_restarted_and_nothing_is_lost(daemon, bpf_dir:
     os.close(fd)
 
 
+def test_changes_right_after_an_external_unmount_do_not_hurt_the_daemon(start_daemon,
+                                                                          tmp_path: Path
+                                                                          ) -> None:
+    """`umount -l` of a second mount, then at once a pin whose cache invalidation goes to that
+    mount's exiting worker (it used to kill the daemon with EPIPE)."""
+    d = start_daemon()
+    second = tmp_path / "second"
+    second.mkdir()
+    with d.client() as c:
+        subprocess.run(["bpffs", "mount", str(second)], env=d.env, check=True,
+                       capture_output=True)
+        subprocess.run(["umount", "-l", str(second)], check=True)
+        for n in range(20):
+            pin_new_map(c, d.mount / f"m{n}")
+        assert sorted(os.listdir(d.mount)) == sorted(f"m{n}" for n in range(20))
+    assert d.stop() == 0, d.log_text()
+
+
 def test_cat_of_a_pinned_map_shows_its_elements(bpf_dir: Path, client) -> None:
     pin_new_map(client, bpf_dir / "m", entries={b"\1\0\0\0": b"\x2a" + bytes(7)})
     text = (bpf_dir / "m").read_text()

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fs_helpers import cli, wait_for
 
 from bpffs.client import Client
 from bpffs.daemon.fs.worker import READDIR_CHUNK
@@ -109,3 +110,31 @@ def test_listing_during_concurrent_changes_skips_and_repeats_nothing(daemon,
         assert [name for name, count in counts.items() if count > 1] == []
         assert sorted(n for n in names if not n.startswith("churn")) == expected_names()
     assert sorted(os.listdir(big_dir)) == expected_names()
+
+
+def test_names_removed_during_a_listing_do_not_linger(daemon, big_dir: Path, tmp_path) -> None:
+    """Entries the worker fetched ahead must not reach the kernel after their name is gone
+    (READDIRPLUS would make a dentry for it): neither after a removal through this mount nor
+    after one through another mount of the instance, which arrives as an invalidation."""
+    second = tmp_path / "second"
+    second.mkdir()
+    cli(daemon, "mount", str(second))
+    try:
+        listing = os.scandir(big_dir)
+        next(listing)  # the first page is read; the worker holds the rest of a chunk
+        os.unlink(big_dir / "m900")
+        os.unlink(second / "big" / "m901")
+        wait_for(lambda: not os.path.exists(big_dir / "m901"), "the invalidation")
+        rest = [entry.name for entry in listing]
+        listing.close()
+        assert len(rest) > MANY - 10  # the listing went on
+        assert not os.path.exists(big_dir / "m900")
+        assert not os.path.exists(big_dir / "m901")
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(second)], check=False)
+        with Client(str(daemon.socket)) as client:  # put them back for the other tests
+            fd = client.map_create(1, 4, 4, 1)
+            for name in ("m900", "m901"):
+                if not os.path.exists(big_dir / name):
+                    client.obj_pin(fd, str(big_dir / name))
+            os.close(fd)
