@@ -186,13 +186,14 @@ class Operations(pyfuse3.Operations):
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         return fh
 
-    def directory_changed(self, inode: int) -> None:
-        """Entries fetched ahead for listings of `inode` are stale: a READDIRPLUS reply made
-        from them would give the kernel a dentry for a name already gone. Called after every
-        change to a directory, this mount's own (its handlers) and others' (invalidations)."""
+    def forget_fetched(self) -> None:
+        """Entries fetched ahead for open listings may be stale: a READDIRPLUS reply made
+        from them would give the kernel a dentry for a name already gone, or old attributes.
+        Called after every change, this mount's own (its handlers) and others' (the daemon's
+        invalidations). Any change, not just one to the listed directory: a chmod or a
+        hard link changes an entry's attributes wherever it is listed."""
         for listing in self.listings.values():
-            if listing.inode == inode:
-                listing.buffered, listing.last_chunk = [], False
+            listing.buffered, listing.last_chunk = [], False
 
     @guarded
     async def lookup(self, parent_inode, name, ctx):
@@ -206,48 +207,44 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         changes = {change: getattr(attr, value) for flag, change, value in SETATTR_FIELDS
                    if getattr(fields, flag)}
-        return _attrs(await self.daemon.call("setattr", _ctx(ctx), inode, changes))
+        return _attrs(await self._change("setattr", ctx, inode, changes))
 
     @guarded
     async def readlink(self, inode, ctx):
         return await self.daemon.call("readlink", _ctx(ctx), inode)
 
     @guarded
-    async def _change(self, parents: tuple[int, ...], op: str, ctx, *args: Any) -> Any:
-        """A change to directories `parents` (a new or removed entry)."""
+    async def _change(self, op: str, ctx, *args: Any) -> Any:
+        """A request that changes the tree or an attribute."""
         try:
             return await self.daemon.call(op, _ctx(ctx), *args)
         finally:
-            for parent in parents:
-                self.directory_changed(parent)
+            self.forget_fetched()
 
     @guarded
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return _attrs(await self._change((parent_inode,), "mkdir", ctx, parent_inode, name,
-                                         mode))
+        return _attrs(await self._change("mkdir", ctx, parent_inode, name, mode))
 
     @guarded
     async def unlink(self, parent_inode, name, ctx):
-        await self._change((parent_inode,), "unlink", ctx, parent_inode, name)
+        await self._change("unlink", ctx, parent_inode, name)
 
     @guarded
     async def rmdir(self, parent_inode, name, ctx):
-        await self._change((parent_inode,), "rmdir", ctx, parent_inode, name)
+        await self._change("rmdir", ctx, parent_inode, name)
 
     @guarded
     async def symlink(self, parent_inode, name, target, ctx):
-        return _attrs(await self._change((parent_inode,), "symlink", ctx, parent_inode, name,
-                                         target))
+        return _attrs(await self._change("symlink", ctx, parent_inode, name, target))
 
     @guarded
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self._change((parent_inode_old, parent_inode_new), "rename", ctx,
-                           parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self._change("rename", ctx, parent_inode_old, name_old, parent_inode_new,
+                           name_new, flags)
 
     @guarded
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return _attrs(await self._change((new_parent_inode,), "link", ctx, inode,
-                                         new_parent_inode, new_name))
+        return _attrs(await self._change("link", ctx, inode, new_parent_inode, new_name))
 
     @guarded
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -341,10 +338,10 @@ async def listen_for_invalidations(sock: socket.socket, ops: Operations) -> None
         if not data:
             pyfuse3.terminate()
             return
+        ops.forget_fetched()
         for kind, ino, name in protocol.unpack(data):
             try:
                 if kind == "entry":
-                    ops.directory_changed(ino)
                     pyfuse3.invalidate_entry_async(ino, name, ignore_enoent=True)
                 else:
                     pyfuse3.invalidate_inode(ino, attr_only=True)

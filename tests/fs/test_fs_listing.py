@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import stat
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -138,3 +139,19 @@ def test_names_removed_during_a_listing_do_not_linger(daemon, big_dir: Path, tmp
                 if not os.path.exists(big_dir / name):
                     client.obj_pin(fd, str(big_dir / name))
             os.close(fd)
+
+
+def test_a_chmod_during_a_listing_is_not_undone_by_it(big_dir: Path) -> None:
+    """Attributes fetched ahead with the entries must not overwrite a newer chmod in the
+    kernel's attribute cache."""
+    pin = big_dir / "m600"  # listed after the first page, in the chunk fetched first
+    os.stat(pin)  # its attributes are cached
+    listing = os.scandir(big_dir)
+    next(listing)  # the worker holds the rest of a chunk, with the pin's old mode
+    os.chmod(pin, 0o640)
+    try:
+        assert len([entry.name for entry in listing]) > MANY - 10
+        listing.close()
+        assert stat.S_IMODE(os.stat(pin).st_mode) == 0o640
+    finally:
+        os.chmod(pin, 0o600)
