@@ -12,6 +12,7 @@ import functools
 import os
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable
 from time import perf_counter_ns
 from typing import Any
@@ -66,6 +67,7 @@ class Client:
         self.inbox = protocol.Inbox()
         self._rtt_avg = 0  # running average of spinning round trips (ns), see SPIN_WORTH_NS
         self._spin_pause = 0  # calls left before spinning again
+        self._owed: deque[list] = deque()  # replies due to started calls, oldest first
         self.pid = os.getpid()
         self.daemon_info = self._roundtrip(hello_request())[0]
 
@@ -79,6 +81,7 @@ class Client:
         self.close()
 
     def _roundtrip(self, request: calls.Request) -> tuple[Any, list[int]]:
+        self._catch_up()
         sent = perf_counter_ns()
         self._send(request)
         if self._spin_pause:
@@ -109,30 +112,50 @@ class Client:
         """Send a one-request call now; returns the function that waits for its reply and
         returns its result. Several calls may be in flight at once (pipelining: the daemon
         serves a connection's requests in order, so a long run of requests keeps it busy
-        while this side prepares the next); their results must be collected in the order
-        they were started, every one of them. The call's fds must be bound already: a
-        call that needs a second request (such as a bind first) fails with EINVAL."""
+        while this side prepares the next). Results may be collected in any order, or never:
+        replies are read in the order they come, and kept for their call until it asks
+        (a caller that gave up on a call, after an error, leaves the connection in step).
+        The call's fds must be bound already: a call that needs a second request (such as
+        a bind first) fails with EINVAL."""
         try:
             request = next(call)
         except StopIteration as done:
             value = done.value
             return lambda: value
         self._send(request)
+        slot: list = []  # filled with ("reply", reply) or ("error", BpfError)
+        self._owed.append(slot)
 
         def result() -> Any:
+            while not slot:
+                self._read_owed()
+            kind, outcome = slot
             try:
-                try:
-                    reply = self._receive()
-                except BpfError as e:
-                    call.throw(e)  # the call may add detail, or re-raise
+                if kind == "error":
+                    call.throw(outcome)  # the call may add detail, or re-raise
                 else:
-                    call.send(reply)
+                    call.send(outcome)
             except StopIteration as done:
                 return done.value
             call.close()
             raise BpfError(errno.EINVAL, "a pipelined call made a second request")
 
         return result
+
+    def _read_owed(self) -> None:
+        """Read the oldest reply due to a started call and keep it in its slot."""
+        try:
+            outcome = ("reply", self._receive())
+        except BpfError as e:
+            if e.errno == errno.ECONNRESET:
+                raise
+            outcome = ("error", e)
+        self._owed.popleft().extend(outcome)
+
+    def _catch_up(self) -> None:
+        """Before a request of its own: read every reply still due to started calls."""
+        while self._owed:
+            self._read_owed()
 
     def run(self, call: calls.Call) -> Any:
         try:

@@ -140,6 +140,7 @@ class Listing:
     cursor: int = 0  # cookie of the last entry handed to the kernel
     buffered: list = field(default_factory=list)  # next entries, the nearest last
     last_chunk: bool = False  # the daemon had no more entries after `buffered`
+    buffered_for_now: bool = False  # `buffered` may predate a change: not for later calls
 
 
 class DaemonLink:
@@ -181,6 +182,7 @@ class Operations(pyfuse3.Operations):
         self.daemon = daemon
         self.listings: dict[int, Listing] = {}  # opendir handle -> its listing
         self._next_fh = 1
+        self._changes = 0  # changes seen so far (forget_fetched)
 
     def _fh(self) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
@@ -192,6 +194,7 @@ class Operations(pyfuse3.Operations):
         Called after every change, this mount's own (its handlers) and others' (the daemon's
         invalidations). Any change, not just one to the listed directory: a chmod or a
         hard link changes an entry's attributes wherever it is listed."""
+        self._changes += 1
         for listing in self.listings.values():
             listing.buffered, listing.last_chunk = [], False
 
@@ -293,13 +296,20 @@ class Operations(pyfuse3.Operations):
             if not listing.buffered:
                 if listing.last_chunk:
                     return
-                listing.buffered = await self.daemon.call("readdir", listing.inode,
-                                                          listing.cursor, READDIR_CHUNK)
-                listing.buffered.reverse()  # taken from the end
-                listing.last_chunk = len(listing.buffered) < READDIR_CHUNK
+                changes = self._changes
+                fetched = await self.daemon.call("readdir", listing.inode, listing.cursor,
+                                                 READDIR_CHUNK)
+                fetched.reverse()  # taken from the end
+                listing.buffered = fetched
+                listing.last_chunk = len(fetched) < READDIR_CHUNK
+                # A change that came while fetching may be older than the chunk or newer:
+                # then it serves this call only, as an unbuffered listing would.
+                listing.buffered_for_now = changes != self._changes
             while listing.buffered:
                 name, cookie, raw = listing.buffered[-1]
                 if not pyfuse3.readdir_reply(token, name, _attrs(raw), cookie):
+                    if listing.buffered_for_now:
+                        listing.buffered, listing.last_chunk = [], False
                     return
                 listing.buffered.pop()
                 listing.cursor = cookie

@@ -196,8 +196,8 @@ def test_batch_failures_report_how_far_they_got(client) -> None:
 
 
 def test_pipelined_calls_return_in_order_and_an_error_stays_with_its_call(client) -> None:
-    """Client.start: requests in flight together, results collected in order; a failed one
-    raises at its own result and the connection stays in step."""
+    """Client.start: requests in flight together; a failed one raises at its own result;
+    results collected out of order or never leave the connection in step."""
     fd = client.map_create(MapType.HASH, 4, 4, 4)
     client.map_update_elem(fd, k(1), k(10))  # binds the fd: a pipelined call cannot
     op = calls.OPERATIONS
@@ -212,6 +212,13 @@ def test_pipelined_calls_return_in_order_and_an_error_stays_with_its_call(client
         results[2]()
     assert results[3]() == k(20)
     assert client.map_lookup_elem(fd, k(1)) == k(10)  # nothing left unread on the socket
+    abandoned = client.start(op["map_lookup_elem"](client.session, fd, k(3)))  # an error
+    later = client.start(op["map_lookup_elem"](client.session, fd, k(1)))
+    assert later() == k(10)  # collected out of order: the earlier reply is kept for its call
+    assert client.map_lookup_elem(fd, k(2)) == k(20)
+    del abandoned  # never collected: the connection stays in step all the same
+    client.start(op["map_lookup_elem"](client.session, fd, k(3)))  # owed, then a plain call
+    assert client.map_lookup_elem(fd, k(1)) == k(10)
     with Client(client.path) as elsewhere:
         other = elsewhere.map_create(MapType.HASH, 4, 4, 4)  # not bound on `client` yet
     with raises_errno(errno.EINVAL):  # it would need a bind first: two requests

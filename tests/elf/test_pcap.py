@@ -169,6 +169,29 @@ def test_batch_run_checks_its_input(client: Client, classifier: Path) -> None:
         os.close(fd)
 
 
+def test_a_replay_that_fails_midway_leaves_the_connection_usable(client: Client,
+                                                                 classifier: Path) -> None:
+    """Two chunks are in flight while a replay runs; when accounting for one fails (here the
+    output writer), the reply still due must not reach the client's next call."""
+    from bpffs.client.replay import Replay
+    from bpffs.vm.uapi import ProgType
+
+    def failing_writer(timestamp: float, data: bytes) -> None:
+        raise BrokenPipeError(errno.EPIPE, "the output went away")
+
+    fd = client.obj_get(classifier)
+    try:
+        replay = Replay(client, fd, ProgType.SCHED_CLS, failing_writer, chunk=4)
+        with pytest.raises(BrokenPipeError):
+            for _ in range(3):
+                replay.feed([0.0] * 4, [IPV4] * 4, [len(IPV4)] * 4)
+        info = client.obj_get_info_by_fd(fd)  # answered with its own reply
+        assert info["type"] == "sched_cls"
+        assert client.prog_test_run(fd, IPV4).retval == 0  # TC_ACT_OK
+    finally:
+        os.close(fd)
+
+
 def _bind(client: Client, fd: int):
     from bpffs.client.calls import bind
 
