@@ -52,8 +52,7 @@ class AsyncClient:
             finally:
                 if memfd is not None:
                     os.close(memfd)
-            data, ancdata, flags = self.inbox.received(
-                *await self.sock.recvmsg_into(self.inbox.buffers, *protocol.RECV_INTO_ARGS))
+            data, ancdata, flags = await self.inbox.recvmsg_async(self.sock)
         payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
         if not payload:
             raise BpfError(errno.ECONNRESET, "bpffsd closed the connection")

@@ -246,13 +246,17 @@ class Inbox:
             deadline = perf_counter_ns() + spin_ns
             while True:
                 try:
-                    return self.received(*sock.recvmsg_into(self.buffers, *_POLL_ARGS))
+                    return self._received(*sock.recvmsg_into(self.buffers, *_POLL_ARGS))
                 except BlockingIOError:
                     if perf_counter_ns() > deadline:
                         break
-        return self.received(*sock.recvmsg_into(self.buffers, *RECV_INTO_ARGS))
+        return self._received(*sock.recvmsg_into(self.buffers, *_RECV_INTO_ARGS))
 
-    def received(self, nbytes: int, ancdata: list, msg_flags: int,
+    async def recvmsg_async(self, sock: Any) -> tuple[bytes, list, int]:
+        """recvmsg on a trio socket (the worker's and AsyncClient's connections)."""
+        return self._received(*await sock.recvmsg_into(self.buffers, *_RECV_INTO_ARGS))
+
+    def _received(self, nbytes: int, ancdata: list, msg_flags: int,
                  _address: Any = None) -> tuple[bytes, list, int]:
         """What recvmsg_into(self.buffers, ...) returned, as recvmsg would have."""
         return bytes(self._view[:nbytes]), ancdata, msg_flags
@@ -267,5 +271,5 @@ def recv_message(sock: socket.socket, inbox: Inbox, spin_ns: int = 0
 
 
 RECV_ARGS = (INLINE_MAX, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
-RECV_INTO_ARGS = (_ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+_RECV_INTO_ARGS = (_ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
 _POLL_ARGS = (_ANC_SPACE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)

@@ -142,6 +142,10 @@ class Listing:
     last_chunk: bool = False  # the daemon had no more entries after `buffered`
     buffered_for_now: bool = False  # `buffered` may predate a change: not for later calls
 
+    def drop_fetched(self) -> None:
+        """Forget the entries fetched ahead: the next call fetches from `cursor` again."""
+        self.buffered, self.last_chunk = [], False
+
 
 class DaemonLink:
     """The worker's request channel to the daemon: one request at a time, in order."""
@@ -160,8 +164,7 @@ class DaemonLink:
             finally:
                 if memfd is not None:
                     os.close(memfd)
-            data, ancdata, flags = self.inbox.received(
-                *await self.sock.recvmsg_into(self.inbox.buffers, *protocol.RECV_INTO_ARGS))
+            data, ancdata, flags = await self.inbox.recvmsg_async(self.sock)
         if not data:
             raise pyfuse3.FUSEError(errno.ENOTCONN)
         payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
@@ -196,7 +199,14 @@ class Operations(pyfuse3.Operations):
         hard link changes an entry's attributes wherever it is listed."""
         self._changes += 1
         for listing in self.listings.values():
-            listing.buffered, listing.last_chunk = [], False
+            listing.drop_fetched()
+
+    async def _change(self, op: str, ctx, *args: Any) -> Any:
+        """A request that changes the tree or an attribute (for the handlers below)."""
+        try:
+            return await self.daemon.call(op, _ctx(ctx), *args)
+        finally:
+            self.forget_fetched()
 
     @guarded
     async def lookup(self, parent_inode, name, ctx):
@@ -215,14 +225,6 @@ class Operations(pyfuse3.Operations):
     @guarded
     async def readlink(self, inode, ctx):
         return await self.daemon.call("readlink", _ctx(ctx), inode)
-
-    @guarded
-    async def _change(self, op: str, ctx, *args: Any) -> Any:
-        """A request that changes the tree or an attribute."""
-        try:
-            return await self.daemon.call(op, _ctx(ctx), *args)
-        finally:
-            self.forget_fetched()
 
     @guarded
     async def mkdir(self, parent_inode, name, mode, ctx):
@@ -291,7 +293,8 @@ class Operations(pyfuse3.Operations):
         for its next call (rewinddir and seekdir fetch again)."""
         listing = self.listings[fh]
         if start_id != listing.cursor:
-            listing.cursor, listing.buffered, listing.last_chunk = start_id, [], False
+            listing.cursor = start_id
+            listing.drop_fetched()
         while True:
             if not listing.buffered:
                 if listing.last_chunk:
@@ -309,7 +312,7 @@ class Operations(pyfuse3.Operations):
                 name, cookie, raw = listing.buffered[-1]
                 if not pyfuse3.readdir_reply(token, name, _attrs(raw), cookie):
                     if listing.buffered_for_now:
-                        listing.buffered, listing.last_chunk = [], False
+                        listing.drop_fetched()
                     return
                 listing.buffered.pop()
                 listing.cursor = cookie
