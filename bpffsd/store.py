@@ -114,6 +114,23 @@ class Store:
                            f" pages in use, {pages} more requested, cap {self.limit_pages}"
                            " (bpffsd --memory-limit)")
 
+    @contextmanager
+    def uncapped(self) -> Iterator[None]:
+        """Charge without checking the daemon-wide cap. The journal replay uses it: it rebuilds
+        objects that a later record frees, so only what survives the replay can be measured
+        against the cap (`over_cap`), not every object the journal ever created."""
+        limit, self.limit_pages = self.limit_pages, None
+        try:
+            yield
+        finally:
+            self.limit_pages = limit
+
+    def over_cap(self) -> int:
+        """Pages charged beyond the daemon-wide cap (0 when within it)."""
+        if self.limit_pages is None:
+            return 0
+        return max(0, self.total_pages - self.limit_pages)
+
     def _uncharge(self, uid: int, pages: int) -> None:
         left = self.locked_pages[uid] - pages
         if left:

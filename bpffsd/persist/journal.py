@@ -22,9 +22,11 @@ from . import records
 
 
 class Journal:
-    def __init__(self, path: str):
+    def __init__(self, path: str, fd: int):
+        """fd: the journal file, opened for appending by the caller (which opens it relative
+        to the state directory's fd, following no symlink); path names it in messages."""
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.fd = fd
         self.size = os.fstat(self.fd).st_size
         self.appended = 0  # records appended so far
         self.synced = 0  # records known to be on disk

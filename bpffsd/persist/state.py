@@ -15,6 +15,9 @@ rebuilds the objects (new ids) and the trees (same inode numbers). Records:
   ("tree", instance, op, *args)             a Tree operation (tree.py on_op); a pinned
                                             object as [kind, id] (maps and programs have
                                             separate id spaces)
+  ("free", kind, id)                        a recorded object was freed: the replay stops
+                                            holding (and charging) it there, as the live
+                                            run did
 
 Perf events are never persisted (they belong to a reader process): a restored
 PERF_EVENT_ARRAY is empty, as is a kernel's whose readers went away.
@@ -96,6 +99,12 @@ class Recorder:
             if deleted:
                 self.emit(("del", obj.id, deleted))
 
+    def freed(self, obj: BpfObject) -> None:
+        """A recorded object is gone: say so, so that a replay frees it at the same point."""
+        if obj in self.recorded:
+            self.recorded.discard(obj)
+            self.emit(("free", obj.kind.value, obj.id))
+
     def contents(self, obj: BpfObject) -> None:
         self.emit(("elems", obj.id, [[k, v] for k, v in obj.impl.items()]))
 
@@ -143,14 +152,19 @@ def _tree_records(tree: Tree) -> Iterator[tuple]:
 
 
 class Replayer:
-    """Applies records to a daemon being started. Objects are held while the replay runs and
-    released at the end, so those no pin holds any more are freed then."""
+    """Applies records to a daemon being started. Each object is held, as its creator's fd
+    held it, until its ("free") record or the end of the replay, so those no pin holds any
+    more are freed then. Run it inside `Store.uncapped()`: the journal may create objects
+    that a later record frees, so the daemon-wide cap is checked by `place`, on what
+    survives."""
 
     def __init__(self, daemon: Daemon):
         self.daemon = daemon
         self.store = daemon.store
         self.objects: dict[tuple[Kind, int], BpfObject] = {}
+        self.created: list[BpfObject] = []  # in the order the records created them
         self.problems: list[str] = []
+        self.unplaced: list[dict[str, Any]] = []
         self.applied = 0
 
     def apply_all(self, records: list[Record]) -> None:
@@ -168,10 +182,41 @@ class Replayer:
                 self.store.put(obj)
         self.objects.clear()
 
+    def place(self) -> None:
+        """Fit the surviving objects under the daemon-wide cap: while over it, unpin the most
+        recently created pinned object, reporting it in `unplaced` (the caller then keeps the
+        state directory as it is, so nothing is lost)."""
+        survivors = [obj for obj in self.created if not obj.freed and obj.pins]
+        while self.store.over_cap() and survivors:
+            obj = survivors.pop()
+            if obj.freed or not obj.pins:
+                continue
+            in_use, limit = self.store.total_pages, self.store.limit_pages
+            paths = self.daemon.fs.pin_paths(obj)
+            for inst in list(self.daemon.fs.named.values()):
+                tree = inst.tree
+                for path, node in list(tree.entries()):
+                    if isinstance(node, Pin) and node.obj is obj:
+                        parent, _, name = path.rpartition(b"/")
+                        tree.unlink(tree.dir(tree.walk(parent).ino), name)
+            name = getattr(obj.impl, "name", "") or ""
+            reason = (f"the restored state needs {in_use} pages but --memory-limit allows"
+                      f" {limit}; this {obj.kind} uses {obj.pages}")
+            self.unplaced.append({"kind": obj.kind.value, "name": name, "pages": obj.pages,
+                                  "paths": paths, "reason": reason})
+            log.error("could not place %s %r pinned at %s: %s", obj.kind, name,
+                      ", ".join(paths), reason)
+
     def _add(self, old_id: int, kind: Kind, impl: Any, uid: int, npages: int) -> None:
         obj = self.store.add(kind, impl, uid, npages, None)
         self.store.hold(obj)
         self.objects[(kind, old_id)] = obj
+        self.created.append(obj)
+
+    def _free(self, kind: str, old_id: int) -> None:
+        obj = self.objects.pop((Kind(kind), old_id))
+        if not obj.freed:
+            self.store.put(obj)
 
     def _map(self, old_id: int, map_type: int, key_size: int, value_size: int,
              max_entries: int, flags: int, name: str, uid: int) -> None:

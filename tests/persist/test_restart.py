@@ -229,3 +229,26 @@ def test_a_full_state_disk_fails_updates_clearly_and_keeps_what_was_acknowledged
         d.stop()
         d.cleanup_mount()
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_an_object_unpinned_and_pinned_again_while_held_by_an_fd_survives(start_daemon) -> None:
+    """The journal names objects by id: one unpinned while an fd holds it is not freed (no
+    "free" record), so pinning it again (and writing it in between) replays onto the same
+    object; one closed and freed is gone for the replay too."""
+    d = start_daemon()
+    with d.client() as c:
+        m = c.map_create(MapType.HASH, 4, 4, 4)
+        c.obj_pin(m, str(d.mount / "a"))
+        os.unlink(d.mount / "a")
+        c.map_update_elem(m, KEY, b"kept")
+        c.obj_pin(m, str(d.mount / "b"))
+        gone = c.map_create(MapType.HASH, 4, 4, 4)
+        c.obj_pin(gone, str(d.mount / "gone"))
+        os.close(gone)
+        os.unlink(d.mount / "gone")
+    restart(d)
+    assert os.listdir(d.mount) == ["b"]
+    with d.client() as c:
+        assert c.map_lookup_elem(c.obj_get(str(d.mount / "b")), KEY) == b"kept"
+        persist = c.status()["persistence"]
+        assert persist["held"] is None and persist["restored"]["problems"] == []
