@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from . import ops
 from .errors import VmFault
+from .insn import call_target, is_jump, is_local_call, jump_target, subprograms, successors, width
 from .interpreter import (
     MAX_CALL_FRAMES,
     PacketExit,
@@ -23,13 +24,10 @@ from .interpreter import (
     block_cost,
     block_leaders,
     call_helper,
-    jump_target,
     run_tail_calls,
     stack_top,
-    subprograms,
 )
 from .isa import (
-    CALL,
     EXIT,
     FRAME_POINTER,
     JA,
@@ -66,8 +64,8 @@ def compile_program(prog: Program) -> Entry:
     source = []
     for start, end in subprograms(insns):
         source += _function(insns, start, end, start not in prog.stackless_functions)
-    for target in {pc + 1 + i.imm for pc, i in enumerate(insns)
-                   if i.opcode == CALL and i.src == PSEUDO_CALL} - set(range(len(insns))):
+    for target in {call_target(i, pc) for pc, i in enumerate(insns)
+                   if is_local_call(i)} - set(range(len(insns))):
         source += [f"def f{target}(*args):",  # a call outside the program: (unverified code)
                    f"    raise VmFault('fell off the end of the program', {target})"]
     namespace = dict(ops.NAMESPACE, VmFault=VmFault, PacketExit=PacketExit, TailCall=TailCall,
@@ -92,7 +90,7 @@ def _function(insns: list[Insn], start: int, end: int, uses_stack: bool) -> list
     ctx_at = _context_registers(insns, start, end, leaders)
     # The first block runs once, before the loop, unless a jump leads back to it.
     entered_again = any(jump_target(i, pc) == start for pc, i in enumerate(insns[start:end], start)
-                        if i.cls in (Class.JMP, Class.JMP32) and i.op not in (Jmp.CALL, Jmp.EXIT))
+                        if is_jump(i))
     head: list[str] = []
     body: list[str] = []
     uses_ctx = [False]
@@ -142,8 +140,8 @@ def _context_registers(insns: list[Insn], start: int, end: int, leaders: list[in
             regs.difference_update(_writes(i))
             if copied:
                 regs.add(i.dst)
-            last, pc = pc, pc + (2 if i.opcode == LD_IMM64 else 1)
-        for successor in _successors(insns[last], last, stops[first]):
+            last, pc = pc, pc + width(i)
+        for successor in successors(insns, last):
             if successor in stops:
                 joined = at[successor] & regs if successor in at else frozenset(regs)
                 if at.get(successor) != joined:
@@ -155,16 +153,6 @@ def _context_registers(insns: list[Insn], start: int, end: int, leaders: list[in
 def _copies(i: Insn) -> int | None:
     """The register a 64-bit register move copies."""
     return i.src if i.opcode == Class.ALU64 | Alu.MOV | Source.X and not i.off else None
-
-
-def _successors(i: Insn, pc: int, stop: int) -> list[int]:
-    if i.cls not in (Class.JMP, Class.JMP32) or i.op == Jmp.CALL:
-        return [stop]
-    if i.op == Jmp.EXIT:
-        return []
-    if i.op == Jmp.JA:
-        return [jump_target(i, pc)]
-    return [jump_target(i, pc), pc + 1]
 
 
 def _block(insns: list[Insn], start: int, stop: int, first: int, end: int,
@@ -389,7 +377,7 @@ def _straight(i: Insn, pc: int) -> list[str]:
                 "if r0 is None: raise PacketExit"]
     if i.opcode == Class.JMP | Jmp.CALL:
         if i.src == PSEUDO_CALL:
-            target = pc + 1 + i.imm
+            target = call_target(i, pc)
             return ["run.budget = budget",
                     f"if depth + 1 >= MAX_FRAMES: raise VmFault('call depth above'"
                     f" ' {MAX_CALL_FRAMES} frames', {pc})",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from . import ops
 from .errors import VmFault
+from .insn import call_target, is_jump, jump_target, subprograms, width
 from .isa import (
     CALL,
     EXIT,
@@ -47,18 +48,6 @@ class TailCall(Exception):
     """bpf_tail_call succeeded: the current program is replaced by run.tail_target."""
 
 
-def subprograms(insns: list[Insn]) -> list[tuple[int, int]]:
-    """(start, end) of the entry function and of each bpf-to-bpf call target."""
-    entries = sorted({0} | {pc + 1 + i.imm for pc, i in enumerate(insns)
-                            if i.opcode == CALL and i.src == PSEUDO_CALL
-                            and 0 <= pc + 1 + i.imm < len(insns)})
-    return list(zip(entries, [*entries[1:], len(insns)], strict=True))
-
-
-def jump_target(i: Insn, pc: int) -> int:
-    return pc + 1 + (i.imm if i.opcode == JA32 else i.off)
-
-
 def block_leaders(insns: list[Insn], start: int, end: int) -> list[int]:
     """First insns of the basic blocks of the function [start, end): its start, jump
     targets inside it, and the insns after jumps and exits. Calls do not end a block."""
@@ -67,10 +56,10 @@ def block_leaders(insns: list[Insn], start: int, end: int) -> list[int]:
     while pc < end:
         i = insns[pc]
         if i.cls in (Class.JMP, Class.JMP32) and i.op != Jmp.CALL:
-            if i.op != Jmp.EXIT:
+            if is_jump(i):
                 leaders.add(jump_target(i, pc))
             leaders.add(pc + 1)
-        pc += 2 if i.opcode == LD_IMM64 else 1
+        pc += width(i)
     return sorted(t for t in leaders if start <= t < end)
 
 
@@ -171,13 +160,13 @@ def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int
                     if depth + 1 >= MAX_CALL_FRAMES:
                         raise VmFault(f"call depth above {MAX_CALL_FRAMES} frames", pc)
                     try:
-                        r[0] = _frame(prog, run, pc + 1 + i.imm, [0, *r[1:6]], depth + 1)
+                        r[0] = _frame(prog, run, call_target(i, pc), [0, *r[1:6]], depth + 1)
                     except TailCall:
                         r[0] = run_tail_calls(run, "interpreter", depth + 1, prog)
                 else:
                     r[0] = call_helper(run, i.imm, r[1], r[2], r[3], r[4], r[5], pc)
             elif op in (JA, JA32):
-                pc += i.imm if op == JA32 else i.off
+                pc = jump_target(i, pc) - 1
             else:
                 fn = (ops.JMP64_FN if cls == Class.JMP else ops.JMP32_FN).get(jop)
                 if fn is None:
@@ -185,7 +174,7 @@ def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int
                 mask = U64 if cls == Class.JMP else U32
                 s = r[i.src] if i.source == Source.X else i.imm
                 if fn(r[i.dst] & mask, s & mask):
-                    pc += i.off
+                    pc = jump_target(i, pc) - 1
         else:
             raise VmFault(f"unknown opcode {op:#04x}", pc)
         pc += 1

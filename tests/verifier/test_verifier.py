@@ -12,13 +12,18 @@ import pytest
 
 from bpffs.vm import BpfError, asm, kernel, load_program
 from bpffs.vm.context import SKB
-from bpffs.vm.isa import R0, R1, R2, R3, R6, R10, Alu, Atomic, Insn, Jmp
+from bpffs.vm.isa import R0, R1, R2, R3, R6, R10, Alu, Atomic, Class, Insn, Jmp
 from bpffs.vm.maps import create_map
 from bpffs.vm.uapi import BPF_ANY, Helper, MapType, ProgType
 
 SOCK, KPROBE, CLS = ProgType.SOCKET_FILTER, ProgType.KPROBE, ProgType.SCHED_CLS
 EXIT0 = [asm.mov64_imm(R0, 0), asm.exit()]
 MAP_FD = 3  # placeholder fd, relocated per map below
+
+
+def gotol(offset: int) -> Insn:
+    """BPF_JMP32 | BPF_JA: a goto whose 32-bit offset is in imm (off must be 0)."""
+    return Insn(Class.JMP32 | Jmp.JA, 0, 0, 0, offset)
 
 
 def lookup(null_check: bool, then: int = 1) -> list:
@@ -103,6 +108,26 @@ CASES: list[tuple[str, int, list, str | None]] = [
       asm.mov64_imm(R3, 0), asm.call(Helper.probe_read), asm.ldx(8, R0, R10, -8),
       asm.exit()], None),
     ("pointer returned", SOCK, [asm.mov64_reg(R0, R10), asm.exit()], None),
+    # check_subprogs: a function may not run on into the next one, nor jump into it
+    ("fall-through into a callee", SOCK,
+     [asm.mov64_imm(R1, 1), asm.call_local(1), asm.mov64_imm(R0, 1), asm.exit()],
+     "last insn is not an exit or jmp"),
+    ("caller overlapping its callee", SOCK,
+     [asm.call_local(0), asm.mov64_imm(R0, 1), asm.exit()], "last insn is not an exit or jmp"),
+    ("jump into a callee", SOCK,
+     [asm.mov64_imm(R0, 0), asm.ja(3), asm.call_local(1), asm.exit(), *EXIT0],
+     "jump out of range from insn 1 to 5"),
+    ("call outside the program", SOCK, [asm.call_local(5), *EXIT0],
+     "call to invalid destination"),
+    ("program ending in a conditional jump", SOCK,
+     [asm.mov64_imm(R0, 0), asm.jmp_imm(Jmp.JEQ, R0, 0, -2)], "last insn is not an exit or jmp"),
+    ("gotol over an insn", SOCK, [asm.mov64_imm(R0, 1), gotol(1), asm.mov64_imm(R0, 2),
+                                  asm.exit()], "unreachable insn 2"),
+    ("gotol out of range", SOCK, [gotol(3), *EXIT0], "jump out of range from insn 0 to 4"),
+    ("32-bit call", SOCK, [Insn(Class.JMP32 | Jmp.CALL, 0, 0, 0, Helper.get_prandom_u32),
+                           *EXIT0], "unknown opcode 86"),
+    ("32-bit exit", SOCK, [asm.mov64_imm(R0, 0), Insn(Class.JMP32 | Jmp.EXIT, 0, 0, 0, 0),
+                           asm.exit()], "unknown opcode 96"),
 ]
 NEWER_KERNEL_ACCEPTS = {"uninitialised stack read", "key from uninitialised stack"}
 UNPRIVILEGED = [
@@ -211,6 +236,33 @@ def test_loops_only_with_the_opt_in() -> None:
         load_program(SOCK, loop, license="GPL", resolve_map=None)
     prog, _ = load_program(SOCK, loop, license="GPL", resolve_map=None, allow_loops=True)
     assert prog.test_run(bytes(60)).retval == 10
+
+
+def bounded_loop(goto) -> bytes:
+    """r0 counts to 10 in a loop closed by an unconditional jump back (ja or gotol)."""
+    return asm.program(asm.mov64_imm(R0, 0), asm.add64_imm(R0, 1),
+                       asm.jmp_imm(Jmp.JGE, R0, 10, 1), goto(-3), asm.exit())
+
+
+@pytest.mark.parametrize("goto", [asm.ja, gotol], ids=["ja", "gotol"])
+def test_a_loop_closed_by_gotol_verifies_and_runs_like_ja(goto) -> None:
+    """issue 12: gotol's target is in imm; read from off, the back-edge went to the next insn
+    and the walk never met a loop head (E2BIG)."""
+    prog, log = load_program(SOCK, bounded_loop(goto), license="GPL", resolve_map=None,
+                             allow_loops=True, log_level=1)
+    assert "processed" in log
+    for tier in ("interpreter", "compiled"):
+        assert prog.test_run(bytes(60), tier=tier).retval == 10
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(not kernel.available(), reason="needs the running kernel's bpf(2)")
+def test_the_kernel_runs_the_gotol_loop_as_we_do() -> None:
+    fd, _ = kernel.prog_load(SOCK, bounded_loop(gotol))
+    try:
+        assert kernel.prog_test_run(fd, bytes(60))[0] == 10
+    finally:
+        os.close(fd)
 
 
 def random_unsafe_program(rng: random.Random) -> bytes:

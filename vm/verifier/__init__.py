@@ -1,17 +1,21 @@
 """The verifier: BPF_PROG_LOAD's static checks (kernel/bpf/verifier.c), run on every load.
 
-cfg.py checks the shape and control flow (check_cfg), check.py walks every path with an
-abstract state of registers and stack (do_check), state.py holds that state. A rejected
-program is EACCES (EINVAL for malformed instructions, E2BIG when too complex) and the error
-carries the log so far, as the kernel writes it into the caller's log buffer.
+cfg.py checks the shape and control flow (check_subprogs, check_cfg), check.py walks every
+path with an abstract state of registers and stack (do_check), state.py holds that state and
+liveness.py says what of it is still read at each instruction (for pruning). The control flow
+comes from vm.insn, computed once per program. A rejected program is EACCES (EINVAL for
+malformed instructions, E2BIG when too complex) and the error carries the log so far, as the
+kernel writes it into the caller's log buffer.
 """
 
 from __future__ import annotations
 
+from ..insn import flow
 from ..isa import Insn
 from ..maps import BpfMap
 from .cfg import Rejected, check_cfg
 from .check import do_check
+from .liveness import live_in
 
 __all__ = ["Rejected", "verify"]
 
@@ -22,6 +26,8 @@ def verify(prog_type: int, insns: list[Insn], maps: list[BpfMap], *, license: st
     from ..program import GPL_COMPATIBLE
 
     log: list[str] = []
-    check_cfg(prog_type, insns, license in GPL_COMPATIBLE, allow_loops, log)
-    do_check(prog_type, insns, maps, privileged, allow_loops, log, verbose=log_level > 0)
+    cfg = flow(insns)  # successors of every insn, computed once for every pass
+    check_cfg(prog_type, insns, cfg, license in GPL_COMPATIBLE, allow_loops, log)
+    do_check(prog_type, insns, cfg, live_in(insns, cfg), maps, privileged, allow_loops, log,
+             verbose=log_level > 0)
     return "\n".join(log) + "\n" if log_level else ""

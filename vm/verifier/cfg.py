@@ -7,16 +7,20 @@ import errno
 
 from ..errors import BpfError
 from ..helpers import HELPERS
+from ..insn import Flow, call_target, is_jump, is_local_call, jump_target
 from ..isa import (
     ISA_4_4_JMPS,
+    JA,
     JA32,
     LD_IMM64,
-    PSEUDO_CALL,
     Class,
     Insn,
     Jmp,
     Mode,
 )
+
+# The 4.4 jumps and the "less than" ones added later (4.14); no call or exit in JMP32.
+KNOWN_JMPS = ISA_4_4_JMPS | {Jmp.JLT, Jmp.JLE, Jmp.JSLT, Jmp.JSLE}
 
 
 class Rejected(BpfError):
@@ -27,50 +31,52 @@ class Rejected(BpfError):
         self.log = "\n".join([*log, message]) + "\n"
 
 
-def check_cfg(prog_type: int, insns: list[Insn], gpl: bool, allow_loops: bool,
+def check_cfg(prog_type: int, insns: list[Insn], flow: Flow, gpl: bool, allow_loops: bool,
               log: list[str]) -> None:
-    """Jumps in range, no jump into LD_IMM64, an exit, helpers callable from this type and
-    license, no unreachable instruction, no back-edge (loop) unless allowed."""
+    """Functions that end where they should, jumps in range, no jump into LD_IMM64, an exit,
+    helpers callable from this type and license, no unreachable instruction, no back-edge
+    (loop) unless allowed."""
+    _check_subprogs(insns, flow, log)
     n = len(insns)
-    targets: dict[int, list[int]] = {}
     has_exit = False
-    pc = 0
-    while pc < n:
-        i = insns[pc]
+    for pc, i in enumerate(insns):
+        if pc and insns[pc - 1].opcode == LD_IMM64:
+            continue  # the second half of LD_IMM64
         cls = i.cls
-        if i.opcode == LD_IMM64:
-            pc += 2
-            continue
         if cls in (Class.JMP, Class.JMP32):
-            if i.op == Jmp.EXIT and cls == Class.JMP:
-                has_exit = True
-                succ = []
-            elif i.op == Jmp.CALL and cls == Class.JMP:
-                if i.src == PSEUDO_CALL:
-                    succ = [pc + 1, pc + 1 + i.imm]
-                else:
-                    _check_helper(i.imm, prog_type, gpl, log)
-                    succ = [pc + 1]
-            elif i.op == Jmp.JA:
-                succ = [pc + 1 + (i.imm if i.opcode == JA32 else i.off)]
-            elif i.op in ISA_4_4_JMPS or i.op in (Jmp.JLT, Jmp.JLE, Jmp.JSLT, Jmp.JSLE):
-                succ = [pc + 1, pc + 1 + i.off]
-            else:
+            if i.op not in KNOWN_JMPS or (cls == Class.JMP32 and i.op in (Jmp.CALL, Jmp.EXIT)):
                 raise Rejected(errno.EINVAL, f"unknown opcode {i.opcode:02x}", log)
-            targets[pc] = []
-            for t in succ:
-                if not 0 <= t < n:
-                    raise Rejected(errno.EINVAL, f"jump out of range from insn {pc} to {t}", log)
-                if t > 0 and insns[t - 1].opcode == LD_IMM64 and t != pc + 1:
-                    raise Rejected(errno.EINVAL, f"jump out of range from insn {pc} to {t}", log)
-                targets.setdefault(pc, []).append(t)
+            has_exit |= i.op == Jmp.EXIT
+            if i.op == Jmp.CALL and not is_local_call(i):
+                _check_helper(i.imm, prog_type, gpl, log)
+            for t in _edges(insns, flow, pc):
+                if not 0 <= t < n or (t > 0 and insns[t - 1].opcode == LD_IMM64
+                                      and t != pc + 1):
+                    raise Rejected(errno.EINVAL, f"jump out of range from insn {pc} to {t}",
+                                   log)
         elif cls == Class.LD and i.mode in (Mode.ABS, Mode.IND) and (
                 i.dst or i.off or (i.mode == Mode.ABS and i.src) or i.size == 8):
             raise Rejected(errno.EINVAL, "BPF_LD_[ABS|IND] uses reserved fields", log)
-        pc += 1
     if not has_exit:
         raise Rejected(errno.EINVAL, "no exit instruction", log)
-    _check_reachable_and_loops(insns, targets, allow_loops, log)
+    _check_reachable_and_loops(insns, flow, allow_loops, log)
+
+
+def _check_subprogs(insns: list[Insn], flow: Flow, log: list[str]) -> None:
+    """check_subprogs: every call enters the program, no jump leaves its function, and each
+    function ends in an exit or a goto, so that none runs on into the next one."""
+    n = len(insns)
+    for pc, i in enumerate(insns):
+        if is_local_call(i) and not 0 <= call_target(i, pc) < n:
+            raise Rejected(errno.EINVAL, "call to invalid destination", log)
+    for start, end in flow.functions:
+        for pc in range(start, end):
+            i = insns[pc]
+            if is_jump(i) and not start <= jump_target(i, pc) < end:
+                raise Rejected(errno.EINVAL,
+                               f"jump out of range from insn {pc} to {jump_target(i, pc)}", log)
+        if insns[end - 1].opcode not in (Class.JMP | Jmp.EXIT, JA, JA32):
+            raise Rejected(errno.EINVAL, "last insn is not an exit or jmp", log)
 
 
 def _check_helper(helper_id: int, prog_type: int, gpl: bool, log: list[str]) -> None:
@@ -82,12 +88,18 @@ def _check_helper(helper_id: int, prog_type: int, gpl: bool, log: list[str]) -> 
                        log)
 
 
-def _check_reachable_and_loops(insns: list[Insn], targets: dict[int, list[int]],
-                               allow_loops: bool, log: list[str]) -> None:
+def _edges(insns: list[Insn], flow: Flow, pc: int) -> tuple[int, ...]:
+    """Where check_cfg's walk goes from pc: the successors, and a callee's entry."""
+    i = insns[pc]
+    return (*flow.succ[pc], call_target(i, pc)) if is_local_call(i) else flow.succ[pc]
+
+
+def _check_reachable_and_loops(insns: list[Insn], flow: Flow, allow_loops: bool,
+                               log: list[str]) -> None:
     """Depth-first walk as check_cfg: a back-edge is a loop; an insn never reached is dead."""
     n = len(insns)
     state = [0] * n  # 0 unseen, 1 on the walk's stack, 2 done
-    stack = [(0, iter(_successors(insns, targets, 0)))]
+    stack = [(0, iter(_edges(insns, flow, 0)))]
     state[0] = 1
     while stack:
         pc, succ = stack[-1]
@@ -100,16 +112,7 @@ def _check_reachable_and_loops(insns: list[Insn], targets: dict[int, list[int]],
             raise Rejected(errno.EINVAL, f"back-edge from insn {pc} to {nxt}", log)
         if state[nxt] == 0:
             state[nxt] = 1
-            stack.append((nxt, iter(_successors(insns, targets, nxt))))
+            stack.append((nxt, iter(_edges(insns, flow, nxt))))
     for pc in range(n):
         if state[pc] == 0 and not (pc > 0 and insns[pc - 1].opcode == LD_IMM64):
             raise Rejected(errno.EINVAL, f"unreachable insn {pc}", log)
-
-
-def _successors(insns: list[Insn], targets: dict[int, list[int]], pc: int) -> list[int]:
-    if pc in targets:
-        return targets[pc]
-    step = 2 if insns[pc].opcode == LD_IMM64 else 1
-    if pc + step >= len(insns):
-        raise Rejected(errno.EINVAL, f"jump out of range from insn {pc} to {pc + step}", [])
-    return [pc + step]

@@ -6,13 +6,14 @@ arguments, or (unprivileged) leak a pointer. Messages are the 4.4 kernel's."""
 from __future__ import annotations
 
 import errno
+import time
 from dataclasses import replace
 
 from ..context import ctx_access_ok, is_skb_program
 from ..disasm import format_insn
 from ..helpers import HELPERS, ArgType, HelperSpec, RetType
+from ..insn import Flow
 from ..isa import (
-    JA32,
     LD_IMM64,
     PSEUDO_CALL,
     PSEUDO_MAP_FD,
@@ -21,6 +22,7 @@ from ..isa import (
     R6,
     R10,
     Alu,
+    Atomic,
     Class,
     Insn,
     Jmp,
@@ -28,11 +30,28 @@ from ..isa import (
     Source,
 )
 from ..maps import BpfMap
-from ..uapi import MAX_BPF_STACK, Helper
+from ..uapi import BPF_COMPLEXITY_LIMIT_INSNS, MAX_BPF_STACK, Helper
 from .cfg import Rejected
+from .liveness import stack_mask
 from .state import INVALID, MISC, NOT_INIT, POINTERS, SPILL, UNKNOWN, Reg, State, T
 
-MAX_PROCESSED = 1_000_000  # BPF_COMPLEXITY_LIMIT_INSNS
+# The bounds of one verification. The kernel stops after a number of processed instructions:
+# 32768 in 4.4 (BPF_COMPLEXITY_LIMIT_INSNS from 4.7: 65536, 131072 from 4.14, 1M from 5.2).
+# Unprivileged programs keep 4.4's bound, as they keep its size limit (BPF_MAXINSNS): this is
+# the 4.4 object model, and this verifier processes ~80k instructions a second where the
+# kernel's does millions. Root may load programs of up to 1M instructions (5.2+, see
+# load_program), so it gets the kernel's 1M: a bound below the size limit would refuse every
+# large program by construction. For both, CPU_LIMIT_S is the bound that matters in time.
+COMPLEXITY_LIMIT_INSNS_UNPRIV = 32_768
+# Explored states kept per instruction for unprivileged programs (BPF_COMPLEXITY_LIMIT_STATES,
+# 5.x): bounds the comparisons each prune point costs.
+COMPLEXITY_LIMIT_STATES = 64
+# CPU seconds of the verifying thread, checked every CPU_CHECK_EVERY instructions: what is
+# left of a verification's cost once instructions and states are bounded (a Python verifier's
+# cost per instruction varies), so that no load holds a core for long. Thread CPU rather than
+# wall time: a busy machine must not turn a valid program away.
+CPU_LIMIT_S = 1.5
+CPU_CHECK_EVERY = 256
 ALU_OPS = frozenset(Alu)
 JMP_OPS = frozenset(Jmp)
 WIDEN_AFTER = 8  # visits of one instruction before constants are forgotten (loops allowed)
@@ -42,10 +61,14 @@ FILLS = {Helper.probe_read: 0, Helper.get_current_comm: 0, Helper.skb_get_tunnel
 
 
 class Checker:
-    def __init__(self, prog_type: int, insns: list[Insn], maps: list[BpfMap],
-                 privileged: bool, allow_loops: bool, log: list[str], verbose: bool):
+    def __init__(self, prog_type: int, insns: list[Insn], flow: Flow, live: list[int],
+                 maps: list[BpfMap], privileged: bool, allow_loops: bool, log: list[str],
+                 verbose: bool):
         self.prog_type = prog_type
         self.insns = insns
+        self.flow = flow
+        self.live = live
+        self.live_stack: dict[int, bytes] = {}
         self.maps = maps
         self.privileged = privileged
         self.allow_loops = allow_loops
@@ -55,9 +78,9 @@ class Checker:
         self.visits: dict[int, int] = {}
         self.next_id = 1
         self.processed = 0
-        self.jump_targets = {pc + 1 + i.off for pc, i in enumerate(insns)
-                             if i.cls in (Class.JMP, Class.JMP32) and i.op not in
-                             (Jmp.CALL, Jmp.EXIT)}
+        self.max_processed = BPF_COMPLEXITY_LIMIT_INSNS if privileged else \
+            COMPLEXITY_LIMIT_INSNS_UNPRIV
+        self.cpu_deadline = time.thread_time() + CPU_LIMIT_S
 
     def fail(self, message: str, err: int = errno.EACCES) -> None:
         raise Rejected(err, message, self.log)
@@ -73,12 +96,15 @@ class Checker:
             if origin >= 0 and self.verbose:
                 self.log.append(f"from {origin} to {pc}: {state.describe()}")
             while True:
-                if pc in self.jump_targets and self._seen(pc, state):
+                if pc in self.flow.jump_targets and self._seen(pc, state):
                     break
                 self.processed += 1
-                if self.processed > MAX_PROCESSED:
-                    self.fail(f"BPF program is too large. Processed {self.processed} insn",
-                              errno.E2BIG)
+                if self.processed > self.max_processed:
+                    self.too_large()
+                if not self.processed % CPU_CHECK_EVERY and time.thread_time() > \
+                        self.cpu_deadline:
+                    self.log.append(f"verification stopped after {CPU_LIMIT_S} s of CPU")
+                    self.too_large()
                 insn = self.insns[pc]
                 if self.verbose:
                     self.log.append(f"{pc}: {format_insn(insn, pc)}")
@@ -91,16 +117,26 @@ class Checker:
                 pc = nxt
         self.log.append(f"processed {self.processed} insns")
 
+    def too_large(self) -> None:
+        """The kernel's refusal of a program whose verification went past its bounds."""
+        self.fail(f"BPF program is too large. Processed {self.processed} insn", errno.E2BIG)
+
     def _seen(self, pc: int, state: State) -> bool:
-        """Prune: an explored state at this point covers this one (is_state_visited)."""
+        """Prune: an explored state at this point covers this one in everything still live
+        here (is_state_visited)."""
         visits = self.visits.get(pc, 0) + 1
         self.visits[pc] = visits
         if self.allow_loops and visits > WIDEN_AFTER:
             state.widen()
+        live = self.live[pc]
+        live_stack = self.live_stack.get(pc)
+        if live_stack is None:
+            live_stack = self.live_stack[pc] = stack_mask(live)
         states = self.explored.setdefault(pc, [])
-        if any(old.covers(state) for old in states):
+        if any(old.covers(state, live, live_stack) for old in states):
             return True
-        states.append(state.copy())
+        if self.privileged or len(states) <= COMPLEXITY_LIMIT_STATES:
+            states.append(state.copy())
         return False
 
     # -- one instruction ------------------------------------------------------------------------
@@ -121,7 +157,7 @@ class Checker:
             self.access(s, i.dst, i.off, i.size, write=False, dst=None)
             self.access(s, i.dst, i.off, i.size, write=True, value=UNKNOWN)
             if i.imm & 1:  # FETCH, XCHG, CMPXCHG write a register
-                self.write_reg(s, R0 if i.imm == 0xF1 else i.src, UNKNOWN)
+                self.write_reg(s, R0 if i.imm == Atomic.CMPXCHG else i.src, UNKNOWN)
         elif cls == Class.STX:
             if i.mode != Mode.MEM or i.imm:
                 self.fail("BPF_STX uses reserved fields", errno.EINVAL)
@@ -152,7 +188,7 @@ class Checker:
             else:
                 self.call(i.imm, s)
         elif i.op == Jmp.JA:
-            return pc + 1 + (i.imm if i.opcode == JA32 else i.off), None
+            return self.flow.succ[pc][0], None
         else:
             return self.branch(pc, i, s)
         return pc + 1, None
@@ -377,7 +413,7 @@ class Checker:
             src = self.read_reg(s, i.src)
             if (dst.type in POINTERS or src.type in POINTERS) and not self.privileged:
                 self.fail(f"R{i.dst} pointer comparison prohibited")
-        target = pc + 1 + i.off
+        target = self.flow.succ[pc][1]
         other = s.copy()
         if dst.type == T.MAP_VALUE_OR_NULL and i.source == Source.K and i.imm == 0 and \
                 i.op in (Jmp.JEQ, Jmp.JNE) and i.cls == Class.JMP:
@@ -389,6 +425,7 @@ class Checker:
         return pc + 1, (target, other)
 
 
-def do_check(prog_type: int, insns: list[Insn], maps: list[BpfMap], privileged: bool,
-             allow_loops: bool, log: list[str], verbose: bool) -> None:
-    Checker(prog_type, insns, maps, privileged, allow_loops, log, verbose).run()
+def do_check(prog_type: int, insns: list[Insn], flow: Flow, live: list[int],
+             maps: list[BpfMap], privileged: bool, allow_loops: bool, log: list[str],
+             verbose: bool) -> None:
+    Checker(prog_type, insns, flow, live, maps, privileged, allow_loops, log, verbose).run()

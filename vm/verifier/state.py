@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from ..uapi import MAX_BPF_STACK
+from .liveness import PRECISE_SHIFT
 
 
 class T(Enum):
@@ -53,6 +54,8 @@ NOT_INIT = Reg()
 
 # Stack byte states (enum bpf_stack_slot_type).
 INVALID, MISC, SPILL = 0, 1, 2
+ALL_BYTES = b"\xff" * MAX_BPF_STACK
+_LOW_BITS = int.from_bytes(b"\x01" * MAX_BPF_STACK, "little")  # bit 0 of every byte
 
 
 @dataclass
@@ -64,13 +67,25 @@ class State:
     def copy(self) -> State:
         return State(list(self.regs), bytearray(self.stack), dict(self.spills))
 
-    def covers(self, other: State) -> bool:
-        if not all(a.covers(b) for a, b in zip(self.regs, other.regs, strict=True)):
-            return False
-        for i in range(MAX_BPF_STACK):
-            if self.stack[i] != INVALID and self.stack[i] != other.stack[i]:
+    def covers(self, other: State, live: int = -1, live_stack: bytes = ALL_BYTES) -> bool:
+        """This explored state is at least as general as `other` in everything live (states
+        that differ only where nothing is read again lead to the same outcome), scalars
+        whose value no check uses being all alike. `live` is a mask of liveness.py;
+        `live_stack` is 0xFF over each live stack byte."""
+        for n, (a, b) in enumerate(zip(self.regs, other.regs, strict=True)):
+            if live >> n & 1 and not a.covers(b) and (
+                    live >> (PRECISE_SHIFT + n) & 1 or a.type not in SCALARS
+                    or b.type not in SCALARS):
                 return False
-        return all(other.spills.get(off) == reg for off, reg in self.spills.items())
+        # Every stack byte this state initialised must be the same in `other`: with the
+        # bytes as one integer, the bytes that differ, among the live ones this state set.
+        mine = int.from_bytes(self.stack, "little")
+        differ = mine ^ int.from_bytes(other.stack, "little")
+        if differ & (((mine | mine >> 1) & _LOW_BITS) * 0xFF) & \
+                int.from_bytes(live_stack, "little"):
+            return False
+        return all(other.spills.get(off) == reg for off, reg in self.spills.items()
+                   if live_stack[MAX_BPF_STACK + off])
 
     def widen(self) -> None:
         """Forget constant values (used at loop heads when loops are allowed)."""
