@@ -21,6 +21,7 @@ from bpffs.vm.errors import BpfError
 
 from . import __version__, sdnotify
 from .fs import Filesystems
+from .limits import LimitConfig, Limits
 from .objfd import ObjectFds
 from .persist import Persistence
 from .server import Connection, Server
@@ -39,13 +40,15 @@ class Config:
     memory_limit: int | None = 1 << 30
     fuse_options: list[str] = field(default_factory=list)
     persist_interval: float = 0.1  # seconds within which program-made map writes persist
+    limits: LimitConfig = field(default_factory=LimitConfig)  # per-uid limits (limits.py)
 
 
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.store = Store(config.memory_limit)
-        self.fds = ObjectFds(self.store)
+        self.limits = Limits(config.limits)
+        self.fds = ObjectFds(self.store, self.limits)
         self.trace = TraceRing()
         self.syscalls = Syscalls(self)
         self.fs = Filesystems(self)
@@ -76,7 +79,7 @@ class Daemon:
             "get_next_id": sc.get_next_id,
             "get_fd_by_id": sc.get_fd_by_id,
             "perf_event_open": sc.perf_event_open,
-            "trace_read": sc.trace_read,
+            "trace_read": self.trace_read,
             "obj_pin": fs.obj_pin,
             "obj_get": fs.obj_get,
             "mount": fs.mount,
@@ -99,6 +102,14 @@ class Daemon:
         info = self.syscalls.describe_handle(ref.obj)
         info["handle"] = ref.ino
         return info
+
+    def trace_read(self, conn: Connection, after: int) -> Any:
+        """The kernel's trace_pipe is root-only: other users' programs' output is not theirs
+        to read. Checked before the read parks."""
+        if not conn.peer.privileged:
+            raise BpfError(errno.EPERM, "reading the trace pipe needs CAP_SYS_ADMIN (root), as"
+                           " the kernel's /sys/kernel/tracing/trace_pipe does")
+        return self.syscalls.trace_read(conn, after)
 
     def status(self, conn: Connection) -> dict:
         self.fds.reap()

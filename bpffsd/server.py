@@ -5,7 +5,10 @@ ever waits on itself. A request is read with a direct non-blocking syscall first
 trio only when the socket is empty: that keeps the round trip close to a blocking server's.
 Nothing a client sends can end the daemon: malformed input gets an errno reply (or, when the
 framing itself is broken, the connection is dropped), and a handler bug is logged and answered
-with EIO.
+with EIO. Only a BpfError (or a request that fails its schema) is the caller's error; any
+other exception, OSError included, is the daemon's: logged with its traceback, answered EIO.
+What a user may hold here (connections, object fds, waiting requests) is limited per uid
+(limits.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from time import perf_counter_ns
+from time import monotonic, perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -23,6 +26,7 @@ import trio
 from bpffs.client import protocol
 from bpffs.vm.errors import BpfError
 
+from .limits import caller_uid
 from .objfd import ObjectFd
 from .peer import Peer
 from .syscall import Reply
@@ -40,6 +44,82 @@ _HUNG_UP = object()  # an async handler's result when its client hung up first
 # ~45 us to ~23 us, with less CPU (no epoll).
 SPIN_NS = 50_000
 SPIN_STREAK = 8
+# Warnings about malformed messages: at most WARN_BURST per uid every WARN_INTERVAL seconds,
+# then one line saying how many more there were. A client looping on bad input must not
+# flood the log (one at 16k lines in 5 minutes did).
+WARN_BURST = 5
+WARN_INTERVAL = 60.0
+
+
+def caller_error(e: BaseException) -> OSError | None:
+    """The error to send back when e is the caller's (a BpfError, or a request that fails
+    its schema), else None: e is the daemon's own failure. An exception group with one leaf
+    (a nursery's, since trio 0.25 even around a single error) stands for that leaf."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    if isinstance(e, BpfError | protocol.RequestError):
+        return e
+    return None
+
+
+def error_reply(e: BaseException, what: str) -> bytes:
+    """The reply for a failed request: the caller's error with its errno and message, or,
+    for anything else, EIO after logging it with its traceback (as part of `what`)."""
+    mine = caller_error(e)
+    if mine is not None:
+        detail = getattr(mine, "detail", None)
+        return protocol.error(mine.errno or errno.EIO, mine.strerror or str(mine),
+                              *([] if detail is None else [detail]))
+    log.error("internal error %s", what, exc_info=e)
+    return protocol.error(errno.EIO, f"internal error in bpffsd: {type(e).__name__}: {e}")
+
+
+class WarningLimiter:
+    """Rate-limits one kind of warning per source (a uid, say): WARN_BURST lines an
+    interval, then one line with the count of those not logged."""
+
+    def __init__(self, what: str, burst: int = WARN_BURST, interval: float = WARN_INTERVAL):
+        self.what, self.burst, self.interval = what, burst, interval
+        self._windows: dict[str, list[float]] = {}  # source -> [start, logged, dropped]
+
+    def warn(self, source: str, msg: str, *args: Any) -> None:
+        now = monotonic()
+        window = self._windows.get(source)
+        if window is None or now - window[0] >= self.interval:
+            if window is not None and window[2]:
+                log.warning("%d more %s from %s in %.0f s not logged", window[2], self.what,
+                            source, self.interval)
+            window = self._windows[source] = [now, 0, 0]
+            if len(self._windows) > 4096:  # forget quiet sources
+                self._windows = {k: w for k, w in self._windows.items()
+                                 if now - w[0] < self.interval}
+                self._windows[source] = window
+        if window[1] < self.burst:
+            window[1] += 1
+            suffix = f" (further {self.what} from {source} are counted, not logged)" \
+                if window[1] == self.burst else ""
+            log.warning(msg + suffix, *args)
+        else:
+            window[2] += 1
+
+
+class BoundFds(dict[int, ObjectFd]):
+    """handle (client fd's inode) -> object fd, for one connection. Object fds closed since
+    they were bound are dropped once the table has doubled: a long-lived connection that
+    gets and closes fds in a loop must not grow without bound."""
+
+    PRUNE_MIN = 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._prune_at = self.PRUNE_MIN
+
+    def __setitem__(self, handle: int, ref: ObjectFd) -> None:
+        super().__setitem__(handle, ref)
+        if len(self) >= self._prune_at:
+            for closed in [h for h, r in self.items() if r.closed]:
+                del self[closed]
+            self._prune_at = max(self.PRUNE_MIN, 2 * len(self))
 
 
 class Connection:
@@ -47,7 +127,7 @@ class Connection:
         self.sock = sock
         self.peer = peer
         self.greeted = False
-        self.bound: dict[int, ObjectFd] = {}  # handle (client fd's inode) -> object fd
+        self.bound = BoundFds()
         self.fds: list[int] = []  # fds that came with the request being served
         self._taken = 0
 
@@ -74,6 +154,9 @@ class Server:
         self.connections: set[Connection] = set()
         self.handlers: dict[str, Callable[..., Any]] = daemon.handlers()
         self.inbox = protocol.Inbox()  # shared: each message is copied out before any await
+        self.limits = daemon.limits
+        self.malformed = WarningLimiter("malformed messages")
+        self.accept_failures = WarningLimiter("accept failures")
 
     async def serve(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self.listener.setblocking(False)
@@ -86,7 +169,7 @@ class Server:
                     await trio.lowlevel.wait_readable(self.listener)
                     continue
                 except OSError as e:  # EMFILE and friends: back off, keep serving the rest
-                    log.warning("accept failed: %s", e)
+                    self.accept_failures.warn("the listener", "accept failed: %s", e)
                     await trio.sleep(0.1)
                     continue
                 nursery.start_soon(self._serve_connection, sock)
@@ -98,8 +181,29 @@ class Server:
         except OSError:
             sock.close()
             return
+        uid = conn.peer.uid
+        try:
+            self.limits.charge(self.limits.connections, uid)
+        except BpfError as e:  # say why (as the reply to the hello), then hang up
+            try:
+                sock.send(protocol.error(e.errno, e.strerror))
+            except OSError:
+                pass
+            sock.close()
+            return
+        caller_uid.set(uid)  # this task's object fds are charged to uid (limits.py)
         self.connections.add(conn)
+        try:
+            await self._serve_requests(conn)
+        finally:
+            self.connections.discard(conn)
+            self.limits.connections.uncharge(uid)
+            sock.close()
+
+    async def _serve_requests(self, conn: Connection) -> None:
+        sock = conn.sock
         recvmsg, send = self.inbox.recvmsg, sock.send
+        hello_deadline = trio.current_time() + self.limits.config.hello_timeout
         persistence = self.daemon.persistence
         caught: tuple | None = None  # a request caught while spinning
         spin = True  # this client's requests come back to back (see SPIN_NS)
@@ -110,16 +214,26 @@ class Server:
                     try:
                         caught = recvmsg(sock)
                     except BlockingIOError:
-                        await trio.lowlevel.wait_readable(sock)
-                        continue
+                        if conn.greeted:
+                            await trio.lowlevel.wait_readable(sock)
+                            continue
+                        with trio.move_on_at(hello_deadline):
+                            await trio.lowlevel.wait_readable(sock)
+                            continue
+                        log.debug("closing connection from pid %d: no hello within %g s",
+                                  conn.peer.pid, self.limits.config.hello_timeout)
+                        return
                 data, ancdata, flags = caught
                 caught = None
                 if not data and not ancdata:
                     return  # the peer closed (or sent an empty datagram, which is no request)
+                if not conn.greeted and trio.current_time() > hello_deadline:
+                    protocol.close_all(protocol.decode_fds(ancdata, 0))
+                    return  # requests but never a good hello: as idle as silence
                 mark = persistence.mark() if persistence is not None else None
                 reply, socks = self._serve_request(conn, data, ancdata, flags)
                 if isinstance(reply, Awaitable):
-                    reply, socks = await self._finish(conn, reply)
+                    reply, socks = await self._park(conn, reply)
                 if mark is not None and mark[0] is not None and mark[0].appended != mark[1]:
                     failure = await persistence.durable(mark)
                     if failure is not None:  # the change happened but is not durable
@@ -151,9 +265,6 @@ class Server:
                 await self._send(sock, reply, socks)
         except OSError as e:
             log.debug("connection from pid %d ended: %s", conn.peer.pid, e)
-        finally:
-            self.connections.discard(conn)
-            sock.close()
 
     def _serve_request(self, conn: Connection, data: bytes, ancdata: list,
                        flags: int) -> tuple[Any, list[socket.socket]]:
@@ -168,6 +279,10 @@ class Server:
             op, args = protocol.check_request(protocol.unpack(payload))
             if not conn.greeted and op != "hello":
                 raise BpfError(errno.EPROTO, "the first request must be hello")
+            wanted = protocol.OP_FDS.get(op, 0)
+            if len(conn.fds) > wanted:  # closed now: a waiting request must not keep them
+                protocol.close_all(conn.fds[wanted:])
+                del conn.fds[wanted:]
             result = self.handlers[op](conn, *args)
             if isinstance(result, Awaitable):
                 pending = True
@@ -179,15 +294,37 @@ class Server:
             if not pending:
                 self._release_fds(conn)
 
+    async def _park(self, conn: Connection, pending: Awaitable) -> tuple[Any, list]:
+        """_finish an async handler, counted against the caller's waiting requests."""
+        uid = conn.peer.uid
+        try:
+            self.limits.charge(self.limits.parked, uid)
+        except BpfError as e:
+            pending.close()  # type: ignore[attr-defined]  # a coroutine never started
+            self._release_fds(conn)
+            return self._failure(conn, e)
+        try:
+            return await self._finish(conn, pending)
+        finally:
+            self.limits.parked.uncharge(uid)
+
     async def _finish(self, conn: Connection, pending: Awaitable) -> tuple[Any, list]:
         """Await an async handler; a peer that hangs up meanwhile cancels it (a trace_read
-        may wait forever: its connection must not outlive the client)."""
+        may wait forever: its connection must not outlive the client). The handler's error
+        is caught inside the nursery, so that it reaches the client as itself, not wrapped
+        in the nursery's ExceptionGroup (trio >= 0.25)."""
         result: Any = _HUNG_UP
+        failure: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._cancel_on_hangup, conn.sock, nursery.cancel_scope)
-                result = await pending
+                try:
+                    result = await pending
+                except Exception as e:  # Cancelled (a hang-up) is no Exception: it goes on
+                    failure = e
                 nursery.cancel_scope.cancel()
+            if failure is not None:
+                return self._failure(conn, failure)
             if result is _HUNG_UP:
                 return None, []  # nobody to reply to
             return self._reply(result)
@@ -219,17 +356,12 @@ class Server:
             return protocol.ok(result.result), result.fds
         return protocol.ok(result), []
 
-    @staticmethod
-    def _failure(conn: Connection, e: Exception) -> tuple[bytes | None, list]:
+    def _failure(self, conn: Connection, e: Exception) -> tuple[bytes | None, list]:
         if isinstance(e, protocol.ProtocolError):
-            log.warning("dropping connection from pid %d: %s", conn.peer.pid, e)
+            self.malformed.warn(f"uid {conn.peer.uid}", "dropping connection from pid %d"
+                                " (uid %d): %s", conn.peer.pid, conn.peer.uid, e)
             return None, []
-        if isinstance(e, OSError):
-            detail = getattr(e, "detail", None)
-            return protocol.error(e.errno or errno.EIO, e.strerror or str(e),
-                                  *([] if detail is None else [detail])), []
-        log.exception("internal error serving pid %d", conn.peer.pid)
-        return protocol.error(errno.EIO, f"internal error in bpffsd: {type(e).__name__}: {e}"), []
+        return error_reply(e, f"serving pid {conn.peer.pid}"), []
 
     @staticmethod
     async def _send(sock: socket.socket, reply: bytes, socks: list[socket.socket]) -> None:

@@ -68,6 +68,9 @@ OPS: dict[str, tuple[str, ...]] = {
     "mount": ("bytes", "str?", "dict"),  # one fd: the target mount namespace
     "status": (),
 }
+# How many fds (SCM_RIGHTS) each operation takes, after a large message's memfd. Any more
+# are closed on arrival: every fd a request carries is one the daemon holds meanwhile.
+OP_FDS: dict[str, int] = {"bind": 1, "obj_pin": 1, "obj_get": 1, "mount": 1}
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "str": (str,), "bytes": (bytes,), "bool": (bool,), "dict": (dict,),
@@ -78,6 +81,14 @@ _LIMITS = {"u32": 1 << 32, "u64": 1 << 64}
 
 class ProtocolError(Exception):
     """A malformed message: the peer is dropped (no reply can be trusted to reach it)."""
+
+
+class RequestError(OSError):
+    """A well-formed message that is no valid request (unknown op, wrong arguments): the
+    caller's error, answered with its errno (EINVAL) like any other."""
+
+    def __str__(self) -> str:
+        return f"{errno.errorcode.get(self.errno, self.errno)}: {self.strerror}"
 
 
 _packers = threading.local()
@@ -96,7 +107,9 @@ def pack(obj: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+    # TypeError: a map whose key is unhashable (an array or a map as key).
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as e:
         raise ProtocolError(f"malformed msgpack: {e}") from None
 
 
@@ -110,27 +123,29 @@ _SCHEMAS = {op: _compile(schema) for op, schema in OPS.items()}
 
 
 def check_request(msg: Any) -> tuple[str, list[Any]]:
-    """Validate a decoded request against OPS; returns (op, args) or raises OSError(EINVAL)."""
+    """Validate a decoded request against OPS; returns (op, args) or raises RequestError."""
     if type(msg) is not list or not msg or type(msg[0]) is not str:
-        raise OSError(errno.EINVAL, "a request is a msgpack array [op, args...]")
+        raise RequestError(errno.EINVAL, "a request is a msgpack array [op, args...]")
     op = msg[0]
     schema = _SCHEMAS.get(op)
     if schema is None:
-        raise OSError(errno.EINVAL, f"unknown operation {op!r}")
+        raise RequestError(errno.EINVAL, f"unknown operation {op!r}")
     args = msg[1:]
     if len(args) != len(schema):
-        raise OSError(errno.EINVAL, f"{op} takes {len(schema)} arguments, got {len(args)}")
+        raise RequestError(errno.EINVAL, f"{op} takes {len(schema)} arguments, got {len(args)}")
     for i, arg in enumerate(args):
         types, optional, kind, limit = schema[i]
         if isinstance(arg, types):
             # bool is an int subclass: reject it where an int is meant.
             if type(arg) is bool and bool not in types:
-                raise OSError(errno.EINVAL, f"{op}: argument {i + 1} must be {kind}, got bool")
+                raise RequestError(errno.EINVAL,
+                                   f"{op}: argument {i + 1} must be {kind}, got bool")
             if limit is not None and not 0 <= arg < limit:
-                raise OSError(errno.EINVAL, f"{op}: argument {i + 1} must be {kind}, got {arg}")
+                raise RequestError(errno.EINVAL,
+                                   f"{op}: argument {i + 1} must be {kind}, got {arg}")
         elif not (optional and arg is None):
-            raise OSError(errno.EINVAL, f"{op}: argument {i + 1} must be {kind},"
-                          f" got {type(arg).__name__}")
+            raise RequestError(errno.EINVAL, f"{op}: argument {i + 1} must be {kind},"
+                               f" got {type(arg).__name__}")
     return op, args
 
 
@@ -163,10 +178,13 @@ def read_memfd(fd: int) -> bytes:
         fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         raise ProtocolError("a large message must arrive in a memfd") from None
-    size = os.fstat(fd).st_size
-    if size > MESSAGE_MAX:
-        raise ProtocolError(f"message of {size} bytes exceeds {MESSAGE_MAX}")
-    return os.pread(fd, size, 0)
+    try:
+        size = os.fstat(fd).st_size
+        if size > MESSAGE_MAX:
+            raise ProtocolError(f"message of {size} bytes exceeds {MESSAGE_MAX}")
+        return os.pread(fd, size, 0)
+    except OSError as e:
+        raise ProtocolError(f"cannot read the large message's memfd: {e.strerror}") from None
 
 
 def encode_fds(fds: list[int]) -> list[tuple[int, int, bytes]]:

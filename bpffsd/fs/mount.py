@@ -24,8 +24,9 @@ import trio
 from bpffs.client import protocol
 from bpffs.vm.errors import BpfError
 
-from .fuse_ops import FuseOps
-from .tree import show
+from ..server import error_reply
+from .fuse_ops import FuseOps, PendingPin
+from .tree import Caller, Dir, show
 
 if TYPE_CHECKING:
     from . import Filesystems
@@ -38,6 +39,9 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 MAX_RESTARTS = 5  # within RESTART_WINDOW seconds; then the mount is given up
 RESTART_WINDOW = 60.0
+# How long obj_pin waits for a worker to create a pin through its mount (see
+# pin_through_mount) before making it directly, without the inotify event.
+PIN_THROUGH_MOUNT_TIMEOUT = 5.0
 
 
 class Mount:
@@ -174,11 +178,8 @@ class Mount:
             op, *args = protocol.unpack(payload)
             with self.fs.origin(self):
                 return protocol.ok(handlers[op](*args))
-        except OSError as e:
-            return protocol.error(e.errno or errno.EIO, str(e))
-        except Exception:
-            log.exception("mount %s: request failed", self.describe())
-            return protocol.error(errno.EIO, "internal error")
+        except Exception as e:  # a BpfError is the caller's; the rest is logged, then EIO
+            return error_reply(e, f"in mount {self.describe()}")
 
     async def _shutdown(self) -> None:
         """Ask the worker to unmount (by closing its notification socket); kill it if it
@@ -210,6 +211,44 @@ class Mount:
     async def stop(self) -> None:
         self.stopping = True
         await self._shutdown()
+
+    # -- pins made through the mount ----------------------------------------------------------
+    async def pin_through_mount(self, parent: Dir, name: bytes, obj: Any,
+                                caller: Caller) -> bool:
+        """Have the worker create the pin with mknod() on the mount itself, so that the
+        kernel fires IN_CREATE for inotify watchers (FUSE's entry notifications fire none).
+        True when the pin was made so; False when the mount could not (gone, the path does
+        not resolve there, the worker's own permissions, PIN_THROUGH_MOUNT_TIMEOUT): the
+        caller makes it directly then. The tree's refusal (EEXIST, ...) is raised."""
+        path = self._path_in_mount(parent, name)
+        key = (parent.ino, name)
+        if path is None or self._notify is None or key in self.ops.pending:
+            return False
+        pending = self.ops.pending[key] = PendingPin(obj, caller)
+        try:
+            self.invalidate([["create", parent.ino, name, path]])
+            with trio.move_on_after(PIN_THROUGH_MOUNT_TIMEOUT):
+                await pending.done.wait()
+        finally:
+            del self.ops.pending[key]
+        if pending.error is not None:
+            raise pending.error
+        return pending.node is not None
+
+    def _path_in_mount(self, parent: Dir, name: bytes) -> bytes | None:
+        """The path of parent/name as the worker sees it (None if parent is detached)."""
+        parts = [name]
+        node = parent
+        while node is not self.instance.tree.root:
+            up = node.parent
+            if up is None:
+                return None
+            found = next((n for n, child in up.children.items() if child is node), None)
+            if found is None:
+                return None
+            parts.append(found)
+            node = up
+        return b"/".join([self.mountpoint.rstrip(b"/"), *reversed(parts)])
 
     # -- cache invalidation -------------------------------------------------------------------
     def invalidate(self, items: list[list[Any]]) -> None:
