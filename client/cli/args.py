@@ -8,9 +8,24 @@ import errno
 
 from bpffs.vm.errors import BpfError
 
+U32_MAX = 0xFFFF_FFFF
+
 
 def usage(message: str) -> BpfError:
     return BpfError(errno.EINVAL, message)
+
+
+def parse_int(word: str, what: str, low: int = 0, high: int = U32_MAX) -> int:
+    """A number for a field of the kernel's bpf_attr (a u32 unless told), in any base C's
+    strtoul takes. Checked here: a bigger number would reach the wire as a msgpack
+    OverflowError, and the kernel's fields would silently truncate it."""
+    try:
+        value = int(word, 0)
+    except ValueError:
+        raise usage(f"can't parse {what} '{word}': not a number") from None
+    if not low <= value <= high:
+        raise usage(f"can't parse {what} '{word}': out of range ({low} to {high})")
+    return value
 
 
 def is_prefix(word: str, keyword: str) -> bool:
@@ -43,12 +58,9 @@ class Args:
             raise usage(f"missing {what}")
         return self.words.pop(0)
 
-    def next_int(self, what: str) -> int:
-        word = self.next(what)
-        try:
-            return int(word, 0)
-        except ValueError:
-            raise usage(f"{what} must be a number, got '{word}'") from None
+    def next_int(self, what: str, low: int = 0, high: int = U32_MAX) -> int:
+        """The next word as a number in [low, high] (default: a u32, as bpf_attr's fields)."""
+        return parse_int(self.next(what), what, low, high)
 
     def keyword(self, keywords: list[str], what: str) -> str:
         return match(self.next(what), keywords, what)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import sys
 
 from bpffs.vm.errors import BpfError
 from bpffs.vm.uapi import BPF_ANY, BPF_EXIST, BPF_NOEXIST, MAP_TYPE_NAMES, MapType
@@ -19,6 +20,8 @@ COMMANDS = ["show", "list", "create", "dump", "lookup", "update", "delete", "get
             "event_pipe", "event-pipe", "help"]
 TYPE_BY_NAME = {name: int(t) for t, name in MAP_TYPE_NAMES.items()}
 FLAGS = {"any": BPF_ANY, "noexist": BPF_NOEXIST, "exist": BPF_EXIST}
+ATTR_WHAT = {"key": "key size", "value": "value size", "entries": "max entries",
+             "flags": "flags"}  # bpftool's words in its parse errors
 
 
 def run(client: Client, args: Args, out: Output, show_pins: bool) -> None:
@@ -76,7 +79,7 @@ def create(client: Client, args: Args, out: Output, show_pins: bool) -> None:
         elif word == "name":
             attrs["name"] = args.next("map name")
         else:
-            attrs[word] = args.next_int(word)
+            attrs[word] = args.next_int(ATTR_WHAT[word])
     missing = [a for a in ("type", "key", "value", "entries") if a not in attrs]
     if missing:
         raise usage(f"map create needs {', '.join(missing)}")
@@ -200,10 +203,32 @@ def pin(client: Client, args: Args, out: Output, show_pins: bool) -> None:
     out.emit(None)
 
 
+def possible_cpus() -> int:
+    """How many CPUs a perf event may name: libbpf's count, from the kernel's list of possible
+    CPUs (`0-1`, `0-3,5`), else the online count."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            ranges = f.read().strip().split(",")
+        return max(int(r.rsplit("-", 1)[-1]) for r in ranges) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
 def event_pipe(client: Client, args: Args, out: Output, show_pins: bool) -> None:
-    """Put one perf event per slot (or the one given) into a PERF_EVENT_ARRAY and print every
-    sample programs send through it, until interrupted."""
+    """Put a perf event for each CPU (or for `cpu N` at `index M`) into a PERF_EVENT_ARRAY and
+    print every sample programs send through it, until interrupted. As bpftool (libbpf's
+    perf_buffer), a CPU that does not exist is refused (perf_event_open gives EINVAL), and so
+    is an index past the map (E2BIG), rather than waiting for samples that never come."""
     fd, info = _open(client, args)
+    try:
+        _event_pipe(client, fd, info, args, out)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _event_pipe(client: Client, fd: int, info: dict, args: Args, out: Output) -> None:
     if info["type"] != MAP_TYPE_NAMES[MapType.PERF_EVENT_ARRAY]:
         raise BpfError(errno.EINVAL, f"map {info['id']} is a {info['type']} map, not a"
                        " perf_event_array")
@@ -214,17 +239,27 @@ def event_pipe(client: Client, args: Args, out: Output, show_pins: bool) -> None
             cpu = args.next_int("cpu")
         else:
             index = args.next_int("index")
-    slots = [index if index is not None else cpu] if (cpu, index) != (None, None) else list(
-        range(info["max_entries"]))
-    events = {}
-    for slot in slots:
-        event_fd = client.perf_event_open(slot if cpu is None else cpu)
-        client.map_update_elem(fd, slot.to_bytes(4, "little"), event_fd.to_bytes(4, "little"))
-        events[event_fd] = slot
-    poller = select.poll()
-    for event_fd in events:
-        poller.register(event_fd, select.POLLIN)
+    if (cpu is None) != (index is None):
+        raise usage("cpu and index must be specified together")
+    cpus = possible_cpus()
+    if cpu is not None and cpu >= cpus:
+        raise BpfError(errno.EINVAL, f"failed to open perf buffer event on cpu #{cpu}: this"
+                       f" machine's CPUs are 0-{cpus - 1}")
+    if index is not None and index >= info["max_entries"]:
+        raise BpfError(errno.E2BIG, f"index {index} is past the end of map {info['id']}"
+                       f" (max_entries {info['max_entries']})")
+    slots = ([(cpu, index)] if cpu is not None and index is not None
+             else [(c, c) for c in range(min(info["max_entries"], cpus))])
+    events: dict[int, int] = {}
     try:
+        for event_cpu, slot in slots:
+            event_fd = client.perf_event_open(event_cpu)
+            events[event_fd] = slot
+            client.map_update_elem(fd, slot.to_bytes(4, "little"),
+                                   event_fd.to_bytes(4, "little"))
+        poller = select.poll()
+        for event_fd in events:
+            poller.register(event_fd, select.POLLIN)
         while True:
             for event_fd, _ in poller.poll():
                 record = os.read(event_fd, protocol.INLINE_MAX)
@@ -236,9 +271,7 @@ def event_pipe(client: Client, args: Args, out: Output, show_pins: bool) -> None
                 out.line(hex_bytes(data))
                 out.emit({"timestamp": timestamp, "cpu": sample_cpu, "index": events[event_fd],
                           "data": json_bytes(data)})
-    except KeyboardInterrupt:
-        pass
+                sys.stdout.flush()  # a sample shows when it comes, through a pipe too
     finally:
         for event_fd in events:
             os.close(event_fd)
-        os.close(fd)

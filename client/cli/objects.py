@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from bpffs.vm.errors import BpfError
 
 from ..sync import Client
-from .args import Args
+from .args import Args, parse_int
 from .output import Output
 
 
@@ -28,11 +28,7 @@ def all_ids(client: Client, kind: str) -> Iterator[int]:
 def open_refs(client: Client, kind: str, how: str, value: str) -> list[int]:
     """Fds of every object the reference names (`name` may name several)."""
     if how == "id":
-        try:
-            obj_id = int(value, 0)
-        except ValueError:
-            raise BpfError(errno.EINVAL, f"invalid {kind} id '{value}'") from None
-        return [client.get_fd_by_id(kind, obj_id)]
+        return [client.get_fd_by_id(kind, parse_int(value, f"{kind} id"))]
     if how == "pinned":
         fd = client.obj_get(value)
         info = client.obj_get_info_by_fd(fd)

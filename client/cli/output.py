@@ -4,9 +4,14 @@ status is 256 - errno (EEXIST -> 239), 255 when there is no errno."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
+
+from bpffs.vm.errors import BpfError
 
 
 def hex_bytes(data: bytes) -> str:
@@ -52,3 +57,15 @@ def _default(value: Any) -> Any:
 
 def exit_status(err: int | None) -> int:
     return 256 - err if err and 0 < err < 256 else 255
+
+
+@contextlib.contextmanager
+def named(path: str) -> Iterator[None]:
+    """Errors about a file name it (`in.pcap: ENOENT: No such file or directory`): a command
+    that reads one file and writes another must say which one failed."""
+    try:
+        yield
+    except BpfError as e:
+        raise BpfError(e.errno, f"{path}: {e.strerror}") from None
+    except OSError as e:
+        raise BpfError(e.errno or errno.EIO, f"{path}: {e.strerror or e}") from None

@@ -10,23 +10,26 @@ import time
 import dpkt
 from tqdm import tqdm
 
+from bpffs.vm.errors import BpfError
 from bpffs.vm.uapi import PROG_TYPE_NAMES, ProgType
 
 from ..replay import DLT_EN10MB, Replay, open_capture
 from ..sync import Client
-from .args import Args, usage
+from .args import Args, parse_int, usage
 from .objects import open_one
-from .output import Output
+from .output import Output, named
 
 COMMANDS = ["run", "help"]
+USAGE = ("Usage: bpffs pcap run PROG --pcap IN [--out OUT] [--tier TIER]"
+         " [--interfaces IFINDEX,...] [--json]\n"
+         "       PROG := { id PROG_ID | pinned FILE | name PROG_NAME }\n"
+         "       TIER := { compiled | interpreter }")
 
 
 def run(client: Client, args: Args, out: Output, show_pins: bool) -> None:
     command = args.keyword(COMMANDS, "pcap command") if args else "help"
     if command == "help":
-        print("Usage: bpffs pcap run PROG --pcap IN [--out OUT] [--tier TIER]"
-              " [--interfaces IFINDEX,...] [--json]\n"
-              "       PROG := { id PROG_ID | pinned FILE | name PROG_NAME }")
+        print(USAGE)
         return
     fd = open_one(client, "prog", *args.object_ref("prog"))
     try:
@@ -50,8 +53,9 @@ def replay_capture(client: Client, fd: int, args: Args, out: Output) -> None:
             options["tier"] = value
         elif word == "--interfaces":
             try:
-                options["interfaces"] = [int(i, 0) for i in value.split(",")]
-            except ValueError:
+                options["interfaces"] = [parse_int(i, "ifindex", 1, 2**31 - 1)
+                                         for i in value.split(",")]
+            except BpfError:
                 raise usage(f"--interfaces takes ifindexes like 1,2,3, not '{value}'"
                             ) from None
         else:
@@ -60,14 +64,16 @@ def replay_capture(client: Client, fd: int, args: Args, out: Output) -> None:
         raise usage("pcap run needs --pcap IN")
     type_name = client.obj_get_info_by_fd(fd)["type"]
     type_id = next(t for t, name in PROG_TYPE_NAMES.items() if name == type_name)
-    with open(files["--pcap"], "rb") as f, contextlib.ExitStack() as stack:
-        capture = open_capture(f)
+    with contextlib.ExitStack() as stack:
+        with named(files["--pcap"]):
+            capture = open_capture(stack.enter_context(open(files["--pcap"], "rb")))
         if type_id != ProgType.SOCKET_FILTER and capture.linktype != DLT_EN10MB:
-            raise usage(f"tc programs take Ethernet frames; the capture's link type is"
-                        f" {capture.linktype}")
+            raise usage(f"{files['--pcap']}: tc programs take Ethernet frames; the capture's"
+                        f" link type is {capture.linktype}")
         write = None
         if "--out" in files:
-            sink = stack.enter_context(open(files["--out"], "wb"))
+            with named(files["--out"]):
+                sink = stack.enter_context(open(files["--out"], "wb"))
             writer = dpkt.pcap.Writer(sink, linktype=capture.linktype, snaplen=262144)
             write = lambda ts, data: writer.writepkt(data, ts=ts)  # noqa: E731
         replay = Replay(client, fd, type_id, write, **options)

@@ -13,7 +13,7 @@ from ..loader.load import LoadOptions, load_object
 from ..sync import Client
 from .args import Args, usage
 from .objects import open_one, show_infos
-from .output import Output, hex_bytes
+from .output import Output, hex_bytes, named
 
 COMMANDS = ["show", "list", "dump", "pin", "run", "load", "loadall", "tracelog", "help"]
 
@@ -94,7 +94,7 @@ def pin(client: Client, args: Args, out: Output, show_pins: bool) -> None:
 def _read_input(path: str) -> bytes:
     if path == "-":
         return sys.stdin.buffer.read()
-    with open(path, "rb") as f:
+    with named(path), open(path, "rb") as f:
         return f.read()
 
 
@@ -102,7 +102,7 @@ def _write_output(path: str, data: bytes, out: Output) -> None:
     if path == "-":
         out.line(hex_bytes(data))
         return
-    with open(path, "wb") as f:
+    with named(path), open(path, "wb") as f:
         f.write(data)
 
 
@@ -113,7 +113,7 @@ def run_prog(client: Client, args: Args, out: Output, show_pins: bool) -> None:
         word = args.keyword(["data_in", "data_out", "data_size_out", "ctx_in", "ctx_out",
                              "ctx_size_out", "repeat"], "run option")
         options[word] = args.next_int(word) if word in ("data_size_out", "ctx_size_out",
-                                                        "repeat") else args.next(word)
+                                                        "repeat") else args.next(word)  # u32s
     if "data_in" not in options:
         raise usage("prog run needs data_in FILE")
     try:
@@ -204,7 +204,7 @@ def tracelog(client: Client, args: Args, out: Output, show_pins: bool) -> None:
         while True:
             for seq, line in client.trace_read(after):
                 after = seq
-                out.line(line)
+                out.line(line[:-1] if line.endswith("\n") else line)  # as trace_pipe: one \n
                 out.emit({"seq": seq, "line": line})
                 sys.stdout.flush()
     except KeyboardInterrupt:

@@ -8,6 +8,12 @@ from ..sync import Client
 from .args import Args, usage
 from .output import Output
 
+MOUNT_USAGE = ("Usage: bpffs mount DIR [--instance NAME] [--target-pid PID] [--allow-other]\n"
+               "       a bpffs at DIR (in the mount namespace of PID); a named instance\n"
+               "       persists and is shared by every mount of that name")
+STATUS_USAGE = "Usage: bpffs status\n       the daemon, its objects, instances and persistence"
+PID_MAX = 2**31 - 1  # pid_t
+
 
 def mount(client: Client, args: Args, out: Output) -> None:
     """bpffs mount DIR [--instance NAME] [--target-pid PID] [--allow-other]"""
@@ -19,7 +25,7 @@ def mount(client: Client, args: Args, out: Output) -> None:
         if word == "--instance":
             instance = args.next("instance name")
         elif word == "--target-pid":
-            target_pid = args.next_int("pid")
+            target_pid = args.next_int("pid", 1, PID_MAX)
         elif word == "--allow-other":
             allow_other = True
         else:
@@ -41,8 +47,9 @@ def status(client: Client, args: Args, out: Output) -> None:
              f" {info['object_fds']} open fds; {info['connections']} connections")
     for inst in info["instances"]:
         name = repr(inst["name"]) if inst["name"] else "(unnamed)"
-        mounts = ", ".join(inst["mounts"]) or "not mounted"
-        out.line(f"instance {name}: {inst['pins']} pins; mounted at {mounts}")
+        where = f"mounted at {', '.join(inst['mounts'])}" if inst["mounts"] else "not mounted"
+        out.line(f"instance {name}: {inst['pins']} pin{'s' if inst['pins'] != 1 else ''};"
+                 f" {where}")
     persist = info.get("persistence")
     if persist is None:
         out.line("persistence: off")
@@ -58,4 +65,9 @@ def status(client: Client, args: Args, out: Output) -> None:
         problems = restored.get("problems", []) + restored.get("truncated", [])
         out.line(f"last restore: {restored.get('records', 0)} records"
                  + (f"; {len(problems)} problems: {'; '.join(problems)}" if problems else ""))
+        for obj in persist.get("unplaced", []):
+            out.line(f"UNPLACED {obj['kind']} {obj['name']!r} pinned at"
+                     f" {', '.join(obj['paths'])}: {obj['reason']}")
+        if persist.get("held"):
+            out.line(f"persistence HELD: {persist['held']}")
     out.emit(info)

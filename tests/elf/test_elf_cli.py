@@ -108,3 +108,21 @@ def test_program_pin_failure_takes_back_the_map_pins(daemon: DaemonProcess, bpf_
                  str(bpf_dir / "taken"), "type", "classifier", "section", "ingress")
     assert done.returncode == 256 - errno.EEXIST, done.stderr
     assert [p.name for p in bpf_dir.iterdir()] == ["taken"]
+
+
+def test_loadall_of_tc_sections_takes_type(daemon: DaemonProcess, bpf_dir: Path,
+                                           examples: dict[str, Path]) -> None:
+    """The README's `loadall cls.o DIR type classifier`: `ingress`/`egress` name no program
+    type (libbpf cannot guess them either), so without `type` it fails, leaving nothing; with
+    it, every program is pinned, with trailing options anywhere (`--json` last)."""
+    obj = str(examples["tc_classifier"])
+    untyped = bpffs(daemon, bpf_dir, "prog", "loadall", obj, str(bpf_dir / "cls"))
+    assert untyped.returncode == 256 - errno.EINVAL and "give `type`" in untyped.stderr
+    assert list(bpf_dir.iterdir()) == []
+    typed = bpffs(daemon, bpf_dir, "prog", "loadall", obj, str(bpf_dir / "cls"), "type",
+                  "classifier", "--json")
+    assert typed.returncode == 0, typed.stderr
+    assert set(json.loads(typed.stdout)["programs"]) == {"cls_main", "cls_ingress",
+                                                         "cls_egress"}
+    assert sorted(p.name for p in (bpf_dir / "cls").iterdir()) == ["cls_egress",
+                                                                   "cls_ingress", "cls_main"]
