@@ -1,40 +1,89 @@
 """`bpffsd`: start the daemon. With no options it picks a working default: as root the control
-socket /run/bpffsd/control.sock and a mount at /sys/fs/bpf; otherwise per-user paths."""
+socket /run/bpffsd/control.sock and a mount at /sys/fs/bpf, or at /run/bpffsd/bpf where the
+kernel's own bpffs is mounted at /sys/fs/bpf (every systemd host: ours must never hide it);
+otherwise per-user paths. With --detach it returns once the daemon serves, and the daemon logs
+to bpffsd.log beside its socket."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import errno
 import logging
 import os
 import resource
 import signal
+import stat
 import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import trio
 
 from bpffs.client import paths
 
-from . import __version__
+from . import __version__, limits, sdnotify
 from .daemon import Config, Daemon
+
+log = logging.getLogger("bpffsd")
+
+LOG_NAME = "bpffsd.log"  # --detach's log, beside the socket
+
+
+class StartupError(Exception):
+    """A reason not to start, told in one line (never a traceback)."""
+
+
+def non_negative(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text} is negative")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" error
+    return parse
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bpffsd", description=__doc__)
     p.add_argument("--socket", default=paths.default_socket(),
                    help="control socket path (default: %(default)s; env BPFFS_SOCKET)")
-    p.add_argument("--mount", default=paths.default_mount(), metavar="DIR",
-                   help="mount the default instance here (default: %(default)s)")
+    p.add_argument("--mount", metavar="DIR",
+                   help="mount the default instance here (default: as root /sys/fs/bpf, or"
+                   f" {paths.SYSTEM_ALT_MOUNT} where the kernel's bpffs is mounted at"
+                   " /sys/fs/bpf; otherwise $XDG_RUNTIME_DIR/bpffsd/bpf or /tmp/bpffsd-UID/bpf)")
     p.add_argument("--no-mount", action="store_true", help="start without mounting anything")
+    p.add_argument("--shadow-kernel-bpffs", action="store_true",
+                   help="let --mount cover a kernel bpffs mount (refused otherwise: its pins"
+                   " would be hidden from every tool while bpffsd runs)")
     p.add_argument("--state-dir", default=paths.default_state_dir(),
                    help="where named instances persist (default: %(default)s)")
     p.add_argument("--no-persist", action="store_true",
                    help="keep nothing across restarts (no state directory)")
-    p.add_argument("--persist-interval", type=float, default=0.1, metavar="SECONDS",
+    p.add_argument("--persist-interval", type=non_negative(float), default=0.1,
+                   metavar="SECONDS",
                    help="map writes made by programs persist within this time (default 0.1)")
-    p.add_argument("--memory-limit", type=int, default=1 << 30, metavar="BYTES",
+    p.add_argument("--memory-limit", type=non_negative(int), default=1 << 30, metavar="BYTES",
                    help="cap on memory all objects together may charge (default: 1 GiB)")
+    # Per-uid limits (bpffsd/limits.py; root is never refused).
+    p.add_argument("--max-connections-per-uid", type=int, default=limits.MAX_CONNECTIONS_PER_UID,
+                   metavar="N", help="control connections one user may hold (default %(default)s)")
+    p.add_argument("--max-fds-per-uid", type=int, default=limits.MAX_FDS_PER_UID, metavar="N",
+                   help="object fds one user may hold open (default %(default)s)")
+    p.add_argument("--max-parked-per-uid", type=int, default=limits.MAX_PARKED_PER_UID,
+                   metavar="N", help="requests of one user that may wait at once, e.g."
+                   " trace_read (default %(default)s)")
+    p.add_argument("--hello-timeout", type=float, default=limits.HELLO_TIMEOUT,
+                   metavar="SECONDS", help="close connections that have not said hello by"
+                   " then (default %(default)s)")
+    p.add_argument("--root-reserve", type=int, default=limits.ROOT_RESERVE, metavar="N",
+                   help="daemon fds only root may use (default %(default)s)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background; return once the daemon is ready")
+    p.add_argument("--log-file", metavar="FILE",
+                   help=f"append log lines here (default: standard error; with --detach,"
+                   f" {LOG_NAME} in the socket's directory)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--version", action="version", version=f"bpffsd {__version__}")
     return p.parse_args(argv)
@@ -47,57 +96,265 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(config: Config, ready_fd: int | None = None) -> None:
+# -- logging ------------------------------------------------------------------------------------
+class TimestampFormatter(logging.Formatter):
+    """Log lines start with local time in ISO 8601, to the millisecond, with the UTC offset."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        when = datetime.datetime.fromtimestamp(record.created).astimezone()
+        return when.isoformat(timespec="milliseconds")
+
+
+class JournalFormatter(logging.Formatter):
+    """For journald, which stamps the time and the pid itself: only the sd-daemon(3) priority
+    prefix (<3> error ... <7> debug), so `journalctl -p` filters by level."""
+
+    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+                logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
+        return prefix + super().format(record).replace("\n", "\n" + prefix)
+
+
+def stderr_is_journal() -> bool:
+    """systemd connected our stderr to journald: JOURNAL_STREAM names that stream's
+    device:inode (checked against fd 2, since a child's stderr may go elsewhere)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(2)
+        return (int(dev), int(ino)) == (st.st_dev, st.st_ino)
+    except (ValueError, OSError):
+        return False
+
+
+def setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(TimestampFormatter(
+            "%(asctime)s bpffsd[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+
+
+# -- checks before starting ---------------------------------------------------------------------
+def choose_mount(args: argparse.Namespace) -> str | None:
+    """The default instance's mountpoint. The default never covers a kernel bpffs, and an
+    explicit --mount over one is refused unless --shadow-kernel-bpffs says so."""
+    if args.no_mount:
+        return None
+    if args.mount is None:
+        mount = paths.default_mount()
+        if os.geteuid() == 0 and mount == paths.SYSTEM_ALT_MOUNT:
+            log.warning("the kernel's bpffs is mounted at %s (systemd mounts it at boot): not"
+                        " covering it, mounting at %s instead (--mount DIR to choose)",
+                        paths.SYSTEM_MOUNT, mount)
+        return mount
+    if paths.kernel_bpffs_at(args.mount) and not args.shadow_kernel_bpffs:
+        raise StartupError(
+            f"{args.mount} is a kernel bpffs mount (on a systemd host, PID 1 mounts one at"
+            " /sys/fs/bpf at boot): mounting over it would hide its pins from every tool."
+            f" Mount elsewhere (--mount DIR; without --mount, root's default is then"
+            f" {paths.SYSTEM_ALT_MOUNT}), or pass --shadow-kernel-bpffs to cover it anyway")
+    return args.mount
+
+
+def check_socket_path(path: str) -> None:
+    """The path must fit in sockaddr_un (the kernel's limit is 107 bytes and a NUL)."""
+    if len(os.fsencode(path)) > 107:
+        raise StartupError(f"the socket path {path} is too long for a Unix socket (at most 107"
+                           " bytes): choose a shorter --socket")
+
+
+def check_not_serving(path: str) -> None:
+    """Refuse, in one line naming its pid, to start where another bpffsd already serves."""
+    if sdnotify.activated():
+        return  # systemd listens there on our behalf and hands us the socket
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StartupError(f"{path} exists and is not a socket")
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StartupError(f"cannot use the socket path {path}: {e.strerror}") from None
+    from bpffs.client import Client  # imported only when a socket is there
+    try:
+        with Client(path, timeout=5) as client:
+            pid = client.daemon_info.get("pid", "unknown")
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return  # a stale socket of a daemon that died: the daemon replaces it
+        raise StartupError(f"something listens on {path} but does not answer as bpffsd"
+                           f" ({e.strerror}); stop it or choose another --socket") from None
+    raise StartupError(f"a bpffsd already serves {path} (pid {pid})")
+
+
+def check_directory(path: str, what: str, mode: int = 0o755) -> None:
+    """Create `path` (and its parents) if needed; refuse in one line if it is not a directory
+    this process may write in."""
+    try:
+        if not os.path.isdir(path):
+            if os.path.lexists(path):
+                raise NotADirectoryError(errno.ENOTDIR, "it exists and is not a directory")
+            os.makedirs(path, mode=mode, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise StartupError(f"{what} {path}: {e.strerror}") from None
+
+
+def open_log(path: str) -> int:
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        raise StartupError(f"cannot open the log file {path}: {e.strerror}"
+                           " (--log-file FILE)") from None
+
+
+def explain(exc: BaseException) -> str:
+    """One line for a failure to start or to run. Expected failures (OSError, BpfError: a
+    mount refused, a path not writable) say what was wrong; anything else is a bug, logged
+    with its traceback."""
+    found = list(_leaves(exc))
+    if all(isinstance(e, OSError) for e in found):
+        return "; ".join(dict.fromkeys(_oserror_line(e) for e in found))
+    log.error("internal error", exc_info=exc)
+    first = next(e for e in found if not isinstance(e, OSError))
+    return f"internal error: {type(first).__name__}: {first} (the log has the traceback)"
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _oserror_line(e: OSError) -> str:
+    text = e.strerror or str(e)
+    return f"{e.filename}: {text}" if e.filename else text
+
+
+# -- running --------------------------------------------------------------------------------------
+class Ready:
+    """Tells the --detach parent, once, that the daemon serves (b"1") or why it could not
+    (b"0" and one line)."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def send(self, ok: bool, message: str = "") -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.write(fd, (b"1" if ok else b"0") + message.encode())
+        except OSError:
+            pass  # the parent is gone: nobody to tell
+        finally:
+            os.close(fd)
+
+
+async def serve(config: Config, ready: Ready | None = None) -> None:
     daemon = Daemon(config)
     # Catch the signals before serving: the daemon answers (and says READY=1) before
     # daemon.run returns, and a SIGTERM then must still shut it down cleanly.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
-            if ready_fd is not None:
-                os.write(ready_fd, b"1")
-                os.close(ready_fd)
+            if ready is not None:
+                ready.send(True)
             async for signum in signals:
-                logging.getLogger("bpffsd").info("%s: shutting down",
-                                                 signal.Signals(signum).name)
+                log.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 
 
-def detach() -> int | None:
-    """Fork into the background; the parent waits until the child reports ready (or fails)
-    and exits with its status, as mount helpers must."""
+def detach(log_fd: int, says: str) -> Ready:
+    """Fork into the background; the parent waits until the child reports ready (or why not)
+    and exits with its status, as mount helpers must. The child's stdin is /dev/null and its
+    stdout and stderr (log lines, its mount workers' too) go to the log file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
         os.close(write_end)
-        ok = os.read(read_end, 1)
-        if ok:
-            print(f"bpffsd: running (pid {pid})")
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read()
+        if report.startswith(b"1"):
+            print(f"bpffsd: running (pid {pid}); {says}")
             os._exit(0)
         _, status = os.waitpid(pid, 0)
-        os._exit(os.waitstatus_to_exitcode(status) or 1)
+        code = os.waitstatus_to_exitcode(status)
+        why = report[1:].decode(errors="replace").strip()
+        if not why:
+            why = f"the daemon exited ({code}) before it was ready"
+        print(f"bpffsd: {why}", file=sys.stderr)
+        os._exit(code if code > 0 else 1)
     os.close(read_end)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    return write_end
+    os.close(devnull)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    return Ready(write_end)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
-                        format="bpffsd: %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     raise_fd_limit()
-    config = Config(socket_path=args.socket,
-                    mountpoint=None if args.no_mount else args.mount,
-                    state_dir=None if args.no_persist else args.state_dir,
-                    memory_limit=args.memory_limit, persist_interval=args.persist_interval)
-    ready_fd = detach() if args.detach else None
+    log_path = args.log_file or (os.path.join(os.path.dirname(os.path.abspath(args.socket)),
+                                              LOG_NAME) if args.detach else None)
     try:
-        trio.run(serve, config, ready_fd)
-    except OSError as e:
+        mountpoint = choose_mount(args)
+        state_dir = None if args.no_persist else args.state_dir
+        check_directory(os.path.dirname(os.path.abspath(args.socket)),
+                        "cannot create the control socket in")
+        check_socket_path(args.socket)
+        check_not_serving(args.socket)
+        if state_dir is not None:
+            check_directory(state_dir, "cannot keep state (--state-dir DIR, or --no-persist) in",
+                            0o700)
+        if mountpoint is not None:
+            check_directory(mountpoint, "cannot mount at")
+        log_fd = open_log(log_path) if log_path else None
+    except StartupError as e:
         print(f"bpffsd: {e}", file=sys.stderr)
+        return 1
+    config = Config(socket_path=args.socket, mountpoint=mountpoint, state_dir=state_dir,
+                    memory_limit=args.memory_limit, persist_interval=args.persist_interval)
+    config.limits = limits.LimitConfig(
+        max_connections_per_uid=args.max_connections_per_uid,
+        max_fds_per_uid=args.max_fds_per_uid, max_parked_per_uid=args.max_parked_per_uid,
+        hello_timeout=args.hello_timeout, root_reserve=args.root_reserve)
+    ready = None
+    if log_fd is not None and args.detach:
+        where = f"mounted at {mountpoint}" if mountpoint else "no mount"
+        ready = detach(log_fd, f"socket {args.socket}, {where}; log {log_path}")
+    elif log_fd is not None:  # --log-file in the foreground
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+    setup_logging(args.verbose)  # stderr may be a log file now: timestamps again
+    try:
+        trio.run(serve, config, ready)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        message = explain(exc)
+        if ready is not None:
+            ready.send(False, message)
+        print(f"bpffsd: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -28,6 +28,15 @@ def notify(*assignments: str) -> bool:
     return True
 
 
+def activated() -> bool:
+    """Whether systemd passed us listening sockets (without taking them: listen_fds does)."""
+    try:
+        return (int(os.environ.get("LISTEN_PID", "")) == os.getpid()
+                and int(os.environ.get("LISTEN_FDS", "0")) > 0)
+    except ValueError:
+        return False
+
+
 def listen_fds() -> list[socket.socket]:
     """The sockets systemd passed us (socket activation), or [] when there are none."""
     try:
