@@ -24,6 +24,7 @@ from bpffs.client import paths
 
 from . import __version__, limits, sdnotify
 from .daemon import Config, Daemon
+from .persist import statedir
 
 log = logging.getLogger("bpffsd")
 
@@ -208,6 +209,15 @@ def check_directory(path: str, what: str, mode: int = 0o755) -> None:
         raise StartupError(f"{what} {path}: {e.strerror}") from None
 
 
+def check_state_dir(path: str) -> None:
+    """The persistence layer's own trust check (owner, mode, ancestors, no symlink), before
+    anything is created: a refused state directory is never made or written."""
+    try:
+        os.close(statedir.open_state_dir(path))
+    except OSError as e:
+        raise StartupError(e.strerror) from None
+
+
 def open_log(path: str) -> int:
     try:
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
@@ -324,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         check_socket_path(args.socket)
         check_not_serving(args.socket)
         if state_dir is not None:
-            check_directory(state_dir, "cannot keep state (--state-dir DIR, or --no-persist) in",
-                            0o700)
+            check_state_dir(state_dir)
         if mountpoint is not None:
             check_directory(mountpoint, "cannot mount at")
         log_fd = open_log(log_path) if log_path else None

@@ -173,8 +173,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     long_sock = str(tmp / ("x" * 120) / "c.sock")
     return {
         "state dir is a file": (["--no-mount", *sock, "--state-dir", str(a_file)],
-                                f"cannot keep state (--state-dir DIR, or --no-persist) in"
-                                f" {a_file}: it exists and is not a directory"),
+                                f"refusing the state directory {a_file}: it is not a"
+                                " directory"),
         "mountpoint is a file": (["--no-persist", *sock, "--mount", str(a_file)],
                                  f"cannot mount at {a_file}: it exists and is not a directory"),
         "socket directory is a file": (["--no-mount", "--no-persist", "--socket",
