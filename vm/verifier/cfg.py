@@ -9,6 +9,7 @@ from ..errors import BpfError
 from ..helpers import HELPERS
 from ..insn import Flow, call_target, is_jump, is_local_call, jump_target
 from ..isa import (
+    CALL,
     ISA_4_4_JMPS,
     JA,
     JA32,
@@ -18,6 +19,7 @@ from ..isa import (
     Jmp,
     Mode,
 )
+from ..uapi import Helper
 
 # The 4.4 jumps and the "less than" ones added later (4.14); no call or exit in JMP32.
 KNOWN_JMPS = ISA_4_4_JMPS | {Jmp.JLT, Jmp.JLE, Jmp.JSLT, Jmp.JSLE}
@@ -32,10 +34,16 @@ class Rejected(BpfError):
 
 
 def check_cfg(prog_type: int, insns: list[Insn], flow: Flow, gpl: bool, allow_loops: bool,
-              log: list[str]) -> None:
+              log: list[str], privileged: bool) -> None:
     """Functions that end where they should, jumps in range, no jump into LD_IMM64, an exit,
     helpers callable from this type and license, no unreachable instruction, no back-edge
-    (loop) unless allowed."""
+    (loop) unless allowed. bpf-to-bpf calls only for privileged callers."""
+    if not privileged and any(is_local_call(i) for i in insns):
+        # add_subprog_and_kfunc (5.13+), with its message; from 4.16 check_subprogs refused
+        # them the same way, EPERM, as "function calls to other bpf functions are allowed
+        # for ..." (root only, then CAP_BPF and CAP_SYS_ADMIN)
+        raise Rejected(errno.EPERM, "loading/calling other bpf or kernel functions are allowed"
+                       " for CAP_BPF and CAP_SYS_ADMIN", log)
     _check_subprogs(insns, flow, log)
     n = len(insns)
     has_exit = False
@@ -77,6 +85,16 @@ def _check_subprogs(insns: list[Insn], flow: Flow, log: list[str]) -> None:
                                f"jump out of range from insn {pc} to {jump_target(i, pc)}", log)
         if insns[end - 1].opcode not in (Class.JMP | Jmp.EXIT, JA, JA32):
             raise Rejected(errno.EINVAL, "last insn is not an exit or jmp", log)
+    # check_abnormal_return: a callee may neither tail-call nor LD_ABS (which may leave the
+    # whole program) unless BTF describes it, and programs here carry no BTF
+    for start, end in flow.functions[1:]:
+        for pc in range(start, end):
+            i = insns[pc]
+            if i.cls == Class.LD and i.mode in (Mode.ABS, Mode.IND):
+                raise Rejected(errno.EINVAL, "LD_ABS is not allowed in subprogs without BTF", log)
+            if i.opcode == CALL and i.src == 0 and i.imm == Helper.tail_call:
+                raise Rejected(errno.EINVAL, "tail_call is not allowed in subprogs without BTF",
+                               log)
 
 
 def _check_helper(helper_id: int, prog_type: int, gpl: bool, log: list[str]) -> None:
@@ -109,6 +127,8 @@ def _check_reachable_and_loops(insns: list[Insn], flow: Flow, allow_loops: bool,
             stack.pop()
             continue
         if state[nxt] == 1 and not allow_loops:
+            if is_local_call(insns[pc]) and nxt == call_target(insns[pc], pc):
+                continue  # recursion: the walk refuses it by its depth, as the kernel (E2BIG)
             raise Rejected(errno.EINVAL, f"back-edge from insn {pc} to {nxt}", log)
         if state[nxt] == 0:
             state[nxt] = 1

@@ -1,7 +1,16 @@
 """do_check: walk every path of the program with an abstract state and refuse anything that
 could read uninitialised registers or stack, touch memory out of bounds, dereference a possibly
 NULL map value, access a context field the program type may not, call a helper with wrong
-arguments, or (unprivileged) leak a pointer. Messages are the 4.4 kernel's."""
+arguments, or (unprivileged) leak a pointer. Messages are the 4.4 kernel's.
+
+A bpf-to-bpf call is walked as the kernel walks it (check_func_call, prepare_func_exit,
+check_max_stack_depth): the call pushes a frame, whose r1-r5 are the caller's, r6-r9 not
+initialised, r10 its own fresh 512-byte stack; the callee's code is walked once per call chain
+(pruning compares states of the same chain only); its exit pops the frame, gives the caller its
+r0 and leaves the caller's r1-r5 unreadable, r6-r9 and stack as they were. A pointer to a
+caller's stack may be passed down, and used, as in the kernel; it may not come back up (r0, or
+a spill into a caller's stack). At most MAX_CALL_FRAMES frames; all frames of a call chain
+share MAX_BPF_STACK bytes, each function counting the deepest byte it touches."""
 
 from __future__ import annotations
 
@@ -12,7 +21,8 @@ from dataclasses import replace
 from ..context import ctx_access_ok, is_skb_program
 from ..disasm import format_insn
 from ..helpers import HELPERS, ArgType, HelperSpec, RetType
-from ..insn import Flow
+from ..insn import Flow, call_target, is_local_call
+from ..interpreter import MAX_CALL_FRAMES
 from ..isa import (
     LD_IMM64,
     PSEUDO_CALL,
@@ -32,8 +42,8 @@ from ..isa import (
 from ..maps import BpfMap
 from ..uapi import BPF_COMPLEXITY_LIMIT_INSNS, MAX_BPF_STACK, Helper
 from .cfg import Rejected
-from .liveness import stack_mask
-from .state import INVALID, MISC, NOT_INIT, POINTERS, SPILL, UNKNOWN, Reg, State, T
+from .liveness import CALL_CLOBBERED, stack_mask
+from .state import INVALID, MISC, NOT_INIT, POINTERS, SPILL, UNKNOWN, Frame, Reg, State, T
 
 # The bounds of one verification. The kernel stops after a number of processed instructions:
 # 32768 in 4.4 (BPF_COMPLEXITY_LIMIT_INSNS from 4.7: 65536, 131072 from 4.14, 1M from 5.2).
@@ -58,6 +68,10 @@ WIDEN_AFTER = 8  # visits of one instruction before constants are forgotten (loo
 # Helpers whose buffer argument they fill (modern ARG_PTR_TO_UNINIT_MEM): the buffer may be
 # uninitialised and is initialised after the call.
 FILLS = {Helper.probe_read: 0, Helper.get_current_comm: 0, Helper.skb_get_tunnel_key: 1}
+# check_max_stack_depth: each function's stack counts rounded up to this (round_up_stack_depth
+# of a JITed program, as the running kernel's: 16 bytes, and 0 for a function that touches
+# none; a kernel interpreting the program rounds up to 32, at least 32).
+STACK_ALIGN = 16
 
 
 class Checker:
@@ -74,10 +88,13 @@ class Checker:
         self.allow_loops = allow_loops
         self.log = log
         self.verbose = verbose
-        self.explored: dict[int, list[State]] = {}
+        self.explored: dict[int, list[Frame]] = {}  # pc -> main program frames seen there
+        # (pc, call chain) -> states seen there in a callee
+        self.explored_in_calls: dict[tuple[int, tuple[int, ...]], list[State]] = {}
         self.visits: dict[int, int] = {}
         self.next_id = 1
         self.processed = 0
+        self.stack_depth: dict[int, int] = {}  # function entry -> deepest stack byte touched
         self.max_processed = BPF_COMPLEXITY_LIMIT_INSNS if privileged else \
             COMPLEXITY_LIMIT_INSNS_UNPRIV
         self.cpu_deadline = time.thread_time() + CPU_LIMIT_S
@@ -89,7 +106,7 @@ class Checker:
     def run(self) -> None:
         start = State([NOT_INIT] * 11)
         start.regs[R1] = Reg(T.CTX)
-        start.regs[R10] = Reg(T.STACK, 0)
+        start.regs[R10] = Reg(T.STACK, 0, frame=0)
         pending: list[tuple[int, int, State]] = [(-1, 0, start)]
         while pending:
             origin, pc, state = pending.pop()
@@ -115,6 +132,7 @@ class Checker:
                 if branch is not None:
                     pending.append((pc, branch[0], branch[1]))
                 pc = nxt
+        self.check_max_stack_depth()
         self.log.append(f"processed {self.processed} insns")
 
     def too_large(self) -> None:
@@ -132,8 +150,21 @@ class Checker:
         live_stack = self.live_stack.get(pc)
         if live_stack is None:
             live_stack = self.live_stack[pc] = stack_mask(live)
-        states = self.explored.setdefault(pc, [])
-        if any(old.covers(state, live, live_stack) for old in states):
+        if state.depth == 0:  # the main program: frames compared directly, kept fast
+            top = state.frames[0]
+            frames = self.explored.setdefault(pc, [])
+            if any(old.covers(top, live, live_stack) for old in frames):
+                return True
+            if self.privileged or len(frames) <= COMPLEXITY_LIMIT_STATES:
+                frames.append(top.copy())
+            return False
+        # In a callee: states of the same call chain only. A caller resumes after its call:
+        # compared in what is live there, but r0-r5 (r0 is the callee's, r1-r5 unreadable).
+        caller_live = tuple(self.live[f.callsite + 1] & ~CALL_CLOBBERED
+                            for f in state.frames[1:])
+        states = self.explored_in_calls.setdefault(
+            (pc, tuple(f.callsite for f in state.frames)), [])
+        if any(old.covers(state, live, live_stack, caller_live) for old in states):
             return True
         if self.privileged or len(states) <= COMPLEXITY_LIMIT_STATES:
             states.append(state.copy())
@@ -178,13 +209,15 @@ class Checker:
         elif cls == Class.LD:
             self.ld_abs(i, s)
         elif i.op == Jmp.EXIT:
+            if s.depth:
+                return self.exit_callee(s), None
             r0 = self.read_reg(s, R0)
             if r0.type in POINTERS and not self.privileged:
                 self.fail("R0 leaks addr as return value")
             return None
         elif i.op == Jmp.CALL:
             if i.src == PSEUDO_CALL:
-                self.local_call(s)
+                return self.local_call(pc, i, s), None
             else:
                 self.call(i.imm, s)
         elif i.op == Jmp.JA:
@@ -266,7 +299,7 @@ class Checker:
                value: Reg | None = None, dst: int | None = None) -> None:
         ptr = s.regs[regno]
         if ptr.type == T.STACK:
-            self.stack_access(s, ptr.value + off, size, write, value, dst)
+            self.stack_access(s, ptr.frame, ptr.value + off, size, write, value, dst)
             return
         if ptr.type == T.MAP_VALUE:
             m = self.maps[ptr.map]
@@ -286,28 +319,36 @@ class Checker:
         if dst is not None:
             self.write_reg(s, dst, UNKNOWN)
 
-    def stack_access(self, s: State, off: int, size: int, write: bool, value: Reg | None,
-                     dst: int | None) -> None:
+    def stack_access(self, s: State, frameno: int, off: int, size: int, write: bool,
+                     value: Reg | None, dst: int | None) -> None:
+        """An access to the stack of frame `frameno` (the current one, or a caller's through
+        a pointer it passed down)."""
         if off >= 0 or off < -MAX_BPF_STACK or off % size:
             self.fail(f"invalid stack off={off} size={size}")
+        frame = s.frames[frameno]
+        self.touch_stack(frame, off)
         base = MAX_BPF_STACK + off
         slot = off & ~7
         if write:
             spill = size == 8 and value is not None and value.type in POINTERS
+            if spill and value.type == T.STACK and frameno != s.depth:
+                # it would outlive the frame it points into
+                self.fail("cannot spill pointers to stack into stack frame of the caller",
+                          errno.EINVAL)
             for b in range(base, base + size):
-                s.stack[b] = SPILL if spill else MISC
-            s.spills.pop(slot, None)
+                frame.stack[b] = SPILL if spill else MISC
+            frame.spills.pop(slot, None)
             if spill:
-                s.spills[off] = value
+                frame.spills[off] = value
             return
-        kinds = set(s.stack[base:base + size])
+        kinds = set(frame.stack[base:base + size])
         if INVALID in kinds:
             self.fail(f"invalid read from stack off {off}+0 size {size}")
         if SPILL in kinds:
-            if size != 8 or off not in s.spills:
+            if size != 8 or off not in frame.spills:
                 self.fail("corrupted spill memory")
             if dst is not None:
-                self.write_reg(s, dst, s.spills[off])
+                self.write_reg(s, dst, frame.spills[off])
             return
         if dst is not None:
             self.write_reg(s, dst, UNKNOWN)
@@ -338,7 +379,7 @@ class Checker:
             buf = s.regs[R1 + FILLS[helper_id]]
             size = s.regs[R1 + FILLS[helper_id] + 1].value
             base = MAX_BPF_STACK + buf.value
-            s.stack[base:base + size] = bytes([MISC]) * size
+            s.frames[buf.frame].stack[base:base + size] = bytes([MISC]) * size
         for n in range(1, 6):
             s.regs[n] = NOT_INIT
         if spec.ret == RetType.PTR_TO_MAP_VALUE_OR_NULL:
@@ -390,19 +431,76 @@ class Checker:
         off = reg.value
         if off >= 0 or off < -MAX_BPF_STACK or off + size > 0:
             self.fail(f"invalid stack type R{regno} off={off} access_size={size}")
+        frame = s.frames[reg.frame]
+        self.touch_stack(frame, off)
         if not fill:
             base = MAX_BPF_STACK + off
             for k in range(size):
-                if s.stack[base + k] == INVALID:
+                if frame.stack[base + k] == INVALID:
                     self.fail(f"invalid indirect read from stack off {off}+{k} size {size}")
 
-    def local_call(self, s: State) -> None:
-        """bpf-to-bpf call (newer than 4.4): the callee is walked as part of the paths from
-        its own entry (check_cfg made it reachable); here the caller's view of it: r1-r5
-        clobbered, r0 an unknown scalar."""
-        for n in range(1, 6):
-            s.regs[n] = NOT_INIT
-        s.regs[R0] = UNKNOWN
+    def touch_stack(self, frame: Frame, off: int) -> None:
+        """update_stack_depth: the deepest byte each function's stack is used to."""
+        if -off > self.stack_depth.get(frame.function, 0):
+            self.stack_depth[frame.function] = -off
+
+    def local_call(self, pc: int, i: Insn, s: State) -> int:
+        """check_func_call: enter the callee in a new frame; returns its first insn."""
+        if len(s.frames) >= MAX_CALL_FRAMES:
+            self.fail(f"the call stack of {len(s.frames) + 1} frames is too deep", errno.E2BIG)
+        caller = s.regs
+        regs = [NOT_INIT] * 11
+        regs[1:6] = caller[1:6]  # the arguments, pointers to the caller's stack included
+        regs[R10] = Reg(T.STACK, 0, frame=len(s.frames))
+        for n in range(0, 6):  # clear_caller_saved_regs
+            caller[n] = NOT_INIT
+        target = call_target(i, pc)
+        s.frames.append(Frame(regs, callsite=pc, function=target))
+        if self.verbose:
+            self.log.append(f"caller at {pc}, callee at {target}: {s.describe()}")
+        return target
+
+    def exit_callee(self, s: State) -> int:
+        """prepare_func_exit: back to the caller with the callee's r0 (unread here: the
+        caller's first read of it checks it, as in the kernel); returns where it resumes."""
+        r0 = s.regs[R0]
+        if r0.type == T.STACK:
+            # the kernel's rule: a pointer to the callee's own stack would dangle, one to a
+            # caller's would not, but neither may come back
+            self.fail("cannot return stack pointer to the caller", errno.EINVAL)
+        callee = s.frames.pop()
+        s.regs[R0] = r0
+        if self.verbose:
+            self.log.append(f"returning from callee to caller at {callee.callsite + 1}:"
+                            f" {s.describe()}")
+        return callee.callsite + 1
+
+    def check_max_stack_depth(self) -> None:
+        """check_max_stack_depth: along every chain of calls in the code (walked or not),
+        the functions' stacks, each rounded up to STACK_ALIGN, fit in MAX_BPF_STACK, and
+        no chain is deeper than MAX_CALL_FRAMES frames."""
+        if len(self.flow.functions) == 1:
+            return  # one frame, bounded by each access
+        calls = {start: [call_target(i, pc) for pc in range(start, end)
+                         if is_local_call(i := self.insns[pc])]
+                 for start, end in self.flow.functions}
+        done: set[tuple[int, int, int]] = set()  # (function, depth, frame) found fine
+
+        def visit(function: int, depth: int, frame: int) -> None:
+            key = (function, depth, frame)
+            if key in done:
+                return
+            depth += -(-self.stack_depth.get(function, 0) // STACK_ALIGN) * STACK_ALIGN
+            if depth > MAX_BPF_STACK:
+                self.fail(f"combined stack size of {frame + 1} calls is {depth}. Too large")
+            for callee in calls.get(function, ()):
+                if frame + 1 >= MAX_CALL_FRAMES:
+                    self.fail(f"the call stack of {frame + 1} frames is too deep !",
+                              errno.E2BIG)
+                visit(callee, depth, frame + 1)
+            done.add(key)
+
+        visit(0, 0, 0)
 
     # -- branches -------------------------------------------------------------------------------
     def branch(self, pc: int, i: Insn, s: State) -> tuple[int, tuple[int, State] | None]:

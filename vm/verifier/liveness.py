@@ -86,6 +86,13 @@ def live_in(insns: list[Insn], flow: Flow) -> list[int]:
     """For each instruction, the mask of what is live on entry to it."""
     stack_regs = _may_point_to_stack(insns)
     effects = [_use_kill(i, stack_regs) for i in insns]
+    # A callee's r0 goes back to its caller, which may measure with it (a pointer offset, a
+    # size): its value is used at the callee's exit. (The main program's is only returned.)
+    for start, end in flow.functions[1:]:
+        for pc in range(start, end):
+            if insns[pc].opcode == Class.JMP | Jmp.EXIT:
+                use, kill, copy = effects[pc]
+                effects[pc] = (use | precise_bits(R0), kill, copy)
     n = len(insns)
     live = [0] * n
     # Backward data flow to a fixpoint. Without a backward jump one pass in reverse order is
