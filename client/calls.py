@@ -84,18 +84,23 @@ def _new_object(session: Session, reply: tuple[Any, list[int]]) -> int:
 # -- maps ---------------------------------------------------------------------------------------
 def map_create(session: Session, map_type: int, key_size: int, value_size: int,
                max_entries: int, map_flags: int = 0, name: str = "") -> Call:
+    """BPF_MAP_CREATE: a new map's fd (the map lives while an fd, pin or program holds
+    it)."""
     reply = yield Request("map_create", (int(map_type), key_size, value_size, max_entries,
                                          map_flags, name))
     return _new_object(session, reply)
 
 
 def map_lookup_elem(session: Session, fd: int, key: bytes) -> Call:
+    """BPF_MAP_LOOKUP_ELEM: the value's bytes; ENOENT when the key is absent."""
     handle, _ = yield from bind(session, fd)
     return (yield Request("map_lookup", (handle, bytes(key))))[0]
 
 
 def map_update_elem(session: Session, fd: int, key: bytes, value: bytes,
                     flags: int = BPF_ANY) -> Call:
+    """BPF_MAP_UPDATE_ELEM with BPF_ANY / BPF_NOEXIST / BPF_EXIST; a prog_array's or
+    perf_event_array's value is the 4-byte fd of the object to store, as in the kernel."""
     handle, info = yield from _map_handle(session, fd)
     if info["type"] in _FD_ARRAYS:
         # As the kernel: a prog/perf-event array's value is the fd of the object to store.
@@ -115,11 +120,13 @@ def map_update_elem(session: Session, fd: int, key: bytes, value: bytes,
 
 
 def map_delete_elem(session: Session, fd: int, key: bytes) -> Call:
+    """BPF_MAP_DELETE_ELEM: ENOENT when absent, EINVAL on arrays."""
     handle, _ = yield from bind(session, fd)
     yield Request("map_delete", (handle, bytes(key)))
 
 
 def map_get_next_key(session: Session, fd: int, key: bytes | None = None) -> Call:
+    """BPF_MAP_GET_NEXT_KEY: the key after `key` (None: the first); ENOENT at the end."""
     handle, _ = yield from bind(session, fd)
     return (yield Request("map_get_next_key", (handle, None if key is None else bytes(key))))[0]
 
@@ -159,6 +166,8 @@ def map_update_batch(session: Session, fd: int, keys: Sequence[bytes],
 
 
 def map_delete_batch(session: Session, fd: int, keys: Sequence[bytes]) -> Call:
+    """BPF_MAP_DELETE_BATCH: returns the count deleted; on failure the BpfError's `count`
+    says how many were deleted before it."""
     handle, _ = yield from bind(session, fd)
     try:
         return (yield Request("map_delete_batch", (handle, b"".join(keys))))[0]
@@ -186,6 +195,9 @@ class ProgFd(int):
 def prog_load(session: Session, prog_type: int, insns: bytes, license: str = "GPL",
               kern_version: int = 0, name: str = "", log_level: int = 0,
               log_size: int = 1 << 20) -> Call:
+    """BPF_PROG_LOAD: the program fd (a ProgFd: `.log` holds the verifier log when
+    log_level > 0; a rejection's BpfError has it in `.detail`). Map fds named by the
+    instructions are bound on the way."""
     map_fds = {}
     for fd in set(map_fds_in(insns)):
         try:
@@ -307,6 +319,7 @@ def obj_get(session: Session, path: str | bytes, file_flags: int = 0) -> Call:
 
 
 def obj_get_info_by_fd(session: Session, fd: int) -> Call:
+    """BPF_OBJ_GET_INFO_BY_FD: the object's description, with bpftool's field names."""
     handle, _ = yield from bind(session, fd)
     return (yield Request("obj_info", (handle,)))[0]
 
@@ -318,10 +331,13 @@ def prog_xlated(session: Session, fd: int) -> Call:
 
 
 def get_next_id(session: Session, kind: str, start: int = 0) -> Call:
+    """BPF_{MAP,PROG}_GET_NEXT_ID: the next id of that kind ('map', 'prog') after start;
+    ENOENT at the end."""
     return (yield Request("get_next_id", (kind, start)))[0]
 
 
 def get_fd_by_id(session: Session, kind: str, obj_id: int) -> Call:
+    """BPF_{MAP,PROG}_GET_FD_BY_ID: a new fd on the object with that id."""
     return _new_object(session, (yield Request("get_fd_by_id", (kind, obj_id))))
 
 
@@ -338,6 +354,8 @@ def trace_read(session: Session, after: int = 0) -> Call:
 
 def mount(session: Session, mountpoint: str | bytes, instance: str | None = None,
           target_pid: int | None = None, allow_other: bool = False) -> Call:
+    """Mount a bpffs instance at mountpoint, in this process's mount namespace or
+    target_pid's (`bpffs mount`); a named instance persists across restarts."""
     ns = f"/proc/{target_pid}/ns/mnt" if target_pid else "/proc/self/ns/mnt"
     try:
         ns_fd = os.open(ns, os.O_RDONLY | os.O_CLOEXEC)
@@ -354,6 +372,8 @@ def mount(session: Session, mountpoint: str | bytes, instance: str | None = None
 
 
 def status(session: Session) -> Call:
+    """The daemon's state: pid, socket, objects, memory, connections, instances and their
+    mounts, persistence (`bpffs status`)."""
     return (yield Request("status", ()))[0]
 
 

@@ -9,12 +9,19 @@
 Missing keys raise KeyError (the client's ENOENT); every other failure is a BpfError with the
 kernel's errno. Array maps take int indices and cannot delete; len() of an array is its
 max_entries, of a hash its element count.
+
+Without codecs, keys and values are bytes of the map's sizes: an int is a TypeError (not
+`bytes(4)`, four zeros), and a key or value the codec cannot take is a TypeError (wrong type)
+or BpfError(EINVAL) (wrong size, out of range) naming the map and what it expected.
+`update` is dict's (`m.update({k: v})`, pairs, keywords) and also takes `m.update(key, value,
+flags)`, cilium's Map.Update; `update_elem` is the explicit one-element form.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import struct
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -28,6 +35,10 @@ WALK_BATCH = 4096
 
 
 class Map(MutableMapping):
+    """A map fd as a dict: `m[k]`, `m[k] = v`, `del m[k]`, `in`, iteration, `items()`, and
+    the batch calls. key and value say how Python values become the map's bytes (see
+    bpffs.client.codecs): None for bytes, int, a struct format, a ctypes type or a Codec."""
+
     def __init__(self, fd: int, key: Any = None, value: Any = None,
                  client: Client | None = None, owned: bool = True):
         """Wrap an open map fd (closed with the Map when owned)."""
@@ -51,6 +62,8 @@ class Map(MutableMapping):
     def create(cls, map_type: int, key_size: int, value_size: int, max_entries: int,
                name: str = "", flags: int = 0, key: Any = None, value: Any = None,
                client: Client | None = None) -> Map:
+        """A new map (BPF_MAP_CREATE), owned by the returned Map: it lives while the Map
+        is open or something pins or holds it."""
         client = client or default_client()
         fd = client.map_create(map_type, key_size, value_size, max_entries, flags, name)
         return cls(fd, key, value, client)
@@ -58,13 +71,39 @@ class Map(MutableMapping):
     @classmethod
     def pinned(cls, path: str | bytes, key: Any = None, value: Any = None,
                client: Client | None = None, file_flags: int = 0) -> Map:
+        """The map pinned at path (BPF_OBJ_GET), as cilium's LoadPinnedMap."""
         client = client or default_client()
         return cls(client.obj_get(path, file_flags), key, value, client)
+
+    # -- codecs with the map named in their errors ---------------------------------------------
+    def _describe(self) -> str:
+        name = f"'{self.info['name']}'" if self.info.get("name") else f"id {self.info['id']}"
+        return (f"{self.info['type']} map {name} (key {self.info['bytes_key']} bytes, value"
+                f" {self.info['bytes_value']} bytes)")
+
+    def _encode(self, codec: Codec, data: Any, what: str) -> bytes:
+        try:
+            return codec.encode(data)
+        except BpfError as e:
+            raise BpfError(e.errno, f"{self._describe()}: {what} {data!r:.80}: {e.strerror}"
+                           ) from None
+        except (TypeError, ValueError, struct.error, OverflowError) as e:
+            kind = ValueError if isinstance(e, ValueError) else TypeError
+            detail = str(e) if "expected" in str(e) else f"expected {codec.expects}: {e}"
+            raise kind(f"{self._describe()}: bad {what} {data!r:.80}: {detail}") from None
+
+    def encode_key(self, key: Any) -> bytes:
+        """The key's bytes by the key codec (TypeError/EINVAL naming this map if it cannot)."""
+        return self._encode(self.key_codec, key, "key")
+
+    def encode_value(self, value: Any) -> bytes:
+        """The value's bytes by the value codec (TypeError/EINVAL naming this map)."""
+        return self._encode(self.value_codec, value, "value")
 
     # -- the mapping protocol -----------------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
         try:
-            raw = self.client.map_lookup_elem(self.fd, self.key_codec.encode(key))
+            raw = self.client.map_lookup_elem(self.fd, self.encode_key(key))
         except BpfError as e:
             if e.errno == errno.ENOENT:
                 raise KeyError(key) from None
@@ -72,18 +111,56 @@ class Map(MutableMapping):
         return self.value_codec.decode(raw)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self.update(key, value)
+        self.update_elem(key, value)
 
-    def update(self, key: Any = None, value: Any = None, flags: int = BPF_ANY,  # type: ignore[override]
-               **_: Any) -> None:
-        """m.update(key, value, flags=BPF_NOEXIST): one element with explicit flags. (For
-        many elements use update_batch.)"""
-        self.client.map_update_elem(self.fd, self.key_codec.encode(key),
-                                    self.value_codec.encode(value), flags)
+    def update_elem(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
+        """One element with explicit flags (BPF_ANY, BPF_NOEXIST: EEXIST if present,
+        BPF_EXIST: ENOENT if absent), as libbpf's bpf_map_update_elem."""
+        self.client.map_update_elem(self.fd, self.encode_key(key), self.encode_value(value),
+                                    flags)
+
+    def update(self, *args: Any, flags: int = BPF_ANY, **kwargs: Any) -> None:  # type: ignore[override]
+        """dict.update: `m.update({k: v, ...})`, `m.update([(k, v), ...])`, keywords. Every
+        key and value is encoded before anything is written, so a bad one writes nothing;
+        flags apply to each element (so a key named "flags" goes in the mapping, not as a
+        keyword). Also `m.update(key, value[, flags])` for one element (cilium's Map.Update;
+        update_elem is the explicit spelling)."""
+        if len(args) in (2, 3) and not kwargs:
+            if len(args) == 3:
+                flags = args[2]
+            self.update_elem(args[0], args[1], flags)
+            return
+        if len(args) > 1:
+            raise TypeError(f"Map.update takes a mapping or pairs (dict.update), or key,"
+                            f" value[, flags]; got {len(args)} positional arguments")
+        other = args[0] if args else ()
+        pairs = other.items() if isinstance(other, Mapping) else other
+        try:
+            items = list(pairs)
+        except TypeError:
+            raise TypeError(f"Map.update: expected a mapping or an iterable of (key, value)"
+                            f" pairs, got {type(other).__name__}") from None
+        items += kwargs.items()
+        keys, values = [], []
+        for item in items:
+            try:
+                k, v = item
+            except (TypeError, ValueError):
+                raise TypeError(f"Map.update: expected (key, value) pairs, got"
+                                f" {item!r:.80}") from None
+            keys.append(self.encode_key(k))
+            values.append(self.encode_value(v))
+        if not keys:
+            return
+        if self.map_type in (MapType.PROG_ARRAY, MapType.PERF_EVENT_ARRAY):
+            for k, v in zip(keys, values, strict=True):  # fd values: bound one by one
+                self.client.map_update_elem(self.fd, k, v, flags)
+        else:
+            self.client.map_update_batch(self.fd, keys, values, flags)
 
     def __delitem__(self, key: Any) -> None:
         try:
-            self.client.map_delete_elem(self.fd, self.key_codec.encode(key))
+            self.client.map_delete_elem(self.fd, self.encode_key(key))
         except BpfError as e:
             if e.errno == errno.ENOENT:
                 raise KeyError(key) from None
@@ -101,13 +178,16 @@ class Map(MutableMapping):
             yield self.key_codec.decode(key)
 
     def __len__(self) -> int:
+        """A hash map's element count; an array's max_entries."""
         return self.client.obj_get_info_by_fd(self.fd)["entries"]
 
     def items(self) -> Iterator[tuple[Any, Any]]:  # type: ignore[override]
+        """Every (key, value), read in batches (a live view: concurrent changes may show)."""
         for key, value in self._walk():
             yield self.key_codec.decode(key), self.value_codec.decode(value)
 
     def values(self) -> Iterator[Any]:  # type: ignore[override]
+        """Every value, read in batches."""
         for _, value in self._walk():
             yield self.value_codec.decode(value)
 
@@ -121,22 +201,27 @@ class Map(MutableMapping):
                 return
 
     def get_next_key(self, key: Any = None) -> Any:
+        """BPF_MAP_GET_NEXT_KEY: the key after `key` (the first with None); ENOENT at the
+        end."""
         raw = self.client.map_get_next_key(self.fd, None if key is None
-                                           else self.key_codec.encode(key))
+                                           else self.encode_key(key))
         return self.key_codec.decode(raw)
 
     # -- batches ------------------------------------------------------------------------------
     def update_batch(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]],
                      flags: int = BPF_ANY) -> int:
+        """BPF_MAP_UPDATE_BATCH: returns how many were written (on failure the BpfError's
+        `count` says how many were before it)."""
         pairs = items.items() if isinstance(items, Mapping) else items
         keys, values = [], []
         for k, v in pairs:
-            keys.append(self.key_codec.encode(k))
-            values.append(self.value_codec.encode(v))
+            keys.append(self.encode_key(k))
+            values.append(self.encode_value(v))
         return self.client.map_update_batch(self.fd, keys, values, flags)
 
     def delete_batch(self, keys: Iterable[Any]) -> int:
-        return self.client.map_delete_batch(self.fd, [self.key_codec.encode(k) for k in keys])
+        """BPF_MAP_DELETE_BATCH: returns how many were deleted."""
+        return self.client.map_delete_batch(self.fd, [self.encode_key(k) for k in keys])
 
     def pop_all(self) -> dict[Any, Any]:
         """Read and delete every element (BPF_MAP_LOOKUP_AND_DELETE_BATCH)."""
@@ -151,12 +236,15 @@ class Map(MutableMapping):
 
     # -- the object ---------------------------------------------------------------------------
     def pin(self, path: str | bytes) -> None:
+        """BPF_OBJ_PIN at path, on a bpffsd mount (the pin keeps the map alive)."""
         self.client.obj_pin(self.fd, path)
 
     def fileno(self) -> int:
+        """The map's fd: a real fd (os.dup, fork, SCM_RIGHTS share it)."""
         return self.fd
 
     def close(self) -> None:
+        """Close the fd when this Map owns it (the map lives on while pinned or held)."""
         if self.owned and self.fd >= 0:
             os.close(self.fd)
         self.fd = -1

@@ -11,11 +11,12 @@ import errno
 import functools
 import os
 import socket
+import struct
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bpffs.vm.errors import BpfError
 
@@ -35,34 +36,104 @@ SPIN_WORTH_NS = 40_000
 SPIN_BACKOFF = 64
 
 
+DEFAULT_TIMEOUT = 30.0
+# Operations whose reply waits for an event (trace_printk output), not for the daemon's work:
+# no timeout applies to them.
+WAITING_OPS = frozenset({"trace_read"})
+
+
 def error_from_reply(reply: list) -> BpfError:
+    """The BpfError a daemon's error reply stands for (its detail, such as a verifier log or
+    a batch count, in `.detail`)."""
     err, message, *detail = reply
     e = BpfError(err, message)
     e.detail = detail[0] if detail else None  # type: ignore[attr-defined]
     return e
 
 
-def connect_socket(path: str | None = None) -> socket.socket:
-    path = path or paths.default_socket()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.connect(path)
-    except OSError as e:
-        sock.close()
-        raise BpfError(e.errno or errno.ECONNREFUSED,
-                       f"cannot reach bpffsd at {path}: {e.strerror} (is the daemon running?"
-                       " start it with `bpffsd`, or set BPFFS_SOCKET)") from None
-    return sock
+def timed_out(timeout: float | None, what: str = "answer") -> BpfError:
+    """The error of a daemon that did not answer in time (stopped, or stuck)."""
+    return BpfError(errno.ETIMEDOUT, f"bpffsd did not {what} within {timeout:g} s (is it"
+                    " stopped or overloaded?); the connection is closed: make a new client,"
+                    " or pass a longer timeout (None waits forever)")
+
+
+def connect_socket(path: str | None = None, timeout: float | None = None) -> socket.socket:
+    """A connected control socket: to `path`, or the first of paths.client_sockets() that
+    answers. Raises BpfError naming every socket tried when none does."""
+    return connect(path, timeout)[0]
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """A timeout in seconds (> 0), or None for none."""
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+        raise ValueError(f"timeout must be a number of seconds > 0, or None for no timeout;"
+                         f" got {timeout!r}")
+    return timeout
+
+
+def connect(path: str | None = None, timeout: float | None = None
+            ) -> tuple[socket.socket, str]:
+    """connect_socket, and the path it connected to."""
+    check_timeout(timeout)
+    tried = [path] if path else paths.client_sockets()
+    failure: OSError | None = None
+    for candidate in tried:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(candidate)
+            sock.settimeout(None)
+            return sock, candidate
+        except OSError as e:
+            sock.close()
+            if failure is None or (failure.errno == errno.ENOENT and e.errno != errno.ENOENT):
+                failure, path = e, candidate  # report the most telling failure
+    assert failure is not None
+    if isinstance(failure, TimeoutError) and failure.errno is None:
+        raise timed_out(timeout, f"accept a connection at {path}") from None
+    others = [t for t in tried if t != path]
+    also = f" (also tried {', '.join(others)})" if others else ""
+    raise BpfError(failure.errno or errno.ECONNREFUSED,
+                   f"cannot reach bpffsd at {path}: {failure.strerror}{also} (is the daemon"
+                   " running? start it with `bpffsd`, or set BPFFS_SOCKET)") from None
+
+
+def set_recv_timeout(sock: socket.socket, timeout: float | None) -> None:
+    """SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket: a blocked recvmsg/send gives up with
+    EAGAIN after `timeout` s (0 or None: never). Kept at the kernel level so that the
+    non-blocking polls of Inbox.recvmsg keep working (a Python-level timeout would make every
+    MSG_DONTWAIT poll wait)."""
+    seconds = 0.0 if timeout is None else max(float(timeout), 1e-6)
+    value = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
 def hello_request() -> calls.Request:
+    """The first request of every connection: the protocol version and who is calling."""
     return calls.Request("hello", (protocol.PROTOCOL_VERSION, f"bpffs-client/{os.getpid()}"))
 
 
 class Client:
-    def __init__(self, path: str | None = None):
-        self.path = path or paths.default_socket()
-        self.sock = connect_socket(self.path)
+    """A synchronous connection to bpffsd. Every operation of bpffs.client.calls is a method
+    (`client.map_lookup_elem(fd, key)`, `client.prog_load(...)`), with libbpf's names.
+
+    path: the control socket (default: $BPFFS_SOCKET, else your own daemon's socket when it
+    exists, else the system daemon's /run/bpffsd/control.sock). timeout: seconds to wait for
+    each reply (default 30; None waits forever). A daemon that does not answer in time (for
+    instance stopped with SIGSTOP) raises BpfError(ETIMEDOUT) and closes the connection,
+    because a late reply would be taken for the next request's. trace_read waits for trace
+    output and has no timeout.
+    """
+
+    def __init__(self, path: str | None = None, timeout: float | None = DEFAULT_TIMEOUT):
+        self.requested_path = path
+        self.env_socket = os.environ.get("BPFFS_SOCKET")
+        self.timeout = check_timeout(timeout)
+        self.sock, self.path = connect(path, timeout)
+        self._untimed = False  # a WAITING_OPS request has lifted the timeout
+        set_recv_timeout(self.sock, timeout)
         self.session = calls.Session()
         self.inbox = protocol.Inbox()
         self._rtt_avg = 0  # running average of spinning round trips (ns), see SPIN_WORTH_NS
@@ -71,7 +142,13 @@ class Client:
         self.pid = os.getpid()
         self.daemon_info = self._roundtrip(hello_request())[0]
 
+    @property
+    def closed(self) -> bool:
+        """True after close() or a timeout: the connection can serve no more requests."""
+        return self.sock.fileno() < 0
+
     def close(self) -> None:
+        """Close the connection (object fds received through it stay valid)."""
         self.sock.close()
 
     def __enter__(self) -> Client:
@@ -79,6 +156,42 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __dir__(self) -> list[str]:
+        """The operations too, so that completion shows them."""
+        return sorted({*super().__dir__(), *calls.OPERATIONS})
+
+    if TYPE_CHECKING:  # the operations __getattr__ makes, for type checkers and IDEs
+        def map_create(self, map_type: int, key_size: int, value_size: int, max_entries: int,
+                map_flags: int = 0, name: str = "") -> int: ...
+        def map_lookup_elem(self, fd: int, key: bytes) -> bytes: ...
+        def map_update_elem(self, fd: int, key: bytes, value: bytes, flags: int = 0) -> None: ...
+        def map_delete_elem(self, fd: int, key: bytes) -> None: ...
+        def map_get_next_key(self, fd: int, key: bytes | None = None) -> bytes: ...
+        def map_lookup_batch(self, fd: int, count: int, cursor: bytes | None = None,
+                delete: bool = False) -> tuple[list[bytes], list[bytes], bytes | None]: ...
+        def map_update_batch(self, fd: int, keys: Sequence[bytes], values: Sequence[bytes],
+                flags: int = 0, chunk: int = 8192) -> int: ...
+        def map_delete_batch(self, fd: int, keys: Sequence[bytes]) -> int: ...
+        def prog_load(self, prog_type: int, insns: bytes, license: str = "GPL",
+                kern_version: int = 0, name: str = "", log_level: int = 0,
+                log_size: int = 1 << 20) -> calls.ProgFd: ...
+        def prog_test_run(self, fd: int, data_in: bytes = b"", repeat: int = 1,
+                ctx_in: bytes | None = None, data_size_out: int = 0,
+                **options: Any) -> calls.TestRun: ...
+        def prog_test_run_batch(self, fd: int, packets: Sequence[bytes], chunk: int = 4096,
+                **options: Any) -> calls.BatchRun: ...
+        def obj_pin(self, fd: int, path: str | bytes) -> None: ...
+        def obj_get(self, path: str | bytes, file_flags: int = 0) -> int: ...
+        def obj_get_info_by_fd(self, fd: int) -> dict: ...
+        def prog_xlated(self, fd: int) -> Any: ...
+        def get_next_id(self, kind: str, start: int = 0) -> int: ...
+        def get_fd_by_id(self, kind: str, obj_id: int) -> int: ...
+        def perf_event_open(self, cpu: int = 0) -> int: ...
+        def trace_read(self, after: int = 0) -> list: ...
+        def mount(self, mountpoint: str | bytes, instance: str | None = None,
+                target_pid: int | None = None, allow_other: bool = False) -> Any: ...
+        def status(self) -> dict: ...
 
     def _roundtrip(self, request: calls.Request) -> tuple[Any, list[int]]:
         self._catch_up()
@@ -95,11 +208,32 @@ class Client:
                 self._spin_pause, self._rtt_avg = SPIN_BACKOFF, 0
 
     def _send(self, request: calls.Request) -> None:
-        protocol.send_message(self.sock, protocol.pack([request.op, *request.args]),
-                              request.fds)
+        if self.closed:
+            raise BpfError(errno.ENOTCONN, "this client's connection to bpffsd is closed"
+                           " (after close() or a timeout): make a new client")
+        try:
+            protocol.send_message(self.sock, protocol.pack([request.op, *request.args]),
+                                  request.fds)
+        except BlockingIOError:
+            self.close()
+            raise timed_out(self.timeout, "take a request") from None
+        if request.op in WAITING_OPS and self.timeout is not None:
+            set_recv_timeout(self.sock, None)
+            self._untimed = True
 
     def _receive(self, spin_ns: int = 0) -> tuple[Any, list[int]]:
-        data, fds = protocol.recv_message(self.sock, self.inbox, spin_ns)
+        if self.closed:
+            raise BpfError(errno.ENOTCONN, "this client's connection to bpffsd is closed"
+                           " (after close() or a timeout): make a new client")
+        try:
+            data, fds = protocol.recv_message(self.sock, self.inbox, spin_ns)
+        except BlockingIOError:
+            self.close()
+            raise timed_out(self.timeout) from None
+        finally:
+            if self._untimed and not self.closed:
+                set_recv_timeout(self.sock, self.timeout)
+                self._untimed = False
         if not data:
             raise BpfError(errno.ECONNRESET, "bpffsd closed the connection")
         reply = protocol.unpack(data)
@@ -158,6 +292,8 @@ class Client:
             self._read_owed()
 
     def run(self, call: calls.Call) -> Any:
+        """Drive one operation of bpffs.client.calls (a generator of requests) to its
+        result."""
         try:
             request = next(call)
             while True:
@@ -188,11 +324,13 @@ _local = threading.local()
 
 
 def default_client() -> Client:
-    """This thread's connection (to $BPFFS_SOCKET or the default socket), made on first use,
-    and made again in a forked child or when BPFFS_SOCKET changed."""
+    """This thread's connection (to $BPFFS_SOCKET or the daemon paths.client_sockets()
+    finds), made on first use, and made again in a forked child, when BPFFS_SOCKET changed or
+    after a timeout closed it."""
     client = getattr(_local, "client", None)
-    if client is None or client.pid != os.getpid() or client.path != paths.default_socket():
+    if (client is None or client.pid != os.getpid() or client.closed
+            or client.env_socket != os.environ.get("BPFFS_SOCKET")):
         if client is not None and client.pid == os.getpid():
             client.close()
-        client = _local.client = Client()
+        client = _local.client = Client(timeout=DEFAULT_TIMEOUT)  # read now: patchable
     return client

@@ -22,6 +22,8 @@ _MAX_RESOLVE_DEPTH = 32  # libbpf's MAX_RESOLVE_DEPTH: longer modifier chains ar
 
 
 class Kind(IntEnum):
+    """BTF_KIND_* values (include/uapi/linux/btf.h)."""
+
     INT = 1
     PTR = 2
     ARRAY = 3
@@ -85,6 +87,7 @@ class Btf:
         self._parse(body[type_off:type_off + type_len])
 
     def string(self, offset: int) -> str:
+        """The string at offset in the string section."""
         if offset >= len(self._strings) and offset:
             raise _malformed(f"string offset {offset} past the string section")
         end = self._strings.find(b"\0", offset)
@@ -120,6 +123,7 @@ class Btf:
             pos = end
 
     def type(self, type_id: int) -> BtfType:
+        """The type with that id (EINVAL for a dangling reference)."""
         if not 0 < type_id < len(self.types):
             raise _malformed(f"reference to type {type_id}, which does not exist")
         t = self.types[type_id]
@@ -127,6 +131,7 @@ class Btf:
         return t
 
     def skip_modifiers(self, type_id: int) -> BtfType:
+        """The type behind typedefs and const/volatile/restrict."""
         t = self.type(type_id)
         for _ in range(_MAX_RESOLVE_DEPTH):
             if t.kind not in _MODIFIERS:
@@ -135,6 +140,7 @@ class Btf:
         raise _malformed(f"modifier chain of type {type_id} is too long")
 
     def size_of(self, type_id: int, depth: int = 0) -> int:
+        """The type's size in bytes, as the compiler laid it out."""
         if depth > _MAX_RESOLVE_DEPTH:
             raise _malformed(f"type {type_id} nests too deeply")
         t = self.skip_modifiers(type_id)

@@ -79,6 +79,7 @@ PROG_TYPE_WORDS: dict[str, ProgType] = {
 
 
 def type_of_section(section: str) -> ProgType | None:
+    """The program type a section name implies by libbpf's and tc's conventions, or None."""
     for prefix, prog_type in SECTION_TYPES:
         if section.startswith(prefix):
             return prog_type
@@ -99,6 +100,7 @@ class MapSpec:
 
     @property
     def kernel_name(self) -> str:
+        """The name as the kernel keeps it (BPF_OBJ_NAME_LEN - 1 characters)."""
         return self.name[:BPF_OBJ_NAME_LEN - 1]
 
 
@@ -113,6 +115,7 @@ class ProgramSpec:
 
     @property
     def kernel_name(self) -> str:
+        """The name as the kernel keeps it (BPF_OBJ_NAME_LEN - 1 characters)."""
         return self.name[:BPF_OBJ_NAME_LEN - 1]
 
     def relocated(self, map_fds: dict[str, int]) -> bytes:

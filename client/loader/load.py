@@ -6,8 +6,10 @@ everything this load pinned is unpinned again (no stray pins) and every fd close
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +31,61 @@ _REUSE_FIELDS = (("type", "type"), ("key_size", "bytes_key"), ("value_size", "by
                  ("max_entries", "max_entries"), ("flags", "flags"))
 
 
-def tc_mount() -> str:
-    """The bpffs tc pins under: $TC_BPF_MNT (as tc), else the default mount."""
-    return os.environ.get("TC_BPF_MNT") or paths.default_mount()
+def bpffsd_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """The bpffsd (FUSE) mounts this process sees, in mount order: tc looks for its bpffs the
+    same way, in /proc/mounts."""
+    found = []
+    try:
+        with open(mountinfo, "rb") as f:
+            for line in f:
+                fields = line.split()
+                try:
+                    fstype = fields[fields.index(b"-") + 1]
+                except (ValueError, IndexError):
+                    continue
+                if fstype == b"fuse.bpffsd":
+                    found.append(_unescape(fields[4]))
+    except OSError:
+        return []
+    return found
+
+
+def _unescape(field: bytes) -> str:
+    """A mountinfo path: spaces, tabs, newlines and backslashes are octal escapes."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
+
+
+def tc_mount(client: Client | None = None) -> str:
+    """The bpffs tc pins under, found as tc finds it: $TC_BPF_MNT; else the connected
+    daemon's mount in this process's mount namespace (one of the bpffsd mounts in
+    /proc/self/mountinfo that the daemon reports, or without a client the first bpffsd
+    mount there); else /sys/fs/bpf."""
+    env = os.environ.get("TC_BPF_MNT")
+    if env:
+        return env
+    mounts = bpffsd_mounts()
+    if client is not None and mounts:
+        try:
+            instances = client.status().get("instances") or []
+        except BpfError:
+            instances = []
+        # Compared as strings, never stat'ed: another bpffsd mount here may hang (a stopped
+        # daemon), and a stat of it would hang with it.
+        served = {os.path.normpath(m) for inst in instances for m in inst.get("mounts", ())
+                  if isinstance(m, str)}
+        for mount in mounts:
+            if os.path.normpath(mount) in served:
+                return mount
+        return paths.SYSTEM_MOUNT if paths.SYSTEM_MOUNT in mounts else mounts[0]
+    if mounts and paths.SYSTEM_MOUNT not in mounts:
+        return mounts[0]
+    return paths.SYSTEM_MOUNT
 
 
 @dataclass
 class LoadOptions:
+    """How to load an object (the CLI's `type`, `section`, `verbose`; tc's mount)."""
+
     mount: str | None = None  # tc's MOUNT (default tc_mount())
     pin_root: str | None = None  # libbpf's pin_root_path for BTF maps (default: mount)
     prog_type: ProgType | None = None  # for sections whose name says nothing (tc's `type`)
@@ -44,11 +94,15 @@ class LoadOptions:
 
     @property
     def tc_root(self) -> str:
+        """MOUNT/tc, where tc's PIN_GLOBAL_NS and PIN_OBJECT_NS pins go."""
         return os.path.join(self.mount or tc_mount(), TC_DIR)
 
 
 @dataclass
 class LoadedObject:
+    """The raw result of loader.load.load_object: fds by name (the public load_object wraps
+    them in Map and Program objects)."""
+
     spec: ObjectSpec
     maps: dict[str, int] = field(default_factory=dict)  # name -> fd
     programs: dict[str, int] = field(default_factory=dict)  # program name -> fd
@@ -57,6 +111,7 @@ class LoadedObject:
     reused: dict[str, str] = field(default_factory=dict)  # map name -> pin it came from
 
     def close(self) -> None:
+        """Close every fd of the load (pins keep their objects)."""
         for fd in [*self.maps.values(), *self.programs.values()]:
             try:
                 os.close(fd)
@@ -83,6 +138,7 @@ class LoadedObject:
             self.pin(client, fd, os.path.join(directory, name))
 
     def pin(self, client: Client, fd: int, path: str) -> None:
+        """Pin fd at path, remembering it for the roll back."""
         client.obj_pin(fd, path)
         self.created.append(path)
 
@@ -121,6 +177,8 @@ def load_object(client: Client, spec: ObjectSpec, options: LoadOptions | None = 
     """Create (or reuse) the maps and load the programs of an object. On failure nothing this
     call pinned remains and its fds are closed; the error says which map or program failed."""
     options = options or LoadOptions()
+    if options.mount is None and any(m.pinning for m in spec.maps.values()):
+        options = dataclasses.replace(options, mount=tc_mount(client))  # asked once
     loaded = LoadedObject(spec)
     programs = _selected(spec, options)
     types = [_program_type(spec, prog, options) for prog in programs]
@@ -157,7 +215,7 @@ def _program_type(spec: ObjectSpec, prog: ProgramSpec, options: LoadOptions) -> 
             return types.pop()
     raise BpfError(errno.EINVAL, f"{spec.path}: cannot tell the program type of section"
                    f" '{prog.section}' from its name: give `type` (socket, classifier,"
-                   " action, kprobe)")
+                   " action, kprobe; prog_type= from Python)")
 
 
 # -- maps ---------------------------------------------------------------------------------------
