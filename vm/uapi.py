@@ -33,6 +33,8 @@ class Cmd(IntEnum):
 
 
 class MapType(IntEnum):
+    """enum bpf_map_type: the map kinds of Linux 4.4 that bpffsd implements."""
+
     UNSPEC = 0
     HASH = 1
     ARRAY = 2
@@ -41,6 +43,8 @@ class MapType(IntEnum):
 
 
 class ProgType(IntEnum):
+    """enum bpf_prog_type: the program kinds of Linux 4.4 that bpffsd verifies and runs."""
+
     UNSPEC = 0
     SOCKET_FILTER = 1
     KPROBE = 2
