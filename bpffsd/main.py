@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import errno
+import importlib.util
 import logging
 import os
 import resource
@@ -209,6 +210,14 @@ def check_directory(path: str, what: str, mode: int = 0o755) -> None:
         raise StartupError(f"{what} {path}: {e.strerror}") from None
 
 
+def check_fuse_support() -> None:
+    """The mount worker needs pyfuse3, which a client-only install leaves out."""
+    if importlib.util.find_spec("pyfuse3") is None:
+        raise StartupError("mounting needs pyfuse3, which this install lacks: install the"
+                           " daemon extra (pip install 'bpffsd[daemon]', or run install.sh"
+                           " without --client), or start with --no-mount")
+
+
 def check_state_dir(path: str) -> None:
     """The persistence layer's own trust check (owner, mode, ancestors, no symlink), before
     anything is created: a refused state directory is never made or written."""
@@ -311,9 +320,13 @@ def detach(log_fd: int, says: str) -> Ready:
         os._exit(code if code > 0 else 1)
     os.close(read_end)
     os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.close(devnull)
+    try:
+        stdin = os.open(os.devnull, os.O_RDONLY)
+    except OSError:  # a /dev without null (a bare container): an empty pipe reads as EOF too
+        stdin, write_end_of_stdin = os.pipe()
+        os.close(write_end_of_stdin)
+    os.dup2(stdin, 0)
+    os.close(stdin)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -337,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             check_state_dir(state_dir)
         if mountpoint is not None:
             check_directory(mountpoint, "cannot mount at")
+            check_fuse_support()
         log_fd = open_log(log_path) if log_path else None
     except StartupError as e:
         print(f"bpffsd: {e}", file=sys.stderr)

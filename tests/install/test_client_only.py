@@ -76,3 +76,18 @@ def test_cli_from_the_client_venv_drives_a_daemon(client_venv: Path,
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[(1, 42), (2, 7)]"
     os.unlink(pin)
+
+
+def test_a_client_only_daemon_that_mounts_says_what_to_install(client_venv: Path,
+                                                                daemon: DaemonProcess,
+                                                                tmp_path: Path) -> None:
+    """Without pyfuse3 `bpffsd` still serves with --no-mount; asked to mount, it says in one
+    line which extra to install, not the mount worker's ModuleNotFoundError traceback."""
+    result = venv_run(client_venv, daemon, str(client_venv / "bin" / "bpffsd"),
+                      "--socket", str(tmp_path / "c.sock"), "--mount", str(tmp_path / "bpf"),
+                      "--no-persist")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "bpffsd: mounting needs pyfuse3, which this install lacks: install the daemon extra"
+        " (pip install 'bpffsd[daemon]', or run install.sh without --client), or start with"
+        " --no-mount"]
