@@ -111,10 +111,10 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def raises_errno(err: int) -> Iterator[None]:
-    """Expect an OSError carrying exactly this errno."""
+def raises_errno(err: int) -> Iterator[pytest.ExceptionInfo[OSError]]:
+    """Expect an OSError carrying exactly this errno (`as info`: info.value is the error)."""
     with pytest.raises(OSError) as info:
-        yield
+        yield info
     assert info.value.errno == err, f"expected errno {err}, got {info.value!r}"
 
 

@@ -70,20 +70,78 @@ class RunEnv:
     @classmethod
     def from_options(cls, options: dict[str, Any], *, pid: int, uid: int, gid: int,
                      trace: Callable[[str], None] | None = None) -> RunEnv:
-        """An environment from a client's options; unknown options are EINVAL (a typo must not
-        silently run with defaults)."""
-        unknown = set(options) - set(cls.OPTIONS) - {"tier"}
+        """An environment from a client's options. Each is checked against its type and range
+        here, once: an unknown option or a bad value is EINVAL naming it (a typo must not
+        silently run with defaults, and a bad value must not reach a helper mid-run)."""
+        unknown = set(options) - set(_CHECKS) - {"tier"}
         if unknown:
             raise BpfError(errno.EINVAL, f"unknown run option(s) {', '.join(sorted(unknown))}"
                            f" (known: {', '.join(cls.OPTIONS)})")
-        kwargs = {k: v for k, v in options.items() if k in cls.OPTIONS}
-        for key in ("perf_counters", "kernel_memory"):
-            if key in kwargs:
-                kwargs[key] = {int(k): v for k, v in kwargs[key].items()}
-        try:
-            return cls(pid=kwargs.pop("pid", pid), uid=uid, gid=gid, trace=trace, **kwargs)
-        except TypeError as e:
-            raise BpfError(errno.EINVAL, f"bad run options: {e}") from None
+        kwargs = {k: _CHECKS[k](k, v) for k, v in options.items() if k in _CHECKS}
+        return cls(pid=kwargs.pop("pid", pid), uid=uid, gid=gid, trace=trace, **kwargs)
+
+
+def _bad(name: str, value: Any, expected: str) -> BpfError:
+    return BpfError(errno.EINVAL, f"run option {name}={value!r}: expected {expected}")
+
+
+def _uint(bits: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if type(value) is not int or not 0 <= value < 1 << bits:
+            raise _bad(name, value, f"an integer in [0, 2**{bits})")
+        return value
+    return check
+
+
+_u32, _u64 = _uint(32), _uint(64)
+
+
+def _comm(name: str, value: Any) -> str:
+    """Any string: like set_task_comm(), get_current_comm keeps its first TASK_COMM_LEN - 1
+    bytes."""
+    if not isinstance(value, str):
+        raise _bad(name, value, "a string")
+    return value
+
+
+def _tunnel_key(name: str, value: Any) -> dict:
+    if not isinstance(value, dict) or set(value) - {"tunnel_id", "remote_ipv4"}:
+        raise _bad(name, value, "a dict of tunnel_id and remote_ipv4")
+    return {k: _u32(f"{name}.{k}", v) for k, v in value.items()}
+
+
+def _interfaces(name: str, value: Any) -> list[int]:
+    if not isinstance(value, list):
+        raise _bad(name, value, "a list of ifindexes")
+    return [_u32(name, v) for v in value]
+
+
+def _table(key: Callable[[str, Any], int], value_check: Callable[[str, Any], Any],
+           expected: str) -> Callable[[str, Any], dict]:
+    def check(name: str, value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise _bad(name, value, expected)
+        # msgpack may carry integer keys as strings (JSON-born options): accept digits only
+        return {key(name, int(k) if isinstance(k, str) and k.isdigit() else k):
+                value_check(name, v) for k, v in value.items()}
+    return check
+
+
+def _bytes(name: str, value: Any) -> bytes:
+    if not isinstance(value, (bytes, bytearray)):
+        raise _bad(name, value, "bytes")
+    return bytes(value)
+
+
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "cpu": _u32, "comm": _comm, "pid": _u32, "tgid": _u32, "cgroup_classid": _u32,
+    "route_realm": _u32, "tunnel_key": _tunnel_key, "interfaces": _interfaces,
+    "perf_counters": _table(_u32, _u64, "a dict of map index -> counter value"),
+    "ktime_ns": _u64, "seed": _u64,
+    "kernel_memory": _table(_u64, _bytes, "a dict of address -> bytes"),
+    "budget": _u64,
+}
+assert set(_CHECKS) == set(RunEnv.OPTIONS)
 
 
 class PerfEvent:
