@@ -11,19 +11,21 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from itertools import repeat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from bpffs import vm
 from bpffs.client import protocol
+from bpffs.vm.env import DEFAULT_BUDGET
 from bpffs.vm.errors import BpfError
 from bpffs.vm.maps import BpfMap, FdArrayMap, ProgArrayMap, map_class
 from bpffs.vm.maps.base import pages
 from bpffs.vm.uapi import (
+    BPF_COMPLEXITY_LIMIT_INSNS,
     BPF_LOG_MAX_SIZE,
     BPF_LOG_MIN_SIZE,
     MAP_TYPE_NAMES,
@@ -42,8 +44,21 @@ if TYPE_CHECKING:
 BPF_PROG_HEADER = 40
 # Program types an unprivileged caller may load (4.4: socket filters only).
 UNPRIVILEGED_PROG_TYPES = {ProgType.SOCKET_FILTER}
+T = TypeVar("T")
 _RDONLY, _WRONLY = int(ObjFlag.RDONLY), int(ObjFlag.WRONLY)  # plain ints: hot path
-BATCH_SLICE = 256  # packets of a test-run batch between two chances for other clients to run
+# A long request (map batch, test run, test-run batch) runs in slices of about SLICE_SECONDS,
+# letting other clients run between slices (the loop's latency goal is 50 ms; issue 13). It
+# looks at the clock every MAP_BATCH_STEP elements, every BATCH_STEP packets, every repetition.
+SLICE_SECONDS = 0.005
+MAP_BATCH_STEP = 128
+BATCH_STEP = 16
+# Keys and values of one map batch request, together: the kernel has no cap, but our request
+# is held whole in memory (the client library sends ~1 MiB requests).
+MAP_BATCH_MAX_BYTES = 64 << 20
+# Verifying and compiling a program can take seconds of CPU: it runs in a worker thread, so the
+# event loop keeps serving everyone else. At most this many such threads per uid: a user
+# cannot start unbounded threads, nor take every thread from another user.
+LOAD_THREADS_PER_UID = 1
 
 
 @dataclass
@@ -58,11 +73,19 @@ def _check_size(what: str, data: bytes, size: int, bpf_map: BpfMap) -> None:
                        f" which has {what}_size {size}")
 
 
-def _split(packed: bytes, size: int, what: str, bpf_map: BpfMap) -> list[bytes]:
+def _count(packed: bytes, size: int, what: str, bpf_map: BpfMap) -> int:
+    """How many `size`-byte elements `packed` holds (no list of them is made)."""
     if len(packed) % size:
         raise BpfError(errno.EINVAL, f"packed {what}s of {len(packed)} bytes are not a multiple"
                        f" of {what}_size {size} of {bpf_map.describe()}")
-    return [packed[i:i + size] for i in range(0, len(packed), size)]
+    return len(packed) // size
+
+
+def _check_batch_bytes(size: int, bpf_map: BpfMap) -> None:
+    if size > MAP_BATCH_MAX_BYTES:
+        raise BpfError(errno.E2BIG, f"batch of {size} bytes for {bpf_map.describe()} is above"
+                       f" the daemon's limit of {MAP_BATCH_MAX_BYTES} bytes a request (split it;"
+                       " the client library sends ~1 MiB requests)")
 
 
 class Syscalls:
@@ -70,6 +93,7 @@ class Syscalls:
         self.daemon = daemon
         self.store = daemon.store
         self.fds = daemon.fds
+        self._load_limiters: dict[int, trio.CapacityLimiter] = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def new_fd(self, conn: Connection, obj: BpfObject, flags: int = 0) -> Reply:
@@ -169,10 +193,12 @@ class Syscalls:
             _check_size("key", key, m.key_size, m)
         return m.get_next_key(key)
 
-    def map_lookup_batch(self, conn: Connection, handle: int, cursor: bytes | None, count: int,
-                         and_delete: bool) -> list:
+    async def map_lookup_batch(self, conn: Connection, handle: int, cursor: bytes | None,
+                               count: int, and_delete: bool) -> list:
         """Up to count (key, value) pairs after cursor: [packed keys, packed values, cursor];
-        the cursor is None once the walk has reached the end."""
+        the cursor is None once the walk has reached the end. The walk goes in slices of
+        SLICE_SECONDS, letting other clients in between, and stops at what fits in
+        MAP_BATCH_MAX_BYTES (the caller goes on from the cursor)."""
         m = self._map(conn, handle, write=and_delete)
         if count <= 0:
             raise BpfError(errno.EINVAL, "batch count must be positive")
@@ -180,51 +206,100 @@ class Syscalls:
             raise BpfError(errno.EOPNOTSUPP, f"{m.describe()} cannot be read in batches")
         if cursor is not None:
             _check_size("key", cursor, m.key_size, m)
-        keys = m.walk(cursor, count + 1)  # one more tells whether the walk ends here
-        more = len(keys) > count
-        keys = keys[:count]
-        values = [m.lookup_copy(k) for k in keys]
-        if and_delete:
-            for k in keys:
-                m.delete(k)
-            self._changed(m, keys)
-        return [b"".join(keys), b"".join(values), keys[-1] if more else None]
+        count = min(count, max(1, MAP_BATCH_MAX_BYTES // (m.key_size + m.value_size)))
+        with self.store.held(self.store.of(m)):  # its fd may close between slices
+            return await self._lookup_batch(m, cursor, count, and_delete)
 
-    def map_update_batch(self, conn: Connection, handle: int, packed_keys: bytes,
-                         packed_values: bytes, flags: int) -> int:
+    async def _lookup_batch(self, m: BpfMap, cursor: bytes | None, count: int,
+                            and_delete: bool) -> list:
+        keys, values = bytearray(), bytearray()  # packed as they come: no list of them all
+        taken, last, more = 0, cursor, True
+        deadline = time.perf_counter() + SLICE_SECONDS
+        while more and taken < count:
+            want = min(MAP_BATCH_STEP, count - taken)
+            after = None if and_delete and taken else last  # deleted: from the first left
+            found = m.walk(after, want + 1)  # one more tells whether the walk ends here
+            more = len(found) > want
+            found = found[:want]
+            if not found:
+                break
+            keys += b"".join(found)
+            values += b"".join([m.lookup_copy(k) for k in found])
+            if and_delete:
+                for k in found:
+                    m.delete(k)
+                self._changed(m, found)
+            taken, last = taken + len(found), found[-1]
+            if more and taken < count and time.perf_counter() > deadline:
+                await trio.lowlevel.checkpoint()
+                deadline = time.perf_counter() + SLICE_SECONDS
+        return [bytes(keys), bytes(values), last if more and taken else None]
+
+    async def map_update_batch(self, conn: Connection, handle: int, packed_keys: bytes,
+                               packed_values: bytes, flags: int) -> int:
         m = self._map(conn, handle, write=True)
-        keys = _split(packed_keys, m.key_size, "key", m)
-        values = _split(packed_values, m.value_size, "value", m)
-        if len(keys) != len(values):
-            raise BpfError(errno.EINVAL, f"{len(keys)} keys but {len(values)} values")
-        return self._apply_batch(m, keys, m.update, zip(keys, values, repeat(flags)))
+        n = _count(packed_keys, m.key_size, "key", m)
+        if _count(packed_values, m.value_size, "value", m) != n:
+            raise BpfError(errno.EINVAL, f"{n} keys but"
+                           f" {len(packed_values) // m.value_size} values")
+        _check_batch_bytes(len(packed_keys) + len(packed_values), m)
+        ks, vs, update = m.key_size, m.value_size, m.update
 
-    def map_delete_batch(self, conn: Connection, handle: int, packed_keys: bytes) -> int:
+        def apply(i: int) -> bytes:
+            key = packed_keys[i * ks:(i + 1) * ks]
+            update(key, packed_values[i * vs:(i + 1) * vs], flags)
+            return key
+
+        return await self._apply_batch(m, n, apply)
+
+    async def map_delete_batch(self, conn: Connection, handle: int, packed_keys: bytes) -> int:
         m = self._map(conn, handle, write=True)
-        keys = _split(packed_keys, m.key_size, "key", m)
-        return self._apply_batch(m, keys, m.delete, zip(keys))
+        n = _count(packed_keys, m.key_size, "key", m)
+        _check_batch_bytes(len(packed_keys), m)
+        ks, delete = m.key_size, m.delete
 
-    def _apply_batch(self, m: BpfMap, keys: list[bytes], apply: Callable[..., object],
-                     calls: Iterable[tuple]) -> int:
-        """Applies `apply` call by call, in order; on an error the exception's `detail` says
-        how many calls took effect (the kernel's attr.batch.count), and those are recorded."""
+        def apply(i: int) -> bytes:
+            key = packed_keys[i * ks:(i + 1) * ks]
+            delete(key)
+            return key
+
+        return await self._apply_batch(m, n, apply)
+
+    async def _apply_batch(self, m: BpfMap, n: int, apply: Callable[[int], bytes]) -> int:
+        """apply(0) .. apply(n - 1) in order, in slices of SLICE_SECONDS with other clients
+        served in between; each returns the key it changed. On an error the exception's
+        `detail` says how many took effect (the kernel's attr.batch.count); the journal
+        records the keys of every slice applied, the failing slice's applied part too."""
+        with self.store.held(self.store.of(m)):  # its fd may close between slices
+            return await self._apply_slices(m, n, apply)
+
+    async def _apply_slices(self, m: BpfMap, n: int, apply: Callable[[int], bytes]) -> int:
         done = 0
-        try:
-            for args in calls:
-                apply(*args)
-                done += 1
-        except BpfError as e:
-            e.detail = done  # type: ignore[attr-defined]
-            raise
-        finally:
-            if done:
-                self._changed(m, keys[:done])
+        while done < n:
+            changed: list[bytes] = []
+            deadline = time.perf_counter() + SLICE_SECONDS
+            try:
+                while done + len(changed) < n and time.perf_counter() < deadline:
+                    for i in range(done + len(changed),
+                                   min(n, done + len(changed) + MAP_BATCH_STEP)):
+                        changed.append(apply(i))
+            except BpfError as e:
+                e.detail = done + len(changed)  # type: ignore[attr-defined]
+                raise
+            finally:
+                if changed:
+                    self._changed(m, changed)
+            done += len(changed)
+            if done < n:
+                await trio.lowlevel.checkpoint()
         return done
 
     # -- programs -----------------------------------------------------------------------------
-    def prog_load(self, conn: Connection, prog_type: int, insns: bytes, license: str,
-                  kern_version: int, name: str, log_level: int, log_size: int,
-                  map_fds: dict) -> Reply:
+    async def prog_load(self, conn: Connection, prog_type: int, insns: bytes, license: str,
+                        kern_version: int, name: str, log_level: int, log_size: int,
+                        map_fds: dict) -> Reply:
+        """BPF_PROG_LOAD. Maps are resolved (and held) on the event loop; the verifier and
+        the compiler then run in a worker thread on data no other task touches."""
         if prog_type not in PROG_TYPE_NAMES:
             raise BpfError(errno.EINVAL, f"unknown program type {prog_type}")
         if prog_type not in UNPRIVILEGED_PROG_TYPES and not conn.peer.privileged:
@@ -233,36 +308,66 @@ class Syscalls:
         if log_level and not BPF_LOG_MIN_SIZE <= log_size <= BPF_LOG_MAX_SIZE:
             raise BpfError(errno.EINVAL, f"log_size {log_size} out of range"
                            f" [{BPF_LOG_MIN_SIZE}, {BPF_LOG_MAX_SIZE}]")
+        self._check_charge(conn, pages(BPF_PROG_HEADER + len(insns)))  # before the work
+        resolved = self._resolve_map_fds(conn, map_fds)
 
         def resolve_map(fd: int) -> BpfMap:
-            handle = map_fds.get(fd)
-            if handle is None:
+            found = resolved.get(fd)
+            if found is None:
                 raise BpfError(errno.EBADF, f"fd {fd} in a map load is not an open map fd")
-            ref = conn.resolve(handle)
-            if ref.obj.kind != Kind.MAP:
-                raise BpfError(errno.EINVAL, f"fd {fd} is a {ref.obj.kind}, not a map")
-            return ref.obj.impl
+            if isinstance(found, BpfError):
+                raise BpfError(found.errno, found.strerror)
+            return found.impl
 
-        try:
-            prog, log = vm.load_program(prog_type, insns, license=license, resolve_map=resolve_map,
-                                        kern_version=kern_version, name=name,
-                                        log_level=log_level,
-                                        privileged=conn.peer.privileged)
-        except BpfError as e:
-            raise self._with_log(e, getattr(e, "log", ""), log_level, log_size) from None
-        for used in prog.maps:
-            if isinstance(used, ProgArrayMap) and not used.compatible(prog_type):
-                raise BpfError(errno.EINVAL, f"{used.describe()} holds programs of another type"
-                               " than this one (tail calls need one type)")
-        cost = pages(BPF_PROG_HEADER + len(insns))
-        obj = self.store.add(Kind.PROG, prog, conn.peer.uid, cost, self._check_charge(conn, cost))
-        for used in prog.maps:  # before the first put can free obj and release them
-            self.store.hold(self.store.of(used))
+        def load() -> tuple[vm.Program, str]:
+            return vm.load_program(prog_type, insns, license=license, resolve_map=resolve_map,
+                                   kern_version=kern_version, name=name, log_level=log_level,
+                                   privileged=conn.peer.privileged)
+
+        with ExitStack() as holding:  # the maps stay alive while the thread looks at them
+            for found in resolved.values():
+                if isinstance(found, BpfObject):
+                    holding.enter_context(self.store.held(found))
+            try:
+                prog, log = await self.off_loop(conn.peer.uid, load)
+            except BpfError as e:
+                raise self._with_log(e, getattr(e, "log", ""), log_level, log_size) from None
+            for used in prog.maps:
+                if isinstance(used, ProgArrayMap) and not used.compatible(prog_type):
+                    raise BpfError(errno.EINVAL, f"{used.describe()} holds programs of another"
+                                   " type than this one (tail calls need one type)")
+            cost = pages(BPF_PROG_HEADER + len(insns))
+            obj = self.store.add(Kind.PROG, prog, conn.peer.uid, cost,
+                                 self._check_charge(conn, cost))
+            for used in prog.maps:  # before the first put can free obj and release them
+                self.store.hold(self.store.of(used))
         with self.store.held(obj):
             reply = self.new_fd(conn, obj)
         if log_level:
             reply.result["log"] = self._with_log(None, log, log_level, log_size)
         return reply
+
+    def _resolve_map_fds(self, conn: Connection, map_fds: dict) -> dict[int, Any]:
+        """fd -> its map's BpfObject, or the BpfError that naming it gives (raised only if
+        the program uses that fd, as the kernel resolves fds as it meets them)."""
+        resolved: dict[int, Any] = {}
+        for fd, handle in map_fds.items():
+            try:
+                ref = conn.resolve(handle)
+                if ref.obj.kind != Kind.MAP:
+                    raise BpfError(errno.EINVAL, f"fd {fd} is a {ref.obj.kind}, not a map")
+                resolved[fd] = ref.obj
+            except BpfError as e:
+                resolved[fd] = e
+        return resolved
+
+    async def off_loop(self, uid: int, work: Callable[[], T]) -> T:
+        """work() in a worker thread, at most LOAD_THREADS_PER_UID at a time for uid. work
+        must not touch the store, the tree or any connection: only what it was given."""
+        limiter = self._load_limiters.get(uid)
+        if limiter is None:
+            limiter = self._load_limiters[uid] = trio.CapacityLimiter(LOAD_THREADS_PER_UID)
+        return await trio.to_thread.run_sync(work, limiter=limiter)
 
     @staticmethod
     def _with_log(err: BpfError | None, log: str, log_level: int, log_size: int) -> Any:
@@ -294,20 +399,59 @@ class Syscalls:
             raise BpfError(errno.EPERM, "BPF_PROG_TEST_RUN needs CAP_SYS_ADMIN")
         return ref.obj.impl
 
-    def prog_test_run(self, conn: Connection, handle: int, data_in: bytes, ctx_in: bytes | None,
-                      repeat: int, data_size_out: int, options: dict) -> dict:
+    async def prog_test_run(self, conn: Connection, handle: int, data_in: bytes,
+                            ctx_in: bytes | None, repeat: int, data_size_out: int,
+                            options: dict) -> dict:
+        """BPF_PROG_TEST_RUN. repeat is the kernel's u32, never capped lower: the run pauses
+        every SLICE_SECONDS for other clients (the kernel reschedules between repetitions)
+        and stops when the caller hangs up (the kernel's EINTR on a signal)."""
         prog = self._test_run_prog(conn, handle)
-        env = self.daemon.run_env(conn, options)
-        result = prog.test_run(data_in, ctx_in=ctx_in, repeat=max(repeat, 1), env=env,
-                               tier=options.get("tier", "compiled"))
-        self.daemon.program_ran(prog)
-        out = result.as_dict()
+        env = self._run_env(conn, options)
+        tier = options.get("tier", "compiled")
+        with self.store.held(self.store.of(prog)):  # its fd may close while it runs
+            out = await self._test_run(conn, prog, tier, data_in, ctx_in, repeat, env)
         if data_size_out and len(out["data_out"]) > data_size_out:
             e = BpfError(errno.ENOSPC, f"data_out of {len(out['data_out'])} bytes does not fit"
                          f" in data_size_out {data_size_out}")
             e.detail = out  # type: ignore[attr-defined]
             raise e
         return out
+
+    async def _test_run(self, conn: Connection, prog: vm.Program, tier: str, data_in: bytes,
+                        ctx_in: bytes | None, repeat: int, env: vm.RunEnv) -> dict:
+        await self._compile(conn, prog, tier)
+        steps = prog.test_run_steps(data_in, ctx_in, repeat=max(repeat, 1), env=env, tier=tier)
+        try:
+            deadline = time.perf_counter() + SLICE_SECONDS
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as finished:
+                    result = finished.value
+                    break
+                if time.perf_counter() > deadline:
+                    await trio.lowlevel.checkpoint()
+                    deadline = time.perf_counter() + SLICE_SECONDS
+        finally:
+            steps.close()
+            self.daemon.program_ran(prog)
+        return result.as_dict()
+
+    def _run_env(self, conn: Connection, options: dict) -> vm.RunEnv:
+        """The run's environment, with the instruction budget of one run capped at the
+        kernel's complexity limit: no verified program runs more instructions than that."""
+        budget = options.get("budget", DEFAULT_BUDGET)
+        if not isinstance(budget, int) or not 1 <= budget <= BPF_COMPLEXITY_LIMIT_INSNS:
+            raise BpfError(errno.EINVAL, f"run budget {budget!r} out of range [1,"
+                           f" {BPF_COMPLEXITY_LIMIT_INSNS}] (instructions a run may execute:"
+                           " the kernel's complexity limit)")
+        return self.daemon.run_env(conn, options)
+
+    async def _compile(self, conn: Connection, prog: vm.Program, tier: str) -> None:
+        """Compile a program for `tier` in a worker thread before its first run (seconds for
+        a big program: never on the event loop)."""
+        if not prog.ready(tier):
+            await self.off_loop(conn.peer.uid, lambda: prog.entry(tier))
 
     async def prog_test_run_batch(self, conn: Connection, handle: int, packets: list,
                                   options: dict) -> list:
@@ -317,16 +461,27 @@ class Syscalls:
         {index: effects} of the runs that had any (classid, redirect, ...), {index: [errno,
         message]} of the packets the run refused (too short, too large) — their retval is 0
         and the batch goes on]. No ctx_in: ctx_out is always empty. Other clients are served
-        every BATCH_SLICE packets: a batch must not stall the daemon."""
+        every SLICE_SECONDS (BATCH_STEP packets at a time): a batch must not stall the
+        daemon."""
         prog = self._test_run_prog(conn, handle)
         if set(map(type, packets)) - {bytes}:
             raise BpfError(errno.EINVAL, "prog_test_run_batch: packets must be bytes")
-        env = self.daemon.run_env(conn, options)
+        env = self._run_env(conn, options)
+        tier = options.get("tier", "compiled")
+        with self.store.held(self.store.of(prog)):  # its fd may close while it runs
+            return await self._test_run_batch(conn, prog, tier, packets, env)
+
+    async def _test_run_batch(self, conn: Connection, prog: vm.Program, tier: str,
+                              packets: list, env: vm.RunEnv) -> list:
+        await self._compile(conn, prog, tier)
         try:
-            batch = prog.test_run_batch(env, options.get("tier", "compiled"))
-            for start in range(0, len(packets), BATCH_SLICE):
-                batch.feed(packets[start:start + BATCH_SLICE])
-                await trio.lowlevel.checkpoint()
+            batch = prog.test_run_batch(env, tier)
+            deadline = time.perf_counter() + SLICE_SECONDS
+            for start in range(0, len(packets), BATCH_STEP):
+                batch.feed(packets[start:start + BATCH_STEP])
+                if time.perf_counter() > deadline:
+                    await trio.lowlevel.checkpoint()
+                    deadline = time.perf_counter() + SLICE_SECONDS
         finally:
             self.daemon.program_ran(prog)
         return [batch.retvals, batch.outputs, batch.effects, batch.errors]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from functools import cached_property, partial
 
 from . import verifier
@@ -27,6 +27,9 @@ from .run import PacketBatch, Run, TestRunResult
 from .uapi import BPF_COMPLEXITY_LIMIT_INSNS, BPF_MAXINSNS, PROG_TYPE_NAMES
 
 TIERS = ("compiled", "interpreter")
+# Larger programs are interpreted, not compiled (see Program.entry): the kernel's JIT too
+# may give up on a program and leave it to the interpreter.
+COMPILE_MAX_INSNS = 65_536
 # license_is_gpl_compatible() of include/linux/license.h.
 GPL_COMPATIBLE = frozenset({"GPL", "GPL v2", "GPL and additional rights", "Dual BSD/GPL",
                             "Dual MIT/GPL", "Dual MPL/GPL"})
@@ -69,16 +72,25 @@ class Program:
         return block_costs(self.decoded)
 
     def entry(self, tier: str) -> Callable[[Run, int], int]:
+        """The function that runs the program in `tier`, compiled on first use. Programs
+        above COMPILE_MAX_INSNS run in the interpreter whatever the tier: compiling costs
+        ~14 us and ~2 KiB of memory an instruction (1M instructions: 14 s and 2 GB)."""
         fn = self._entries.get(tier)
         if fn is None:
-            if tier == "compiled":
+            if tier == "compiled" and len(self.decoded) <= COMPILE_MAX_INSNS:
                 fn = compile_program(self)
+            elif tier == "compiled":
+                fn = self.entry("interpreter")
             elif tier == "interpreter":
                 fn = partial(interpret, self)
             else:
                 raise BpfError(errno.EINVAL, f"unknown tier {tier!r} (one of {TIERS})")
             self._entries[tier] = fn
         return fn
+
+    def ready(self, tier: str) -> bool:
+        """Whether entry(tier) is at hand (compiled already, or needs no compiling)."""
+        return tier in self._entries or tier != "compiled"
 
     def execute(self, run: Run, tier: str = "compiled") -> int:
         """Run from the start with r1 = context, following tail calls (at most
@@ -96,21 +108,37 @@ class Program:
     def test_run(self, data_in: bytes = b"", ctx_in: bytes | None = None, repeat: int = 1,
                  env: RunEnv | None = None, tier: str = "compiled") -> TestRunResult:
         """BPF_PROG_TEST_RUN: run `repeat` times on the same packet; a fault is EFAULT."""
+        steps = self.test_run_steps(data_in, ctx_in, repeat, env, tier)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def test_run_steps(self, data_in: bytes = b"", ctx_in: bytes | None = None,
+                       repeat: int = 1, env: RunEnv | None = None, tier: str = "compiled"
+                       ) -> Generator[None, None, TestRunResult]:
+        """test_run, yielding after each repetition: a caller that must not be held for
+        the whole run (the daemon's event loop) pauses between repetitions, as the kernel's
+        bpf_test_timer_continue() reschedules. Returns the result (StopIteration.value)."""
         self.entry(tier)
         run = Run.for_test(self, data_in, ctx_in, env or RunEnv())
-        retval = 0
-        start = time.perf_counter_ns()
+        retval, done, elapsed = 0, 0, 0
         try:
             for _ in range(max(repeat, 1)):
+                start = time.perf_counter_ns()
                 run.reset()
                 retval = self.execute(run, tier)
+                elapsed += time.perf_counter_ns() - start
+                done += 1
+                yield
         except VmFault as fault:
             raise BpfError(errno.EFAULT, f"program {self.name or self.tag} stopped: {fault}"
                            ) from None
-        elapsed = time.perf_counter_ns() - start
-        self.run_cnt += max(repeat, 1)
-        self.run_time_ns += elapsed
-        return run.result(retval, elapsed // max(repeat, 1), want_ctx=ctx_in is not None)
+        finally:
+            self.run_cnt += done
+            self.run_time_ns += elapsed
+        return run.result(retval, elapsed // max(done, 1), want_ctx=ctx_in is not None)
 
     def test_run_batch(self, env: RunEnv | None = None, tier: str = "compiled"
                        ) -> PacketBatch:

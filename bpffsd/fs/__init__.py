@@ -223,7 +223,7 @@ class Filesystems:
         log.info("unmounted %s", mount.describe())
 
     # -- pin and get --------------------------------------------------------------------------
-    async def _resolve(self, fd: int, off_mount: int = errno.EPERM) -> tuple[Instance, Node]:
+    async def _resolve(self, fd: int, off_mount: int = errno.EPERM) -> tuple[Mount, Node]:
         """The mount and node an O_PATH fd names; a path off our mounts fails with off_mount
         (the kernel: EPERM to pin there, EACCES to get a file that is not a pin)."""
         with trio.move_on_after(FSTAT_TIMEOUT):
@@ -231,23 +231,27 @@ class Filesystems:
             mount = self.mounts.get(dev)
             if mount is None:
                 raise BpfError(off_mount, "the path is not on a bpffs (bpffsd) mount")
-            return mount.instance, mount.instance.tree.node(ino)
+            return mount, mount.instance.tree.node(ino)
         raise BpfError(errno.EIO, "timed out resolving the path (its filesystem hangs)")
 
     async def obj_pin(self, conn: Connection, handle: int, name: bytes, umask: int) -> None:
+        """BPF_OBJ_PIN, made through the mount the caller named when it can be, so that
+        inotify watchers of the directory see IN_CREATE as on bpffs (Mount.pin_through_mount)."""
         obj = conn.resolve(handle).obj
-        inst, parent = await self._resolve(conn.take_fd("the pin's parent directory (O_PATH)"))
+        mount, parent = await self._resolve(conn.take_fd("the pin's parent directory (O_PATH)"))
         if not isinstance(parent, Dir):
             raise BpfError(errno.ENOTDIR, "the pin's parent is not a directory")
         caller = Caller(conn.peer.uid, conn.peer.gid, umask & 0o777, conn.peer.groups())
-        inst.tree.pin(parent, name, obj, caller, check=True)
+        mount.instance.tree.check_pin(parent, name, caller)  # refused before any round trip
+        if not await mount.pin_through_mount(parent, name, obj, caller):
+            mount.instance.tree.pin(parent, name, obj, caller, check=True)
 
     async def obj_get(self, conn: Connection, file_flags: int) -> Any:
         if file_flags & ~(ObjFlag.RDONLY | ObjFlag.WRONLY) or file_flags == (ObjFlag.RDONLY
                                                                             | ObjFlag.WRONLY):
             raise BpfError(errno.EINVAL, f"invalid file_flags {file_flags:#x}"
                            " (BPF_F_RDONLY or BPF_F_WRONLY, not both)")
-        _inst, node = await self._resolve(conn.take_fd("the pin's path (O_PATH)"), errno.EACCES)
+        _mount, node = await self._resolve(conn.take_fd("the pin's path (O_PATH)"), errno.EACCES)
         if not isinstance(node, Pin) or node.obj is None:
             raise BpfError(errno.EACCES, f"the path is a {node.kind}, not a pinned object")
         want = {0: MAY_READ | MAY_WRITE, ObjFlag.RDONLY: MAY_READ,

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from bpffs.vm.errors import BpfError
 
-from .render import render_pin
+from .render import PinText
 from .tree import Caller, Dir, Node, Pin, Symlink, Tree
 
 if TYPE_CHECKING:
@@ -31,13 +34,26 @@ def _caller(ctx: list[int]) -> Caller:
     return Caller(uid, gid, umask)
 
 
+@dataclass
+class PendingPin:
+    """A pin made over the control socket, which the mount worker creates through the mount
+    (mknod) so that the kernel tells inotify watchers, as bpffs does (IN_CREATE)."""
+
+    obj: Any
+    caller: Caller
+    done: trio.Event = field(default_factory=trio.Event)
+    node: Pin | None = None  # created by the mount's mknod
+    error: BpfError | None = None  # the tree refused it (EEXIST, ...): the caller's answer
+
+
 class FuseOps:
-    """Requests of one mount (of one instance). Open pins are snapshots rendered at open()."""
+    """Requests of one mount (of one instance). An open pin's text is made as it is read."""
 
     def __init__(self, instance: Instance, describe_object: Any):
         self.instance = instance
         self.describe_object = describe_object
-        self._open: dict[int, tuple[Pin, bytes]] = {}
+        self._open: dict[int, tuple[Pin, PinText]] = {}
+        self.pending: dict[tuple[int, bytes], PendingPin] = {}  # (parent ino, name) -> pin
         self._next_fh = 1
 
     @property
@@ -47,7 +63,7 @@ class FuseOps:
     def handlers(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (
             "lookup", "getattr", "setattr", "readlink", "mkdir", "unlink", "rmdir", "symlink",
-            "rename", "link", "open", "read", "release", "readdir")}
+            "rename", "link", "open", "read", "release", "readdir", "mknod", "created")}
 
     def lookup(self, ctx: list[int], parent: int, name: bytes) -> list[int]:
         return attrs(self.tree.lookup(self.tree.dir(parent), name))
@@ -96,20 +112,42 @@ class FuseOps:
     def link(self, ctx: list[int], ino: int, new_parent: int, new_name: bytes) -> list[int]:
         return attrs(self.tree.link(self.tree.node(ino), self.tree.dir(new_parent), new_name))
 
+    def mknod(self, ctx: list[int], parent: int, name: bytes, mode: int) -> list[int]:
+        """A regular file: only the pin obj_pin asked this mount's worker to create (as
+        `touch`, EACCES otherwise: bpffs has no regular files but pins)."""
+        pending = self.pending.get((parent, name))
+        if pending is None or pending.done.is_set():
+            raise BpfError(errno.EACCES, "bpffs has no regular files but pins")
+        try:
+            pending.node = self.tree.pin(self.tree.dir(parent), name, pending.obj,
+                                         pending.caller, check=True)
+        except BpfError as e:
+            pending.error = e
+            raise
+        finally:
+            pending.done.set()
+        return attrs(pending.node)
+
+    def created(self, parent: int, name: bytes, err: int) -> None:
+        """The worker's mknod for a pending pin failed with errno `err` before reaching us
+        (the kernel refused the worker, or the path does not resolve): obj_pin makes it."""
+        pending = self.pending.get((parent, name))
+        if pending is not None:
+            pending.done.set()
+
     def open(self, ctx: list[int], ino: int, flags: int) -> int:
         node = self.tree.node(ino)
         if not isinstance(node, Pin):
             raise BpfError(errno.EISDIR if isinstance(node, Dir) else errno.EIO, "not a pin")
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise BpfError(errno.EIO, "pins cannot be written")
-        text = render_pin(node.obj, self.describe_object).encode()
         fh, self._next_fh = self._next_fh, self._next_fh + 1
-        self._open[fh] = (node, text)
+        self._open[fh] = (node, PinText(node.obj, self.describe_object))
         self.tree.opened(node, +1)
         return fh
 
     def read(self, fh: int, off: int, size: int) -> bytes:
-        return self._open[fh][1][off:off + size]
+        return self._open[fh][1].read(off, size)
 
     def release(self, fh: int) -> None:
         opened = self._open.pop(fh, None)

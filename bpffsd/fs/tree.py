@@ -300,6 +300,10 @@ class Tree:
         self._op("mkdir", parent.ino, name, node.mode, caller.uid, caller.gid, node.ino)
         return node
 
+    def check_pin(self, parent: Dir, name: bytes, caller: Caller) -> None:
+        """Raise what pin(..., check=True) would refuse, creating nothing."""
+        self._check_create(parent, name, caller)
+
     def pin(self, parent: Dir, name: bytes, obj: Any, caller: Caller, check: bool = False,
             mode: int | None = None, ino: int | None = None) -> Pin:
         """BPF_OBJ_PIN: a new regular file holding a reference on obj."""

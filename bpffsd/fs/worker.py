@@ -24,6 +24,7 @@ import re
 import socket
 import stat
 import sys
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,11 @@ MNT_DETACH = 2
 # pushed as invalidations, so this only bounds the damage of a lost notification.
 CACHE_TIMEOUT = 10.0
 READDIR_CHUNK = 1024
+# Seconds a FUSE request waits for the daemon before the worker answers it ETIMEDOUT: with
+# the daemon stopped (SIGSTOP) or hung, `ls` of the mount fails after this instead of hanging
+# in D state. The environment variable, read by the worker, overrides it.
+RPC_TIMEOUT = 30.0
+RPC_TIMEOUT_ENV = "BPFFSD_MOUNT_TIMEOUT"
 # setattr: pyfuse3's SetattrFields flag -> the change the daemon applies -> its EntryAttributes
 SETATTR_FIELDS = (("update_mode", "mode", "st_mode"), ("update_uid", "uid", "st_uid"),
                   ("update_gid", "gid", "st_gid"), ("update_size", "size", "st_size"),
@@ -148,31 +154,73 @@ class Listing:
 
 
 class DaemonLink:
-    """The worker's request channel to the daemon: one request at a time, in order."""
+    """The worker's request channel to the daemon: one request at a time, in order. A
+    request the daemon does not answer within `timeout` seconds is answered ETIMEDOUT to the
+    kernel (a stopped or hung daemon must not hang every process that touches the mount);
+    its late reply is recognised by its place in the order and dropped, and a pin opened
+    too late is released."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, timeout: float = RPC_TIMEOUT):
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.lock = trio.Lock()
         self.inbox = protocol.Inbox()  # one reused receive buffer (see Inbox)
+        self.timeout = timeout
+        self._owed: deque[list[Any]] = deque()  # each request sent ([op, *args]), unanswered
+        self._leaked: list[int] = []  # fhs of opens answered after their timeout
+        self._late = False  # a request timed out and no reply came since
 
     async def call(self, op: str, *args: Any) -> Any:
-        payload = protocol.pack([op, *args])
-        async with self.lock:
-            data, fds, memfd = protocol.frame(payload, [])
-            try:
-                await self.sock.sendmsg([data], protocol.encode_fds(fds))
-            finally:
-                if memfd is not None:
-                    os.close(memfd)
-            data, ancdata, flags = await self.inbox.recvmsg_async(self.sock)
-        if not data:
-            raise pyfuse3.FUSEError(errno.ENOTCONN)
+        request = [op, *args]
+        with trio.move_on_after(self.timeout):
+            async with self.lock:
+                while self._leaked:
+                    await self._send(["release", self._leaked[-1]])
+                    self._leaked.pop()
+                await self._send(request)
+                while True:
+                    data, ancdata, flags = await self.inbox.recvmsg_async(self.sock)
+                    if not data:
+                        raise pyfuse3.FUSEError(errno.ENOTCONN)
+                    if self._late:
+                        log.warning("the daemon answers again")
+                        self._late = False
+                    answered = self._owed.popleft()
+                    if answered is request:
+                        return self._reply(data, ancdata, flags)
+                    self._late_reply(answered[0], data, ancdata, flags)
+        if not self._late:
+            log.warning("the daemon did not answer %s within %g s: ETIMEDOUT (%s=%s)", op,
+                        self.timeout, RPC_TIMEOUT_ENV, self.timeout)
+            self._late = True
+        raise pyfuse3.FUSEError(errno.ETIMEDOUT)
+
+    async def _send(self, request: list[Any]) -> None:
+        data, fds, memfd = protocol.frame(protocol.pack(request), [])
+        try:
+            await self.sock.sendmsg([data], protocol.encode_fds(fds))
+        finally:
+            if memfd is not None:
+                os.close(memfd)
+        self._owed.append(request)  # sent (a cancelled sendmsg sends nothing)
+
+    @staticmethod
+    def _reply(data: bytes, ancdata: list, flags: int) -> Any:
         payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
         protocol.close_all(fds)
         reply = protocol.unpack(payload)
         if reply[0]:
             raise pyfuse3.FUSEError(reply[0])
         return reply[1]
+
+    def _late_reply(self, op: str, data: bytes, ancdata: list, flags: int) -> None:
+        """The reply to a request that timed out: dropped, but an open that succeeded after
+        all holds a handle in the daemon, released with the next request."""
+        try:
+            result = self._reply(data, ancdata, flags)
+        except pyfuse3.FUSEError:
+            return
+        if op == "open":
+            self._leaked.append(result)
 
 
 class Operations(pyfuse3.Operations):
@@ -253,8 +301,12 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        # bpffs has no mknod: a regular file goes the create() way (EACCES), others EPERM.
-        raise pyfuse3.FUSEError(errno.EACCES if stat.S_ISREG(mode) else errno.EPERM)
+        # bpffs has no mknod: devices, fifos and sockets are EPERM. A regular file is the
+        # daemon's to refuse (EACCES, as `touch`) unless it is a pin the daemon asked this
+        # worker to create through the mount (create_through_mount).
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return _attrs(await self._change("mknod", ctx, parent_inode, name, mode))
 
     @guarded
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -343,8 +395,28 @@ class Operations(pyfuse3.Operations):
         pass
 
 
-async def listen_for_invalidations(sock: socket.socket, ops: Operations) -> None:
-    """Apply the daemon's cache invalidations; the daemon closing this socket means: unmount."""
+async def create_through_mount(ops: Operations, path: bytes, parent: int,
+                               name: bytes) -> None:
+    """mknod() a pin the daemon is making (BPF_OBJ_PIN over the control socket) on this very
+    mount, so that the kernel fires IN_CREATE for inotify watchers: FUSE's entry
+    notifications fire none. The kernel sends the MKNOD back to this process, hence the
+    thread. A success the daemon saw (it served the MKNOD); a failure it is told, and makes
+    the pin itself."""
+    try:
+        await trio.to_thread.run_sync(os.mknod, path, stat.S_IFREG | 0o600)
+        return
+    except OSError as e:
+        err = e.errno or errno.EIO
+    try:
+        await ops.daemon.call("created", parent, name, err)
+    except pyfuse3.FUSEError:
+        pass  # the daemon is gone or late: it stops waiting on its own
+
+
+async def listen_for_invalidations(sock: socket.socket, ops: Operations,
+                                   nursery: trio.Nursery) -> None:
+    """Apply the daemon's cache invalidations and pin creations; the daemon closing this
+    socket means: unmount."""
     tsock = trio.socket.from_stdlib_socket(sock)
     while True:
         data = await tsock.recv(protocol.INLINE_MAX)
@@ -352,7 +424,10 @@ async def listen_for_invalidations(sock: socket.socket, ops: Operations) -> None
             pyfuse3.terminate()
             return
         ops.forget_fetched()
-        for kind, ino, name in protocol.unpack(data):
+        for kind, ino, name, *more in protocol.unpack(data):
+            if kind == "create":
+                nursery.start_soon(create_through_mount, ops, more[0], ino, name)
+                continue
             try:
                 if kind == "entry":
                     pyfuse3.invalidate_entry_async(ino, name, ignore_enoent=True)
@@ -406,6 +481,22 @@ def check_mountpoint(path: str, owner_uid: int) -> None:
         raise OSError(errno.EPERM, f"mountpoint {path} is not a directory you own")
 
 
+def rpc_timeout() -> float:
+    """RPC_TIMEOUT, or the environment's RPC_TIMEOUT_ENV (seconds, positive)."""
+    value = os.environ.get(RPC_TIMEOUT_ENV)
+    if value is None:
+        return RPC_TIMEOUT
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = 0.0
+    if not timeout > 0:
+        log.warning("ignoring %s=%r (not a positive number of seconds)", RPC_TIMEOUT_ENV,
+                    value)
+        return RPC_TIMEOUT
+    return timeout
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="bpffsd worker: %(message)s")
@@ -425,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         target = os.fsencode(os.path.realpath(args.mountpoint))
         options = {"fsname=bpffsd", "subtype=bpffsd", "default_permissions",
                    *filter(None, args.options.split(","))}
-        ops = Operations(DaemonLink(rpc))
+        ops = Operations(DaemonLink(rpc, rpc_timeout()))
         pyfuse3.init(ops, args.mountpoint, options)
     except Exception as e:
         err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
@@ -444,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(notify: socket.socket, ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(listen_for_invalidations, notify, ops)
+        nursery.start_soon(listen_for_invalidations, notify, ops, nursery)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
