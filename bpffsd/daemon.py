@@ -21,6 +21,7 @@ from bpffs.vm.errors import BpfError
 
 from . import __version__, sdnotify
 from .fs import Filesystems
+from .fs.tree import ROOT, Caller
 from .limits import LimitConfig, Limits
 from .objfd import ObjectFds
 from .persist import Persistence
@@ -139,8 +140,8 @@ class Daemon:
         if self.persistence is not None:
             self.persistence.program_ran(prog)
 
-    def pin_paths(self, obj: BpfObject) -> list[str]:
-        return self.fs.pin_paths(obj)
+    def pin_paths(self, obj: BpfObject, caller: Caller = ROOT) -> list[str]:
+        return self.fs.pin_paths(obj, caller)
 
     def run_env(self, conn: Connection, options: dict) -> vm.RunEnv:
         """The emulated kernel state of a test run: the caller's identity as `current`,

@@ -34,6 +34,7 @@ from bpffs.vm.uapi import (
     ProgType,
 )
 
+from .fs.tree import ROOT, Caller
 from .store import BpfObject, Kind
 
 if TYPE_CHECKING:
@@ -352,6 +353,9 @@ class Syscalls:
         the program uses that fd, as the kernel resolves fds as it meets them)."""
         resolved: dict[int, Any] = {}
         for fd, handle in map_fds.items():
+            if type(fd) is not int or type(handle) is not int:
+                raise BpfError(errno.EINVAL, "prog_load: map_fds must map fd numbers to"
+                               f" handles (integers), got {fd!r}: {handle!r}")
             try:
                 ref = conn.resolve(handle)
                 if ref.obj.kind != Kind.MAP:
@@ -488,11 +492,13 @@ class Syscalls:
 
     # -- information --------------------------------------------------------------------------
     def obj_info(self, conn: Connection, handle: int) -> dict:
-        return self.info(conn.resolve(handle).obj)
+        caller = Caller(conn.peer.uid, conn.peer.gid, 0, conn.peer.groups())
+        return self.info(conn.resolve(handle).obj, caller)
 
-    def info(self, obj: BpfObject) -> dict:
-        """bpftool's field names (map show / prog show -j)."""
-        pinned = sorted(self.daemon.pin_paths(obj))
+    def info(self, obj: BpfObject, caller: Caller = ROOT) -> dict:
+        """bpftool's field names (map show / prog show -j); `pinned` lists the paths the
+        caller could look up (a pin below a directory it may not search stays private)."""
+        pinned = sorted(self.daemon.pin_paths(obj, caller))
         if obj.kind == Kind.MAP:
             m = obj.impl
             return {"id": obj.id, "type": MAP_TYPE_NAMES[m.map_type], "name": m.name,

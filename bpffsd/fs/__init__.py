@@ -29,7 +29,7 @@ from bpffs.vm.uapi import ObjFlag
 from ..store import BpfObject
 from .instance import Instance
 from .mount import Mount
-from .tree import MAY_READ, MAY_WRITE, Caller, Dir, Node, Pin, show
+from .tree import MAY_READ, MAY_WRITE, ROOT, Caller, Dir, Node, Pin, show
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -262,12 +262,13 @@ class Filesystems:
                            f" owner {node.uid}:{node.gid}")
         return self.daemon.syscalls.new_fd(conn, node.obj, file_flags)
 
-    def pin_paths(self, obj: BpfObject) -> list[str]:
+    def pin_paths(self, obj: BpfObject, caller: Caller = ROOT) -> list[str]:
+        """Where obj is pinned, as caller could look it up (root: everywhere)."""
         paths = []
         for inst in {*self.named.values(), *self.by_ns.values()}:
             pins = [node for node in obj.pins if inst.tree.nodes.get(node.ino) is node]
             for node in pins:
-                for rel in inst.tree.path_of(node):
+                for rel in inst.tree.path_of(node, caller):
                     paths += [show(m.mountpoint.rstrip(b"/") + b"/" + rel)
                               for m in inst.mounts] or [f"{inst.describe()}:/{show(rel)}"]
         return paths

@@ -232,11 +232,14 @@ class Tree:
             node = self.lookup(node, part)
         return node
 
-    def path_of(self, node: Node) -> list[bytes]:
-        """Every path naming node (hard links give several), relative to the root."""
+    def path_of(self, node: Node, caller: Caller = ROOT) -> list[bytes]:
+        """Every path naming node (hard links give several), relative to the root, that
+        caller could look up: a directory it may not search hides what is below it."""
         found: list[bytes] = []
 
         def visit(d: Dir, prefix: bytes) -> None:
+            if not d.permits(caller, MAY_EXEC):
+                return
             for name, child in d.children.items():
                 if child is node:
                     found.append(prefix + name)
