@@ -140,8 +140,14 @@ class Daemon:
         if self.persistence is not None:
             self.persistence.program_ran(prog)
 
-    def pin_paths(self, obj: BpfObject, caller: Caller = ROOT) -> list[str]:
-        return self.fs.pin_paths(obj, caller)
+    def pin_paths(self, obj: BpfObject, caller: Caller | None = None) -> list[str]:
+        """Where obj is pinned, as caller could look it up (None: root, everywhere)."""
+        return self.fs.pin_paths(obj, caller or ROOT)
+
+    @staticmethod
+    def caller(conn: Connection) -> Caller:
+        """The filesystem's view of a control-socket caller."""
+        return Caller(conn.peer.uid, conn.peer.gid, 0, conn.peer.groups())
 
     def run_env(self, conn: Connection, options: dict) -> vm.RunEnv:
         """The emulated kernel state of a test run: the caller's identity as `current`,

@@ -34,11 +34,11 @@ from bpffs.vm.uapi import (
     ProgType,
 )
 
-from .fs.tree import ROOT, Caller
 from .store import BpfObject, Kind
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .fs.tree import Caller
     from .server import Connection
 
 # sizeof(struct bpf_prog) in 4.4 before the instructions: bpf_prog_size()'s header.
@@ -492,10 +492,9 @@ class Syscalls:
 
     # -- information --------------------------------------------------------------------------
     def obj_info(self, conn: Connection, handle: int) -> dict:
-        caller = Caller(conn.peer.uid, conn.peer.gid, 0, conn.peer.groups())
-        return self.info(conn.resolve(handle).obj, caller)
+        return self.info(conn.resolve(handle).obj, self.daemon.caller(conn))
 
-    def info(self, obj: BpfObject, caller: Caller = ROOT) -> dict:
+    def info(self, obj: BpfObject, caller: Caller | None = None) -> dict:
         """bpftool's field names (map show / prog show -j); `pinned` lists the paths the
         caller could look up (a pin below a directory it may not search stays private)."""
         pinned = sorted(self.daemon.pin_paths(obj, caller))
