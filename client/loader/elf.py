@@ -28,7 +28,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
-from elftools.elf.sections import SymbolTableSection
+from elftools.elf.sections import StringTableSection, SymbolTableSection
 
 from bpffs.vm import isa
 from bpffs.vm.errors import BpfError
@@ -193,6 +193,9 @@ class _Reader:
         symtabs = [s for s in self.sections if isinstance(s, SymbolTableSection)]
         if not symtabs:
             raise _bad(path, "the object has no symbol table")
+        if not isinstance(symtabs[0].stringtable, StringTableSection):
+            # pyelftools before 0.32 fails on this with an AttributeError mid-iteration
+            raise _bad(path, "the symbol table's sh_link is not a string table")
         self.symbols = list(symtabs[0].iter_symbols())
 
     def _section(self, name: str):
