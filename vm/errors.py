@@ -5,10 +5,16 @@ which raises it again, so a caller sees `BpfError(E2BIG, "hash map 'flows' is fu
 """
 
 import errno as _errno
+from typing import Any
 
 
 class BpfError(OSError):
     """OSError with the kernel's errno and a message that says what was wrong."""
+
+    # What a reply may carry besides errno and message, declared so that every BpfError has
+    # them (an error made locally, such as a connection reset, has neither).
+    detail: Any = None  # the reply's extra datum: a batch's count done, a verifier log, ...
+    count: int | None = None  # batch calls: elements applied before the failing one
 
     def __init__(self, err: int, message: str):
         super().__init__(err, message)
