@@ -17,6 +17,7 @@ from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from bpffs.client import protocol
 from bpffs.vm.errors import BpfError
 
 # Defaults (bpffsd options of the same names; README "Limits").
@@ -25,6 +26,17 @@ MAX_FDS_PER_UID = 4096  # object fds held; the kernel's default hard RLIMIT_NOFI
 MAX_PARKED_PER_UID = 64  # requests waiting in an async handler (trace_read, obj_get, ...)
 HELLO_TIMEOUT = 10.0  # seconds a new connection has to say hello
 ROOT_RESERVE = 1024  # daemon fds that only root may use
+# Largest request message (a memfd) a non-root caller may send; root's is protocol.MESSAGE_MAX.
+# Real requests stay far below: the client library sends ~1 MiB map_update_batch requests and
+# 4096-packet prog_test_run_batch requests (a few MiB).
+MAX_MESSAGE_BYTES = 32 << 20
+# Bytes of large replies (each in a memfd the daemon fills) sent to one user and not yet
+# received. A connection holds at most one such reply unread: its next request waits until the
+# client has received it. Past this sum, the user's requests that may answer in a memfd are
+# refused (EAGAIN) before they run. Under it, one is let through, however big.
+MAX_REPLY_BYTES_PER_UID = 64 << 20
+MAX_FS_NODES_PER_UID = 65536  # bpffs entries (dirs, pins, symlinks, links) one user made
+MAX_SYMLINK_BYTES_PER_UID = 4 << 20  # bytes of bpffs symlink targets one user made
 
 # The uid a request is served for, set in each connection's task: ObjectFds.open charges the
 # fd it makes to it, including in the continuation of an async handler (contextvars follow
@@ -39,6 +51,10 @@ class LimitConfig:
     max_parked_per_uid: int = MAX_PARKED_PER_UID
     hello_timeout: float = HELLO_TIMEOUT
     root_reserve: int = ROOT_RESERVE
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_reply_bytes_per_uid: int = MAX_REPLY_BYTES_PER_UID
+    max_fs_nodes_per_uid: int = MAX_FS_NODES_PER_UID
+    max_symlink_bytes_per_uid: int = MAX_SYMLINK_BYTES_PER_UID
 
 
 class UidCounter:
@@ -80,6 +96,17 @@ class Limits:
                               "--max-fds-per-uid")
         self.parked = UidCounter("requests waiting", config.max_parked_per_uid, errno.EAGAIN,
                                  "--max-parked-per-uid", fds=False)
+        # Bytes of large replies sent and not yet received, per uid (server.py).
+        self.unread_replies: Counter[int] = Counter()
+
+    def message_limit(self, uid: int) -> int:
+        """The largest request message uid may send."""
+        return protocol.MESSAGE_MAX if uid == 0 else min(self.config.max_message_bytes,
+                                                         protocol.MESSAGE_MAX)
+
+    def replies_over(self, uid: int) -> bool:
+        """Whether uid's unread large replies have reached its limit (root's never do)."""
+        return uid != 0 and self.unread_replies[uid] >= self.config.max_reply_bytes_per_uid
 
     @staticmethod
     def nofile() -> int:

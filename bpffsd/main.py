@@ -7,7 +7,6 @@ to bpffsd.log beside its socket."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import errno
 import importlib.util
 import logging
@@ -23,7 +22,7 @@ import trio
 
 from bpffs.client import paths
 
-from . import __version__, limits, sdnotify
+from . import __version__, limits, logfmt, sdnotify
 from .daemon import Config, Daemon
 from .persist import statedir
 
@@ -81,6 +80,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    " then (default %(default)s)")
     p.add_argument("--root-reserve", type=int, default=limits.ROOT_RESERVE, metavar="N",
                    help="daemon fds only root may use (default %(default)s)")
+    p.add_argument("--max-message-bytes", type=int, default=limits.MAX_MESSAGE_BYTES,
+                   metavar="BYTES", help="largest request a non-root user may send"
+                   " (default %(default)s)")
+    p.add_argument("--max-reply-bytes-per-uid", type=int,
+                   default=limits.MAX_REPLY_BYTES_PER_UID, metavar="BYTES",
+                   help="bytes of large replies one user may leave unread before its"
+                   " batch requests are refused (default %(default)s)")
+    p.add_argument("--max-fs-nodes-per-uid", type=int, default=limits.MAX_FS_NODES_PER_UID,
+                   metavar="N", help="bpffs entries one user may make (default %(default)s)")
+    p.add_argument("--max-symlink-bytes-per-uid", type=int, metavar="BYTES",
+                   default=limits.MAX_SYMLINK_BYTES_PER_UID,
+                   help="bytes of bpffs symlink targets one user may make (default %(default)s)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background; return once the daemon is ready")
     p.add_argument("--log-file", metavar="FILE",
@@ -99,49 +110,9 @@ def raise_fd_limit() -> None:
 
 
 # -- logging ------------------------------------------------------------------------------------
-class TimestampFormatter(logging.Formatter):
-    """Log lines start with local time in ISO 8601, to the millisecond, with the UTC offset."""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        when = datetime.datetime.fromtimestamp(record.created).astimezone()
-        return when.isoformat(timespec="milliseconds")
-
-
-class JournalFormatter(logging.Formatter):
-    """For journald, which stamps the time and the pid itself: only the sd-daemon(3) priority
-    prefix (<3> error ... <7> debug), so `journalctl -p` filters by level."""
-
-    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
-                logging.DEBUG: 7}
-
-    def format(self, record: logging.LogRecord) -> str:
-        prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
-        return prefix + super().format(record).replace("\n", "\n" + prefix)
-
-
-def stderr_is_journal() -> bool:
-    """systemd connected our stderr to journald: JOURNAL_STREAM names that stream's
-    device:inode (checked against fd 2, since a child's stderr may go elsewhere)."""
-    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    try:
-        st = os.fstat(2)
-        return (int(dev), int(ino)) == (st.st_dev, st.st_ino)
-    except (ValueError, OSError):
-        return False
-
-
+# The formatters live in logfmt, shared with the mount workers (their lines go to our stderr).
 def setup_logging(verbose: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal():
-        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(TimestampFormatter(
-            "%(asctime)s bpffsd[%(process)d]: %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in root.handlers[:]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING - 10 * min(verbose, 2))
+    logfmt.setup(logging.WARNING - 10 * min(verbose, 2))
 
 
 # -- checks before starting ---------------------------------------------------------------------
@@ -360,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     config.limits = limits.LimitConfig(
         max_connections_per_uid=args.max_connections_per_uid,
         max_fds_per_uid=args.max_fds_per_uid, max_parked_per_uid=args.max_parked_per_uid,
-        hello_timeout=args.hello_timeout, root_reserve=args.root_reserve)
+        hello_timeout=args.hello_timeout, root_reserve=args.root_reserve,
+        max_message_bytes=args.max_message_bytes,
+        max_reply_bytes_per_uid=args.max_reply_bytes_per_uid,
+        max_fs_nodes_per_uid=args.max_fs_nodes_per_uid,
+        max_symlink_bytes_per_uid=args.max_symlink_bytes_per_uid)
     ready = None
     if log_fd is not None and args.detach:
         where = f"mounted at {mountpoint}" if mountpoint else "no mount"

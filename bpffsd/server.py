@@ -8,15 +8,28 @@ framing itself is broken, the connection is dropped), and a handler bug is logge
 with EIO. Only a BpfError (or a request that fails its schema) is the caller's error; any
 other exception, OSError included, is the daemon's: logged with its traceback, answered EIO.
 What a user may hold here (connections, object fds, waiting requests) is limited per uid
-(limits.py).
+(limits.py), and so is what its requests may cost to decode (protocol.unpack_request).
+
+A reply too big for a datagram travels in a memfd the daemon fills: its memory lives until the
+client receives it. So a connection holds at most one such reply unread: its next request is
+read only once the client has received the last one (SIOCOUTQ, the bytes of ours still queued
+in the peer's socket, is 0). Waiting never blocks the event loop, and a slow reader only ever
+waits on itself: a client that reads each reply before its next request never waits at all.
+Across a user's connections, the operations that may answer in a memfd run one at a time and
+are refused (EAGAIN, before they run: no reply is lost) while the user's unread replies are
+at --max-reply-bytes-per-uid; refused rather than made to wait, as a client reading its
+connections in its own order could otherwise wait on itself for ever.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 from time import monotonic, perf_counter_ns
 from typing import TYPE_CHECKING, Any
@@ -49,6 +62,25 @@ SPIN_STREAK = 8
 # flood the log (one at 16k lines in 5 minutes did).
 WARN_BURST = 5
 WARN_INTERVAL = 60.0
+# A connection whose client has not received its last large reply is polled (SIOCOUTQ) at
+# growing intervals, from UNREAD_POLL_MIN to UNREAD_POLL_MAX seconds, once its next request
+# is there.
+UNREAD_POLL_MIN = 0.001
+UNREAD_POLL_MAX = 0.05
+_OUTQ = struct.Struct("i")
+# Async operations whose reply may be large (a memfd): one user runs one at a time, and only
+# while its unread replies are under its limit. Many running at once, each slicing through
+# its walk, would each build a reply before any was counted as unread (64 connections of one
+# user made 64 copies of a 7 MB map at once). One event loop runs them anyway: this costs no
+# throughput, only the interleaving of one user's own requests.
+LARGE_REPLY_OPS = frozenset({"map_lookup_batch", "prog_test_run_batch", "prog_test_run"})
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes of what we sent still queued, unreceived, at the peer (SIOCOUTQ: for a unix
+    socket, the memory its skbs are charged, including a memfd message's 1-byte datagram;
+    0 once the peer has received everything, or closed)."""
+    return _OUTQ.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(_OUTQ.size)))[0]
 
 
 def caller_error(e: BaseException) -> OSError | None:
@@ -130,6 +162,8 @@ class Connection:
         self.bound = BoundFds()
         self.fds: list[int] = []  # fds that came with the request being served
         self._taken = 0
+        self.unread = 0  # bytes of the last large reply, while the client may not have it
+        self.op = ""  # the operation being served
 
     def resolve(self, handle: int) -> ObjectFd:
         ref = self.bound.get(handle)
@@ -157,6 +191,8 @@ class Server:
         self.limits = daemon.limits
         self.malformed = WarningLimiter("malformed messages")
         self.accept_failures = WarningLimiter("accept failures")
+        self.unread: dict[int, set[Connection]] = {}  # uid -> its connections with unread
+        self._large: dict[int, trio.Lock] = {}  # uid -> held while one LARGE_REPLY_OPS runs
 
     async def serve(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         self.listener.setblocking(False)
@@ -183,6 +219,9 @@ class Server:
             return
         uid = conn.peer.uid
         try:
+            refusal = conn.peer.refusal()  # its process was gone before we could read it
+            if refusal is not None:
+                raise refusal
             self.limits.charge(self.limits.connections, uid)
         except BpfError as e:  # say why (as the reply to the hello), then hang up
             try:
@@ -197,6 +236,7 @@ class Server:
             await self._serve_requests(conn)
         finally:
             self.connections.discard(conn)
+            self._replies_read(conn)
             self.limits.connections.uncharge(uid)
             sock.close()
 
@@ -210,6 +250,8 @@ class Server:
         streak = 0  # requests served since this task last let the others run
         try:
             while True:
+                if caught is None and conn.unread:
+                    await self._hold_back(conn)
                 if caught is None:
                     try:
                         caught = recvmsg(sock)
@@ -263,6 +305,8 @@ class Server:
                         spin, streak = perf_counter_ns() - sent < SPIN_NS, 0
                         continue
                 await self._send(sock, reply, socks)
+                if len(reply) > protocol.INLINE_MAX:  # it went in a memfd
+                    self._reply_sent(conn, len(reply))
         except OSError as e:
             log.debug("connection from pid %d ended: %s", conn.peer.pid, e)
 
@@ -275,8 +319,14 @@ class Server:
         pending = False
         try:
             conn.fds = protocol.decode_fds(ancdata, flags)
-            payload, conn.fds = protocol.open_payload(data, conn.fds)
-            op, args = protocol.check_request(protocol.unpack(payload))
+            uid = conn.peer.uid
+            payload, conn.fds = protocol.open_payload(data, conn.fds,
+                                                      self.limits.message_limit(uid))
+            msg = protocol.unpack_request(
+                payload, max_bin=len(payload), objects_max=protocol.REQUEST_OBJECTS_MAX if
+                not uid else protocol.REQUEST_OBJECTS_MAX_UNPRIVILEGED)
+            op, args = protocol.check_request(msg)
+            conn.op = op
             if not conn.greeted and op != "hello":
                 raise BpfError(errno.EPROTO, "the first request must be hello")
             wanted = protocol.OP_FDS.get(op, 0)
@@ -294,6 +344,62 @@ class Server:
             if not pending:
                 self._release_fds(conn)
 
+    # -- large replies not yet received ---------------------------------------------------------
+    def _reply_sent(self, conn: Connection, size: int) -> None:
+        self._replies_read(conn)  # at most one unread a connection: the last
+        uid = conn.peer.uid
+        conn.unread = size
+        self.limits.unread_replies[uid] += size
+        self.unread.setdefault(uid, set()).add(conn)
+
+    def _replies_read(self, conn: Connection) -> None:
+        if not conn.unread:
+            return
+        uid = conn.peer.uid
+        self.limits.unread_replies[uid] -= conn.unread
+        if self.limits.unread_replies[uid] <= 0:
+            del self.limits.unread_replies[uid]
+        conn.unread = 0
+        waiting = self.unread.get(uid)
+        if waiting is not None:
+            waiting.discard(conn)
+            if not waiting:
+                del self.unread[uid]
+
+    def _refresh_unread(self, uid: int) -> None:
+        """Forget the unread replies of uid that its clients have received since."""
+        for conn in list(self.unread.get(uid, ())):
+            try:
+                received = unsent(conn.sock) == 0
+            except OSError:
+                received = True  # a socket closed under us holds nothing queued
+            if received:
+                self._replies_read(conn)
+
+    async def _hold_back(self, conn: Connection) -> None:
+        """Wait before reading conn's next request while its client has not received the last
+        large reply. Nothing is polled before the next request (or a hang-up) is there: a
+        client that reads each reply before it asks again finds the way clear at once."""
+        sock = conn.sock
+        await trio.lowlevel.wait_readable(sock)
+        delay = UNREAD_POLL_MIN
+        while unsent(sock):
+            await trio.sleep(delay)
+            delay = min(2 * delay, UNREAD_POLL_MAX)
+        self._replies_read(conn)
+
+    def _reply_refusal(self, uid: int) -> BpfError | None:
+        """Why uid may not run one more operation that may answer in a memfd (None: it may)."""
+        if not self.limits.replies_over(uid):
+            return None
+        self._refresh_unread(uid)
+        if not self.limits.replies_over(uid):
+            return None
+        limit = self.limits.config.max_reply_bytes_per_uid
+        return BpfError(errno.EAGAIN, f"uid {uid} has {self.limits.unread_replies[uid]} bytes"
+                        f" of replies sent and not yet received, the most bpffsd allows a user"
+                        f" (--max-reply-bytes-per-uid {limit}); read them first")
+
     async def _park(self, conn: Connection, pending: Awaitable) -> tuple[Any, list]:
         """_finish an async handler, counted against the caller's waiting requests."""
         uid = conn.peer.uid
@@ -304,7 +410,20 @@ class Server:
             self._release_fds(conn)
             return self._failure(conn, e)
         try:
-            return await self._finish(conn, pending)
+            if conn.op not in LARGE_REPLY_OPS or not uid:
+                return await self._finish(conn, pending)
+            lock = self._large.setdefault(uid, trio.Lock())
+            try:
+                async with lock:
+                    refusal = self._reply_refusal(uid)
+                    if refusal is None:
+                        return await self._finish(conn, pending)
+                    pending.close()  # type: ignore[attr-defined]  # never started
+                    self._release_fds(conn)
+                    return self._failure(conn, refusal)
+            finally:
+                if not lock.locked() and not lock.statistics().tasks_waiting:
+                    self._large.pop(uid, None)
         finally:
             self.limits.parked.uncharge(uid)
 

@@ -504,7 +504,7 @@ class Syscalls:
                     "flags": m.flags, "bytes_key": m.key_size, "bytes_value": m.value_size,
                     "max_entries": m.max_entries, "bytes_memlock": obj.pages * 4096,
                     "frozen": 0, "pinned": pinned, "entries": len(m)
-                    if not isinstance(m, FdArrayMap) else sum(1 for _ in m.items())}
+                    if not isinstance(m, FdArrayMap) else m.live}
         if obj.kind == Kind.PROG:
             p = obj.impl
             info = {"id": obj.id, "type": PROG_TYPE_NAMES[p.prog_type], "name": p.name,

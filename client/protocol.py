@@ -32,6 +32,22 @@ PROTOCOL_VERSION = 1
 INLINE_MAX = 160 * 1024
 # Largest payload accepted at all (a memfd message); keeps one client from exhausting memory.
 MESSAGE_MAX = 256 * 1024 * 1024
+# The daemon's bounds on a request, beyond MESSAGE_MAX (root) or the smaller per-user message
+# limit (bpffsd --max-message-bytes): msgpack's own per-object limits, sized from what real
+# requests carry (the biggest: map_update_batch's two packed bins, and prog_test_run_batch's
+# packet list, one bytes object a packet), and, for a memfd message, a budget of objects
+# (containers and their elements, in all): msgpack turns each byte of input into up to ~70
+# bytes of Python objects (a list slot, an empty dict), so a budget, not the byte size, is
+# what bounds the memory and time of unpacking. Anything beyond is a protocol violation: the
+# connection is dropped.
+REQUEST_ARRAY_MAX = 1 << 20  # packets in one prog_test_run_batch (the client sends 4096)
+REQUEST_MAP_MAX = 1 << 16  # keys of a dict (options; a run's kernel_memory table)
+REQUEST_DEPTH_MAX = 8  # nesting: [op, {option: [{...}]}] is 4 deep; repr() fails near 1000
+REQUEST_STR_MAX = 1 << 16  # names, license, option values
+REQUEST_OBJECTS_MAX = REQUEST_ARRAY_MAX + 4096  # containers and their elements, in all
+# Non-root callers: 262144 objects cost at most ~20 MB and ~30 ms to unpack (measured: an
+# array of empty dicts), and hold 64 of the client's 4096-packet batches.
+REQUEST_OBJECTS_MAX_UNPRIVILEGED = 1 << 18
 # Linux's SCM_MAX_FD: at most this many fds ride on one message.
 FDS_MAX = 253
 LARGE_MESSAGE = b"\xc1"
@@ -113,6 +129,54 @@ def unpack(data: bytes) -> Any:
         raise ProtocolError(f"malformed msgpack: {e}") from None
 
 
+def unpack_request(data: bytes, max_bin: int = MESSAGE_MAX,
+                   objects_max: int | None = REQUEST_OBJECTS_MAX) -> Any:
+    """Decode a request within the bounds above; a violation is a ProtocolError. The object
+    budget is counted only for large (memfd) messages: an inline one (INLINE_MAX) cannot hold
+    enough to matter, and the request round trip stays as cheap as plain unpackb."""
+    try:
+        if objects_max is None or len(data) <= INLINE_MAX:
+            msg = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                                  max_bin_len=max_bin, max_str_len=REQUEST_STR_MAX,
+                                  max_array_len=REQUEST_ARRAY_MAX,
+                                  max_map_len=REQUEST_MAP_MAX, max_ext_len=0)
+        else:
+            left = [objects_max]
+
+            def count(obj: Any) -> Any:
+                left[0] -= 1 + len(obj)
+                if left[0] < 0:
+                    raise ValueError(f"more than {objects_max} objects in one request")
+                return obj
+
+            msg = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                                  max_bin_len=max_bin, max_str_len=REQUEST_STR_MAX,
+                                  max_array_len=REQUEST_ARRAY_MAX,
+                                  max_map_len=REQUEST_MAP_MAX, max_ext_len=0,
+                                  list_hook=count, object_hook=count)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as e:
+        raise ProtocolError(f"malformed msgpack (or over its bounds): {e}") from None
+    if type(msg) is list:  # a request: most hold no container at all
+        for item in msg:
+            if type(item) is list or type(item) is dict:
+                if _too_deep(msg, REQUEST_DEPTH_MAX - 1):
+                    raise ProtocolError(f"msgpack nested deeper than {REQUEST_DEPTH_MAX}")
+                break
+    elif type(msg) is dict and _too_deep(msg, REQUEST_DEPTH_MAX - 1):
+        raise ProtocolError(f"msgpack nested deeper than {REQUEST_DEPTH_MAX}")
+    return msg
+
+
+def _too_deep(obj: list | dict, depth: int) -> bool:
+    """Whether obj holds containers nested more than `depth` levels below it."""
+    for item in obj.values() if type(obj) is dict else obj:
+        if (type(item) is list or type(item) is dict) and (
+                depth <= 0 or _too_deep(item, depth - 1)):
+            return True
+    return False
+
+
 def _compile(schema: tuple[str, ...]
              ) -> tuple[tuple[tuple[type, ...], bool, str, int | None], ...]:
     return tuple((_TYPES[kind.rstrip("?")], kind.endswith("?"), kind,
@@ -171,17 +235,18 @@ def make_memfd(payload: bytes) -> int:
     return fd
 
 
-def read_memfd(fd: int) -> bytes:
-    """Read a large message from a memfd the peer sent. Only memfds are accepted: reading any
-    other fd (a FIFO, a file on a FUSE mount — possibly our own) could block the reader."""
+def read_memfd(fd: int, limit: int = MESSAGE_MAX) -> bytes:
+    """Read a large message from a memfd the peer sent (at most `limit` bytes: more is a
+    ProtocolError). Only memfds are accepted: reading any other fd (a FIFO, a file on a FUSE
+    mount — possibly our own) could block the reader."""
     try:
         fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         raise ProtocolError("a large message must arrive in a memfd") from None
     try:
         size = os.fstat(fd).st_size
-        if size > MESSAGE_MAX:
-            raise ProtocolError(f"message of {size} bytes exceeds {MESSAGE_MAX}")
+        if size > limit:
+            raise ProtocolError(f"message of {size} bytes exceeds {limit}")
         return os.pread(fd, size, 0)
     except OSError as e:
         raise ProtocolError(f"cannot read the large message's memfd: {e.strerror}") from None
@@ -214,14 +279,16 @@ def close_all(fds: Any) -> None:
             pass
 
 
-def open_payload(data: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
-    """Resolve a LARGE_MESSAGE datagram into its payload; returns (payload, remaining fds)."""
+def open_payload(data: bytes, fds: list[int], limit: int = MESSAGE_MAX
+                 ) -> tuple[bytes, list[int]]:
+    """Resolve a LARGE_MESSAGE datagram into its payload (at most `limit` bytes); returns
+    (payload, remaining fds)."""
     if data != LARGE_MESSAGE:
         return data, fds
     if not fds:
         raise ProtocolError("large message without its memfd")
     try:
-        return read_memfd(fds[0]), fds[1:]
+        return read_memfd(fds[0], limit), fds[1:]
     finally:
         os.close(fds[0])
 

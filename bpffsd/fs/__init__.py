@@ -17,6 +17,8 @@ import fcntl
 import inspect
 import logging
 import os
+import re
+import select
 import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,7 +31,7 @@ from bpffs.vm.uapi import ObjFlag
 from ..store import BpfObject
 from .instance import Instance
 from .mount import Mount
-from .tree import MAY_READ, MAY_WRITE, ROOT, Caller, Dir, Node, Pin, show
+from .tree import MAY_READ, MAY_WRITE, ROOT, Caller, Dir, Node, NodeQuota, Pin, show
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -74,6 +76,68 @@ _ABANDON = ({"abandon_on_cancel": True} if "abandon_on_cancel" in
             inspect.signature(trio.to_thread.run_sync).parameters else {"cancellable": True})
 
 
+_MNT_NS_LINK = re.compile(r"mnt:\[(\d+)\]")
+_NOT_CAPTURED = object()
+
+
+def mount_namespace_of(fd: int) -> int | None:
+    """The inode of the mount namespace fd names; None for anything else. The fd's
+    /proc/self/fd link is read first: the kernel makes it from the dentry without asking the
+    filesystem, "mnt:[INO]" for a mount namespace and a path ("/...") for a file on any
+    filesystem, a FUSE mount included. Only an nsfs fd then gets the nsfs ioctl."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    found = _MNT_NS_LINK.fullmatch(link)
+    if found is None:
+        return None
+    try:
+        if fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNS:
+            return None
+    except OSError:
+        return None
+    return int(found.group(1))
+
+
+def process_mount_namespace(pid: int, uid: int) -> int | None:
+    """The mount namespace inode of process pid, if that process is still uid's; None when
+    that cannot be confirmed (gone, invisible, or a pid reused by another user's process).
+    Everything is read through one /proc/PID directory fd: should the process exit meanwhile
+    and its pid be reused, reads through that fd fail rather than describe the newcomer."""
+    if pid <= 0:
+        return None
+    try:
+        proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        status = os.open("status", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+        try:
+            text = os.read(status, 1 << 16).decode(errors="replace")
+        finally:
+            os.close(status)
+        uids = next((line.split()[1:] for line in text.splitlines()
+                     if line.startswith("Uid:")), [])
+        if len(uids) < 2 or int(uids[1]) != uid:  # the effective uid, as SO_PEERCRED's
+            return None
+        found = _MNT_NS_LINK.fullmatch(os.readlink("ns/mnt", dir_fd=proc))
+        return int(found.group(1)) if found else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(proc)
+
+
+def peer_connected(sock: Any) -> bool:
+    """The client's end of the connection is still open (some process holds it): a request
+    left behind by a process that has exited is not taken as that process's."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLRDHUP)
+    events = dict(poller.poll(0)).get(sock.fileno(), 0)
+    return not events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR)
+
+
 def namespaces_in_use(exclude_pids: set[int]) -> set[int]:
     """Inodes of the mount namespaces the visible processes (but exclude_pids) live in."""
     used = set()
@@ -94,6 +158,8 @@ class Filesystems:
         self.mounts: dict[int, Mount] = {}  # st_dev of a live mount -> mount
         self._nursery: trio.Nursery | None = None
         self._origin: Mount | None = None
+        limits = daemon.config.limits  # entries made in any instance count for their maker
+        self.quota = NodeQuota(limits.max_fs_nodes_per_uid, limits.max_symlink_bytes_per_uid)
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Own the mounts: on cancellation each worker is asked to unmount."""
@@ -135,6 +201,7 @@ class Filesystems:
 
     def _new_instance(self, name: str | None) -> Instance:
         inst = Instance(name, self.daemon.store)
+        inst.tree.quota = self.quota
         inst.tree.on_change.append(lambda *change: self._tree_changed(inst, *change))
         if self.daemon.persistence is not None:
             self.daemon.persistence.watch(inst)
@@ -174,18 +241,20 @@ class Filesystems:
         return {"dev": mount.dev, "instance": inst.name}
 
     def _check_namespace(self, conn: Connection, ns_fd: int) -> int:
-        try:
-            nstype = fcntl.ioctl(ns_fd, NS_GET_NSTYPE)
-        except OSError:
-            nstype = None
-        if nstype != CLONE_NEWNS:
+        """The inode of the mount namespace ns_fd names, which an unprivileged caller must
+        live in. Nothing here can reach a FUSE mount (ours included): see mount_namespace_of."""
+        ns_ino = mount_namespace_of(ns_fd)
+        if ns_ino is None:
             raise BpfError(errno.EINVAL, "the fd sent is not a mount namespace (/proc/PID/ns/mnt)")
-        ns_ino = os.fstat(ns_fd).st_ino
         if not conn.peer.privileged:
-            try:
-                own = os.stat(f"/proc/{conn.peer.pid}/ns/mnt").st_ino
-            except OSError:
-                own = None
+            own = getattr(conn.peer, "mnt_ns", _NOT_CAPTURED)  # captured when it connected
+            if own is _NOT_CAPTURED:  # a Peer that did not: confirm the process now
+                own = (process_mount_namespace(conn.peer.pid, conn.peer.uid)
+                       if peer_connected(conn.sock) else None)
+            if own is None:
+                raise BpfError(errno.EPERM, "cannot confirm the caller's own mount namespace"
+                               " (its process is gone or changed); mounting into another"
+                               " process's mount namespace needs CAP_SYS_ADMIN")
             if own != ns_ino:
                 raise BpfError(errno.EPERM, "mounting into another process's mount namespace"
                                " needs CAP_SYS_ADMIN")

@@ -110,7 +110,8 @@ class FuseOps:
                          new_name, flags)
 
     def link(self, ctx: list[int], ino: int, new_parent: int, new_name: bytes) -> list[int]:
-        return attrs(self.tree.link(self.tree.node(ino), self.tree.dir(new_parent), new_name))
+        return attrs(self.tree.link(self.tree.node(ino), self.tree.dir(new_parent), new_name,
+                                    _caller(ctx)))
 
     def mknod(self, ctx: list[int], parent: int, name: bytes, mode: int) -> list[int]:
         """A regular file: only the pin obj_pin asked this mount's worker to create (as
@@ -146,7 +147,8 @@ class FuseOps:
         self.tree.opened(node, +1)
         return fh
 
-    def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes | None:
+        """Bytes at off; None: not rendered yet, ask again (render.PinText.read)."""
         return self._open[fh][1].read(off, size)
 
     def release(self, fh: int) -> None:

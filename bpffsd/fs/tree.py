@@ -20,6 +20,7 @@ import errno
 import itertools
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,20 +114,24 @@ class Dir(Node):
     _cookie: dict[bytes, int] = field(default_factory=dict)
     _order: list[tuple[int, bytes]] = field(default_factory=list)  # stale entries skipped
     _next_cookie: int = FIRST_COOKIE
+    charged: dict[bytes, int] = field(default_factory=dict)  # name -> uid its entry counts for
 
     @property
     def kind(self) -> str:
         return "directory"
 
-    def add(self, name: bytes, node: Node) -> None:
+    def add(self, name: bytes, node: Node, charged: int | None = None) -> None:
         cookie, self._next_cookie = self._next_cookie, self._next_cookie + 1
         self.children[name] = node
+        if charged is not None:
+            self.charged[name] = charged
         self._cookie[name] = cookie
         self._order.append((cookie, name))
 
     def remove(self, name: bytes) -> Node:
         node = self.children.pop(name)
         del self._cookie[name]
+        self.charged.pop(name, None)
         if len(self._order) > 64 + 2 * len(self.children):
             self._order = [(c, n) for c, n in self._order if self._cookie.get(n) == c]
         return node
@@ -159,6 +164,8 @@ class Pin(Node):
 @dataclass(eq=False)
 class Symlink(Node):
     target: bytes = b""
+    charged: int | None = None  # the uid its target's bytes count for
+
 
     @property
     def kind(self) -> str:
@@ -178,6 +185,62 @@ def check_name(name: bytes) -> None:
                        " reserved, as in the kernel's bpffs")
 
 
+class NodeQuota:
+    """Entries (names) made in bpffs trees and bytes of symlink targets, counted per uid that
+    made them, across every instance: the kernel's bpffs inodes are kernel memory charged to
+    the creator's memcg; ours are the daemon's memory, so each user gets a share
+    (--max-fs-nodes-per-uid, --max-symlink-bytes-per-uid) and is refused beyond it with
+    EDQUOT, as a filesystem refuses a user over its inode quota. A count is released when
+    the entry is removed (the bytes with the symlink's last link). Root is never refused nor
+    counted. Trees rebuilt from the state directory count each entry for its owner and are
+    never refused: what was acknowledged stays."""
+
+    def __init__(self, max_entries: int | None = None, max_symlink_bytes: int | None = None):
+        self.max_entries, self.max_symlink_bytes = max_entries, max_symlink_bytes
+        self.entries: Counter[int] = Counter()
+        self.symlink_bytes: Counter[int] = Counter()
+
+    def check(self, uid: int, nbytes: int = 0) -> None:
+        """Raise EDQUOT unless uid may make one more entry (with nbytes of symlink target)."""
+        if uid == 0:
+            return
+        if self.max_entries is not None and self.entries[uid] + 1 > self.max_entries:
+            raise BpfError(errno.EDQUOT, f"uid {uid} has made {self.entries[uid]} bpffs"
+                           " entries (directories, pins, symlinks, links), the most bpffsd"
+                           f" allows a user (--max-fs-nodes-per-uid {self.max_entries})")
+        if (nbytes and self.max_symlink_bytes is not None
+                and self.symlink_bytes[uid] + nbytes > self.max_symlink_bytes):
+            raise BpfError(errno.EDQUOT, f"uid {uid} has {self.symlink_bytes[uid]} bytes of"
+                           f" symlink targets in bpffs; {nbytes} more would exceed what"
+                           " bpffsd allows a user (--max-symlink-bytes-per-uid"
+                           f" {self.max_symlink_bytes})")
+
+    def charge(self, uid: int, entries: int = 0, nbytes: int = 0) -> int | None:
+        """Count for uid; returns the uid charged (None: root, not counted)."""
+        if uid == 0:
+            return None
+        if entries:
+            self.entries[uid] += entries
+        if nbytes:
+            self.symlink_bytes[uid] += nbytes
+        return uid
+
+    def uncharge(self, uid: int | None, entries: int = 0, nbytes: int = 0) -> None:
+        if uid is None:
+            return
+        for counter, n in ((self.entries, entries), (self.symlink_bytes, nbytes)):
+            if n:
+                counter[uid] -= n
+                if counter[uid] <= 0:
+                    del counter[uid]
+
+
+def _live(caller: Caller, ino: int | None) -> int | None:
+    """The uid whose quota a creation is checked against: the caller's, unless the creation
+    restores a given inode from the state directory (never refused)."""
+    return caller.uid if ino is None else None
+
+
 def show(name: bytes) -> str:
     """A name or path for messages and listings: non-UTF-8 bytes as \\x escapes."""
     return name.decode(errors="backslashreplace")
@@ -193,6 +256,7 @@ class Tree:
         self.root = Dir(ROOT_INO, mode | stat.S_IFDIR, uid, gid, nlink=2)
         self.nodes: dict[int, Node] = {ROOT_INO: self.root}
         self._next_ino = ROOT_INO + 1
+        self.quota = NodeQuota()  # unlimited unless the daemon shares its own (Filesystems)
         self.on_change: list[Callable[[str, Dir, bytes, Node | None], None]] = []
         # Every successful mutation as (operation, args): the journal replays them.
         self.on_op: list[Callable[[str, tuple], None]] = []
@@ -275,7 +339,10 @@ class Tree:
         for hook in self.on_op:
             hook(name, args)
 
-    def _check_create(self, parent: Dir, name: bytes, caller: Caller | None) -> None:
+    def _check_create(self, parent: Dir, name: bytes, caller: Caller | None,
+                      quota: int | None = None, nbytes: int = 0) -> None:
+        """quota: the uid the new entry counts for, checked against its NodeQuota (None: a
+        restore from the state directory, never refused)."""
         check_name(name)
         if name in parent.children:
             raise BpfError(errno.EEXIST, f"{show(name)!r} already exists")
@@ -284,9 +351,12 @@ class Tree:
                            f" {show(name)!r}")
         if parent.nlink == 0:
             raise BpfError(errno.ENOENT, "the directory has been removed")
+        if quota is not None:
+            self.quota.check(quota, nbytes)
 
-    def _attach(self, parent: Dir, name: bytes, node: Node) -> Node:
-        parent.add(name, node)
+    def _attach(self, parent: Dir, name: bytes, node: Node, uid: int) -> Node:
+        """Add the entry, counted for uid in the quota."""
+        parent.add(name, node, self.quota.charge(uid, entries=1))
         parent.touch()
         self.nodes[node.ino] = node
         self._changed("create", parent, name, node)
@@ -295,51 +365,54 @@ class Tree:
     def mkdir(self, parent: Dir, name: bytes, mode: int, caller: Caller,
               check: bool = False, ino: int | None = None) -> Dir:
         """mode arrives with the umask applied (by the VFS, or by the client)."""
-        self._check_create(parent, name, caller if check else None)
+        self._check_create(parent, name, caller if check else None, _live(caller, ino))
         node = Dir(self._new_ino(ino), stat.S_IFDIR | (mode & 0o7777), caller.uid,
                    self._inherit_gid(parent, caller), nlink=2, parent=parent)
         parent.nlink += 1
-        self._attach(parent, name, node)
+        self._attach(parent, name, node, caller.uid)
         self._op("mkdir", parent.ino, name, node.mode, caller.uid, caller.gid, node.ino)
         return node
 
     def check_pin(self, parent: Dir, name: bytes, caller: Caller) -> None:
         """Raise what pin(..., check=True) would refuse, creating nothing."""
-        self._check_create(parent, name, caller)
+        self._check_create(parent, name, caller, caller.uid)
 
     def pin(self, parent: Dir, name: bytes, obj: Any, caller: Caller, check: bool = False,
             mode: int | None = None, ino: int | None = None) -> Pin:
         """BPF_OBJ_PIN: a new regular file holding a reference on obj."""
-        self._check_create(parent, name, caller if check else None)
+        self._check_create(parent, name, caller if check else None, _live(caller, ino))
         perm = PIN_PERM & ~caller.umask if mode is None else mode & 0o7777
         node = Pin(self._new_ino(ino), stat.S_IFREG | perm, caller.uid,
                    self._inherit_gid(parent, caller), obj=obj)
         self._hold(obj)
         obj.pins.add(node)
-        self._attach(parent, name, node)
+        self._attach(parent, name, node, caller.uid)
         self._op("pin", parent.ino, name, obj, node.mode, caller.uid, caller.gid, node.ino)
         return node
 
     def symlink(self, parent: Dir, name: bytes, target: bytes, caller: Caller,
                 ino: int | None = None) -> Symlink:
-        self._check_create(parent, name, None)
         if not target or b"\0" in target or len(target) >= 4096:
             raise BpfError(errno.EINVAL if target else errno.ENOENT, "invalid symlink target")
+        self._check_create(parent, name, None, _live(caller, ino), len(target))
         node = Symlink(self._new_ino(ino), stat.S_IFLNK | 0o777, caller.uid,
-                       self._inherit_gid(parent, caller), target=target)
-        self._attach(parent, name, node)
+                       self._inherit_gid(parent, caller), target=target,
+                       charged=self.quota.charge(caller.uid, nbytes=len(target)))
+        self._attach(parent, name, node, caller.uid)
         self._op("symlink", parent.ino, name, target, caller.uid, caller.gid, node.ino)
         return node
 
-    def link(self, node: Node, parent: Dir, name: bytes) -> Node:
+    def link(self, node: Node, parent: Dir, name: bytes, caller: Caller | None = None) -> Node:
+        """caller: who links (its entry counts for it); None: a restore, counted for the
+        node's owner."""
         if isinstance(node, Dir):
             raise BpfError(errno.EPERM, "hard links to directories are not allowed")
-        self._check_create(parent, name, None)
+        self._check_create(parent, name, None, caller.uid if caller is not None else None)
         if node.nlink == 0:
             raise BpfError(errno.ENOENT, "the file has been removed")
         node.nlink += 1
         node.touch(modified=False)
-        self._attach(parent, name, node)
+        self._attach(parent, name, node, caller.uid if caller is not None else node.uid)
         self._op("link", node.ino, parent.ino, name)
         return node
 
@@ -367,14 +440,19 @@ class Tree:
             raise BpfError(errno.ENOTEMPTY, f"directory {show(name)!r} is not empty")
         parent.nlink -= 1
         node.nlink = 0
-        parent.remove(name)
+        self._remove_entry(parent, name)
         parent.touch()
         self._changed("remove", parent, name, node)
         self._maybe_drop(node)
         self._op("rmdir", parent.ino, name)
 
+    def _remove_entry(self, parent: Dir, name: bytes) -> Node:
+        """Remove an entry for good (not moved): its count in the quota is released."""
+        self.quota.uncharge(parent.charged.get(name), entries=1)
+        return parent.remove(name)
+
     def _detach(self, parent: Dir, name: bytes, node: Node) -> None:
-        parent.remove(name)
+        self._remove_entry(parent, name)
         parent.touch()
         node.nlink -= 1
         node.touch(modified=False)
@@ -387,6 +465,9 @@ class Tree:
         if node.nlink > 0 or node.opened > 0:
             return
         self.nodes.pop(node.ino, None)
+        if isinstance(node, Symlink):
+            self.quota.uncharge(node.charged, nbytes=len(node.target))
+            node.charged = None
         if isinstance(node, Pin) and node.obj is not None:
             obj, node.obj = node.obj, None
             obj.pins.discard(node)
@@ -436,8 +517,9 @@ class Tree:
                 self.rmdir(new_parent, new_name)  # ENOTEMPTY unless empty
             else:
                 self._detach(new_parent, new_name, target)
+        charged = old_parent.charged.get(old_name)  # a moved entry keeps its count
         old_parent.remove(old_name)
-        new_parent.add(new_name, node)
+        new_parent.add(new_name, node, charged)
         if isinstance(node, Dir) and old_parent is not new_parent:
             node.parent = new_parent
             old_parent.nlink -= 1
@@ -450,10 +532,11 @@ class Tree:
 
     def _exchange(self, a_dir: Dir, a_name: bytes, a: Node, b_dir: Dir, b_name: bytes,
                   b: Node) -> None:
+        a_charged, b_charged = a_dir.charged.get(a_name), b_dir.charged.get(b_name)
         a_dir.remove(a_name)
         b_dir.remove(b_name)
-        a_dir.add(a_name, b)
-        b_dir.add(b_name, a)
+        a_dir.add(a_name, b, b_charged)
+        b_dir.add(b_name, a, a_charged)
         for node, new_dir, old_dir in ((a, b_dir, a_dir), (b, a_dir, b_dir)):
             if isinstance(node, Dir) and new_dir is not old_dir:
                 node.parent = new_dir
@@ -495,7 +578,14 @@ class Tree:
 
     def clear(self) -> None:
         """Drop every pin (an unnamed instance whose last mount went away)."""
+        for d in [self.root, *(n for _path, n in self.entries() if isinstance(n, Dir))]:
+            for uid in d.charged.values():
+                self.quota.uncharge(uid, entries=1)
+            d.charged.clear()
         for _path, node in list(self.entries()):
+            if isinstance(node, Symlink):
+                self.quota.uncharge(node.charged, nbytes=len(node.target))
+                node.charged = None
             if isinstance(node, Pin) and node.obj is not None:
                 node.nlink = 0
                 node.opened = 0

@@ -33,6 +33,7 @@ import pyfuse3
 import trio
 
 from bpffs.client import protocol
+from bpffs.daemon import logfmt
 
 log = logging.getLogger("bpffsd.worker")
 
@@ -320,7 +321,19 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def read(self, fh, off, size):
-        return await self.daemon.call("read", fh, off, size)
+        """The daemon renders a pin's text for a bounded time per request (render.PinText),
+        answering None while the walk has not reached the offset yet and maybe fewer bytes
+        than asked: ask again until the read is full or at the end, as a file answers. Each
+        call takes the request channel anew, so other requests are served in between."""
+        data = b""
+        while len(data) < size:
+            part = await self.daemon.call("read", fh, off + len(data), size - len(data))
+            if part is None:
+                continue
+            if not part:
+                break
+            data += part
+        return data
 
     @guarded
     async def write(self, fh, off, buf):
@@ -499,7 +512,7 @@ def rpc_timeout() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING, format="bpffsd worker: %(message)s")
+    logfmt.setup(logging.WARNING)  # the daemon's format: its stderr is ours
     if args.unmount:
         if args.ns_fd is not None:
             enter_namespace(args.ns_fd)

@@ -6,8 +6,26 @@ snapshot's). Starting: read the snapshot, replay the journal up to its last comp
 then compact at once, so the new run's journal speaks of the new run's object ids. An
 acknowledged change is durable (group commit, see journal.py); map writes made by programs
 in the VM are flushed within `interval` seconds. Compaction replaces the snapshot atomically
-(write, fsync, rename, fsync the directory) when the journal grows past COMPACT_BYTES and at
-shutdown; it runs on the event loop, so a very large state pauses the daemon while it writes.
+(write, fsync, rename, fsync the directory) when the journal grows past COMPACT_BYTES
+(environment variable BPFFSD_COMPACT_BYTES, for tests) and at shutdown.
+
+While serving, a compaction costs the event loop only the capture of the structure (trees,
+objects); map contents are read, and everything framed, written and fsynced, in a thread:
+1. create the next generation's journal, empty, fsynced (thread);
+2. on the loop, at one instant T0: capture the records that rebuild the state (map contents
+   as `state.Contents`, read later) and switch appends to the new journal, not yet
+   *installed*: its records are written but acknowledge nothing until step 4;
+3. in a thread: frame the snapshot (reading the map contents: each element read after T0 is
+   corrected by the new journal's records of every change since T0, see state.py), write
+   `snapshot.tmp`, fsync, rename over `snapshot`, fsync the directory, unlink older journals;
+4. on the loop: the new journal is installed (its waiters are acknowledged once it is on
+   disk), and every older journal is *covered* (its waiters are acknowledged: the snapshot
+   holds their records).
+A kill -9 before the rename restores the old snapshot and journal, which hold every change
+acknowledged so far (requests on the new journal are not acknowledged yet); after it, the
+new snapshot and journal, which hold them all. A failed compaction fails the new journal's
+waiters (EIO or the errno: live, not durable), and is retried within a second with yet another
+generation, whose snapshot covers what the failed one held.
 
 A restore that cannot place an acknowledged object (a record that fails, or more surviving
 the replay than --memory-limit allows) must not compact it away: it leaves the snapshot and
@@ -22,6 +40,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +60,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SNAPSHOT = "snapshot"
-COMPACT_BYTES = 64 << 20
+COMPACT_BYTES = int(os.environ.get("BPFFSD_COMPACT_BYTES", 64 << 20))
+RETRY_SECONDS = 1.0  # between a failed compaction and the next attempt
+# A thread framing records keeps the GIL until the loop has waited this long for it, and the
+# loop gives the GIL up at every syscall (a request makes several): with CPython's default,
+# 5 ms, that adds up per request while a snapshot or a big record is framed. Lowered (for the
+# whole process) when persistence starts.
+SWITCH_INTERVAL = 0.0005
+
+
+class _Compaction:
+    """One compaction: the generation, its records, its journal and the journals its
+    snapshot covers."""
+
+    def __init__(self, generation: int, body: list, journal: Journal, covers: list[Journal]):
+        self.generation = generation
+        self.body = body
+        self.journal = journal
+        self.covers = covers
 
 
 class Held:
@@ -52,13 +88,31 @@ class Held:
         self.appended = 0
 
 
+class Appends:
+    """The first item of a `mark`: the records appended to every journal of this run. Callers
+    (server.py, mount.py) compare its `appended` with the mark's count to see whether a request
+    journaled anything, so a request during which a compaction switched journals (an async
+    handler, between two awaits) still waits for its records."""
+
+    def __init__(self) -> None:
+        self.appended = 0
+
+
+Mark = tuple[Appends | Held | None, int, Journal | None]
+
+
 class Persistence:
     def __init__(self, daemon: Daemon, state_dir: str, interval: float = 0.1):
         self.daemon = daemon
         self.state_dir = state_dir
         self.interval = interval
-        self.generation = 0
+        self.generation = 0  # of the installed snapshot
+        self._next_generation = 1
         self.journal: Journal | None = None
+        self._older: list[Journal] = []  # journals before self.journal, not yet covered
+        self._compacting = False
+        self._failed_at: float | None = None  # monotonic time of the last failed compaction
+        self.last_compaction: float | None = None  # its duration in seconds
         self.recorder = Recorder(self._append, daemon.store.of)
         self.dirty: set[BpfObject] = set()
         self.last_snapshot: float | None = None
@@ -67,6 +121,7 @@ class Persistence:
         self.held: str | None = None  # why the state directory is kept as the restore found it
         self.unplaced: list[dict[str, Any]] = []
         self._held: Held | None = None
+        self._appends = Appends()
         daemon.store.on_free.append(self.recorder.freed)
 
     # -- start --------------------------------------------------------------------------------
@@ -80,6 +135,7 @@ class Persistence:
             if snap:
                 header, *body = snap
                 self.generation = header[1]
+                self._next_generation = self.generation + 1
                 replayer.apply_all(body)
             journal = self._read(self._journal_name(self.generation))
             replayer.apply_all(journal)
@@ -133,6 +189,7 @@ class Persistence:
     def _append(self, record: tuple) -> None:
         if self.journal is not None:
             self.journal.append(record)
+            self._appends.appended += 1
         elif self._held is not None:
             self._held.appended += 1
 
@@ -157,45 +214,71 @@ class Persistence:
                     if obj in self.recorder.recorded:
                         self.dirty.add(obj)
 
-    def mark(self) -> tuple[Journal | Held | None, int]:
+    def mark(self) -> Mark:
         """Where the journal is now: pass it to `durable` after handling a request."""
-        journal = self.journal or self._held
-        return journal, journal.appended if journal is not None else 0
+        if self._held is not None:
+            return self._held, self._held.appended, None
+        if self.journal is None:
+            return None, 0, None
+        return self._appends, self._appends.appended, self.journal
 
-    async def durable(self, mark: tuple[Journal | Held | None, int]) -> BpfError | None:
+    async def durable(self, mark: Mark) -> BpfError | None:
         """Wait until what was journaled since `mark` is on disk, before a reply acknowledges
         it; the error to send instead when the journal cannot be written."""
-        journal, before = mark
-        if isinstance(journal, Held):
-            return None if journal.appended == before else BpfError(
+        appends, before, journal = mark
+        if isinstance(appends, Held):
+            return None if appends.appended == before else BpfError(
                 errno.EROFS, "the change is made but not durable: the state directory"
                 f" {self.state_dir} is held: {self.held}")
-        if journal is None or journal is not self.journal or journal.appended == before:
-            return None  # nothing new (or a compaction made it part of the snapshot)
+        if appends is None or journal is None or appends.appended == before:
+            return None
+        current = self.journal
         try:
             await journal.durable(journal.appended)
+            if current is not None and current is not journal:
+                # a compaction began while the request ran: what it recorded since went to
+                # a newer journal (installing the current one covers those in between)
+                await current.durable(current.appended)
         except BpfError as e:
             return e
         return None
 
     # -- running ------------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._commit)
-            task_status.started()
-            try:
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._commit)
+                task_status.started()
                 while True:
                     await trio.sleep(self.interval)
                     self.flush()
-                    if self.journal is not None and self.journal.size > COMPACT_BYTES:
-                        self.compact()
-            finally:
-                with trio.CancelScope(shield=True):
-                    self.flush()
-                    self.compact()
-                    if self.dir_fd is not None:
-                        os.close(self.dir_fd)
-                        self.dir_fd = None
+                    if not self._compacting and self._compaction_due():
+                        self._compacting = True
+                        nursery.start_soon(self._compact_in_background)
+        finally:  # the committer and any compaction are done (their threads too)
+            with trio.CancelScope(shield=True):
+                self.flush()
+                self.compact()
+                for journal in [*self._older, *([self.journal] if self.journal else [])]:
+                    journal.close_now()
+                if self.dir_fd is not None:
+                    os.close(self.dir_fd)
+                    self.dir_fd = None
+
+    def _compaction_due(self) -> bool:
+        journal = self.journal
+        if journal is None or self.held is not None:
+            return False
+        if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_SECONDS:
+            return False
+        return not journal.installed or journal.size > COMPACT_BYTES  # (a failed one: retry)
+
+    async def _compact_in_background(self) -> None:
+        try:
+            await self.compact_async()
+        finally:
+            self._compacting = False
 
     async def _commit(self) -> None:
         while True:
@@ -219,57 +302,148 @@ class Persistence:
         self.dirty.clear()
 
     def compact(self) -> OSError | None:
-        """Replace snapshot + journal by a new snapshot of the state as it is now; the error
-        if that failed (the journal then stays as it is). Nothing while the state directory is
-        held: its snapshot and journal hold objects this run could not place."""
+        """Replace snapshot + journal by a new snapshot of the state as it is now, all of it
+        on the calling thread (at start and at shutdown: no client is served then); the
+        error if that failed (the journal then stays as it is). Nothing while the state
+        directory is held: its snapshot and journal hold objects this run could not place."""
         if self.held is not None or self.dir_fd is None:
             return None
-        dir_fd = self.dir_fd
-        generation = self.generation + 1
+        generation = self._take_generation()
+        try:
+            fd = self._create_journal(generation)
+        except OSError as e:
+            return self._failed(None, e)
+        work = self._capture(generation, fd)
+        failure = self._install(work, self._write_snapshot(work))
+        if failure is None:
+            for journal in work.covers:
+                journal.close_now()
+        return failure
+
+    async def compact_async(self) -> OSError | None:
+        """`compact` while serving: the event loop only captures the state (see the module's
+        docstring); the rest runs in threads."""
+        if self.held is not None or self.dir_fd is None:
+            return None
+        started = time.monotonic()
+        generation = self._take_generation()
+        try:
+            fd = await trio.to_thread.run_sync(self._create_journal, generation)
+        except OSError as e:
+            return self._failed(None, e)
+        work = self._capture(generation, fd)  # T0
+        for journal in work.covers:  # their waiters need not wait for the snapshot
+            if journal.pending and journal.fd is not None:
+                await journal.commit()
+        failure = self._install(work, await trio.to_thread.run_sync(self._write_snapshot, work))
+        if failure is None:
+            with trio.CancelScope(shield=True):
+                for journal in work.covers:
+                    await journal.close()
+            self.last_compaction = time.monotonic() - started
+            log.info("compacted %s into generation %d in %.2f s", self.state_dir, generation,
+                     self.last_compaction)
+        return failure
+
+    def _take_generation(self) -> int:
+        generation = self._next_generation
+        self._next_generation += 1
+        return generation
+
+    def _create_journal(self, generation: int) -> int:
+        """The generation's journal, new and empty, on disk (the directory entry is made
+        durable with the snapshot's rename)."""
+        assert self.dir_fd is not None
+        fd = statedir.create_file(self.dir_fd, self._journal_name(generation), os.O_APPEND)
+        try:
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def _capture(self, generation: int, journal_fd: int) -> _Compaction:
+        """On the event loop, at one instant: the records of the state, and the switch of
+        appends to the new generation's journal."""
         body, persisted = snapshot(self.instances(), self.daemon.store.of)
-        data = records.frame(("snapshot", generation, time.time())) + b"".join(
-            records.frame(r) for r in body)
-        path = os.path.join(self.state_dir, SNAPSHOT)
-        journal_name = self._journal_name(generation)
-        journal_fd = None
-        try:  # the new journal: empty, and on disk before the snapshot
-            journal_fd = statedir.create_file(dir_fd, journal_name, os.O_APPEND)
-            os.fsync(journal_fd)
+        journal = Journal(os.path.join(self.state_dir, self._journal_name(generation)),
+                          journal_fd, installed=False)
+        old = self.journal
+        if old is not None:
+            self._older.append(old)
+            old.wakeup.set()  # the committer moves to the new journal
+        self.journal = journal
+        self.recorder.recorded = persisted  # what the new generation's records may refer to
+        return _Compaction(generation, body, journal, list(self._older))
+
+    def _write_snapshot(self, work: _Compaction) -> OSError | None:
+        """In a thread (or at start and shutdown): frame the snapshot, write it, fsync it,
+        rename it into place, fsync the directory, unlink the journals it replaces."""
+        dir_fd = self.dir_fd
+        assert dir_fd is not None
+        header = records.frame(("snapshot", work.generation, time.time()))
+        try:
             tmp_fd = statedir.create_file(dir_fd, SNAPSHOT + ".tmp")
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(tmp_fd, view):]
+                for data in records.frames([header, *work.body]):
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(tmp_fd, view):]
                 os.fsync(tmp_fd)
             finally:
                 os.close(tmp_fd)
             os.replace(SNAPSHOT + ".tmp", SNAPSHOT, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             os.fsync(dir_fd)
         except OSError as e:
-            if journal_fd is not None:
-                os.close(journal_fd)
-            log.error("compaction into %s failed: %s; keeping the journal", path, e)
             return e
-        old = self.journal
-        self.journal = Journal(os.path.join(self.state_dir, journal_name), journal_fd)
-        if old is not None:
-            old.synced = old.appended  # the snapshot holds all of it
-            old.wake()
-            old.close()
+        except Exception as e:  # a bug: fail this compaction (retried), not the daemon
+            log.exception("framing the snapshot failed")
+            return OSError(errno.EIO, f"internal error framing the snapshot: {e!r}")
+        keep = self._journal_name(work.generation)
         try:
-            os.unlink(self._journal_name(self.generation), dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
-        self.generation = generation
-        self.recorder.recorded = persisted  # what the new generation's records may refer to
-        self.last_snapshot = time.time()
+            names = os.listdir(dir_fd)
+        except OSError:
+            names = []
+        for name in names:
+            if name.startswith("journal-") and name != keep:
+                try:
+                    os.unlink(name, dir_fd=dir_fd)
+                except OSError:
+                    pass  # never read again: the snapshot names its journal
         return None
+
+    def _install(self, work: _Compaction, failure: OSError | None) -> OSError | None:
+        """On the event loop: make the written generation the installed one (or report why
+        it is not)."""
+        if failure is not None:
+            return self._failed(work, failure)
+        work.journal.installed = True
+        work.journal.install_failure = None
+        work.journal.wake()
+        for journal in work.covers:
+            journal.cover()
+            self._older.remove(journal)
+        self.generation = work.generation
+        self.last_snapshot = time.time()
+        self._failed_at = None
+        return None
+
+    def _failed(self, work: _Compaction | None, failure: OSError) -> OSError:
+        path = os.path.join(self.state_dir, SNAPSHOT)
+        log.error("compaction into %s failed: %s; keeping the journal", path, failure)
+        self._failed_at = time.monotonic()
+        for journal in [*self._older, *([self.journal] if self.journal else [])]:
+            if not journal.installed:  # its waiters are not durable yet: say why
+                journal.install_failure = failure
+                journal.wake()
+        return failure
 
     def status(self) -> dict:
         return {"state_dir": self.state_dir, "generation": self.generation,
                 "journal_bytes": self.journal.size if self.journal else 0,
                 "journal_failure": (self.journal.failure.strerror if self.journal and
                                     self.journal.failure else None),
-                "last_snapshot": self.last_snapshot, "persisted_objects":
+                "last_snapshot": self.last_snapshot, "compacting": self._compacting,
+                "last_compaction_seconds": self.last_compaction, "persisted_objects":
                 len(self.recorder.recorded), "restored": self.restored, "held": self.held,
                 "unplaced": self.unplaced}

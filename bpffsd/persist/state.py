@@ -6,7 +6,8 @@ name objects by the id they have in the running daemon and nodes by inode number
 rebuilds the objects (new ids) and the trees (same inode numbers). Records:
 
   ("map", id, type, key_size, value_size, max_entries, flags, name, uid)
-  ("elems", id, [[key, value], ...])        whole contents of a data map
+  ("elems", id, [[key, value], ...])        whole contents of a data map (a large one in
+                                            slices: records.py)
   ("set", id, [[key, value], ...])          elements of a data map, written
   ("del", id, [key, ...])                   elements of a data map, deleted
   ("slot", id, key, prog_id | None)         one slot of a prog_array
@@ -21,6 +22,17 @@ rebuilds the objects (new ids) and the trees (same inode numbers). Records:
 
 Perf events are never persisted (they belong to a reader process): a restored
 PERF_EVENT_ARRAY is empty, as is a kernel's whose readers went away.
+
+A data map's contents are recorded as a `Contents`: the event loop only notes its place, and
+the elements are read when the record is written, in the journal's or the snapshot's thread.
+That is safe because every later change to a recorded map is recorded after it (syscall writes
+as "set"/"del", program writes by the next flush's "elems"): whatever an element read late
+shows, the records after it end with the element's latest value, so the replay does too (a
+fuzzy checkpoint). The maps read this way (array, hash) tolerate being read from a thread
+while the loop writes them: an array's storage never moves, a hash map's items() iterates a
+copy of its key order and skips keys deleted meanwhile. Elements are (key, value) tuples, not
+lists: the garbage collector stops tracking a tuple of bytes, so a million of them waiting in
+the journal's buffer do not make its full collections (which hold the GIL) slower.
 """
 
 from __future__ import annotations
@@ -32,13 +44,14 @@ from typing import TYPE_CHECKING, Any
 
 from bpffs import vm
 from bpffs.vm.errors import BpfError
-from bpffs.vm.maps import FdArrayMap, ProgArrayMap, create_map
+from bpffs.vm.maps import ArrayMap, FdArrayMap, HashMap, ProgArrayMap, create_map
 from bpffs.vm.maps.base import pages
 from bpffs.vm.uapi import BPF_ANY
 
 from ..fs.tree import ROOT_INO, Caller, Dir, Pin, Symlink, Tree
 from ..store import BpfObject, Kind
 from ..syscall import BPF_PROG_HEADER
+from . import records
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -46,6 +59,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Record = tuple
+
+
+class Contents(records.Lazy):
+    """("elems", id, items) of a data map, its items read when the record is written."""
+
+    def __init__(self, obj_id: int, impl: ArrayMap | HashMap):
+        self.obj_id = obj_id
+        self.impl = impl
+
+    def records(self) -> Iterator[Record]:
+        return records.slices("elems", self.obj_id, self.impl.items())  # (key, value) pairs
+
+
+def contents(obj: BpfObject) -> Record | Contents:
+    """The record of a data map's whole contents: a Contents for the types that may be read
+    off the loop, else (another type) the elements as they are now."""
+    impl = obj.impl
+    if type(impl) in (ArrayMap, HashMap):
+        return Contents(obj.id, impl)
+    return ("elems", obj.id, list(impl.items()))
 
 
 class Recorder:
@@ -72,7 +105,7 @@ class Recorder:
                 for key, prog in list(impl.items()):
                     self.emit(("slot", obj.id, key, self.ensure(self.of(prog))))
             elif not isinstance(impl, FdArrayMap):
-                self.emit(("elems", obj.id, [[k, v] for k, v in impl.items()]))
+                self.emit(contents(obj))
         else:
             map_ids = [self.ensure(self.of(m)) for m in impl.maps]
             self.emit(("prog", obj.id, impl.prog_type, impl.insns, map_ids, impl.license,
@@ -93,7 +126,7 @@ class Recorder:
                 if value is None:
                     deleted.append(key)
                 else:
-                    written.append([key, bytes(value)])
+                    written.append((key, bytes(value)))
             if written:
                 self.emit(("set", obj.id, written))
             if deleted:
@@ -106,7 +139,7 @@ class Recorder:
             self.emit(("free", obj.kind.value, obj.id))
 
     def contents(self, obj: BpfObject) -> None:
-        self.emit(("elems", obj.id, [[k, v] for k, v in obj.impl.items()]))
+        self.emit(contents(obj))
 
     def tree_op(self, instance: str, op: str, args: tuple) -> None:
         if op == "pin":
@@ -226,7 +259,8 @@ class Replayer:
     def _get(self, kind: Kind, old_id: int) -> BpfObject:
         return self.objects[(kind, old_id)]
 
-    def _elems(self, old_id: int, items: list) -> None:
+    # `more` (records.py): a slice of a large record, more slices follow
+    def _elems(self, old_id: int, items: list, more: int = 0) -> None:
         impl = self._get(Kind.MAP, old_id).impl
         for key, _ in list(impl.items()):
             try:
@@ -236,12 +270,12 @@ class Replayer:
         for key, value in items:
             impl.update(key, value, BPF_ANY)
 
-    def _set(self, old_id: int, items: list) -> None:
+    def _set(self, old_id: int, items: list, more: int = 0) -> None:
         impl = self._get(Kind.MAP, old_id).impl
         for key, value in items:
             impl.update(key, value, BPF_ANY)
 
-    def _del(self, old_id: int, keys: list) -> None:
+    def _del(self, old_id: int, keys: list, more: int = 0) -> None:
         impl = self._get(Kind.MAP, old_id).impl
         for key in keys:
             try:

@@ -28,6 +28,7 @@ class FdArrayMap(ArrayBase):
                  name: str = ""):
         super().__init__(key_size, value_size, max_entries, flags, name)
         self.slots: list[Any] = [None] * max_entries
+        self.live = 0  # slots holding an object: entry counts in O(1) (obj_info, pin text)
 
     @classmethod
     def check_attrs(cls, key_size: int, value_size: int, max_entries: int) -> None:
@@ -62,6 +63,8 @@ class FdArrayMap(ArrayBase):
         old, self.slots[index] = self.slots[index], obj
         if old is not None:
             self.release(old)
+        else:
+            self.live += 1
 
     def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
         raise BpfError(errno.EINVAL, f"{self.describe()} stores objects: update it with an fd")
@@ -73,6 +76,7 @@ class FdArrayMap(ArrayBase):
         old, self.slots[index] = self.slots[index], None
         if old is None:
             raise BpfError(errno.ENOENT, f"index {index} of {self.describe()} is empty")
+        self.live -= 1
         self.release(old)
 
     def clear(self) -> None:
@@ -81,6 +85,7 @@ class FdArrayMap(ArrayBase):
         for index, old in enumerate(self.slots):
             if old is not None:
                 self.slots[index] = None
+                self.live -= 1
                 self.release(old)
 
     def items(self) -> Iterator[tuple[bytes, Any]]:
