@@ -62,10 +62,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="where named instances persist (default: %(default)s)")
     p.add_argument("--no-persist", action="store_true",
                    help="keep nothing across restarts (no state directory)")
-    p.add_argument("--persist-interval", type=non_negative(float), default=0.1,
+    p.add_argument("--persist-interval", type=non_negative(float),
+                   default=Config.persist_interval,
                    metavar="SECONDS",
                    help="map writes made by programs persist within this time (default 0.1)")
-    p.add_argument("--memory-limit", type=non_negative(int), default=1 << 30, metavar="BYTES",
+    p.add_argument("--memory-limit", type=non_negative(int), default=Config.memory_limit,
+                   metavar="BYTES",
                    help="cap on memory all objects together may charge (default: 1 GiB)")
     # Per-uid limits (bpffsd/limits.py; root is never refused).
     p.add_argument("--max-connections-per-uid", type=int, default=limits.MAX_CONNECTIONS_PER_UID,

@@ -285,7 +285,7 @@ class Syscalls:
                                    min(n, done + len(changed) + MAP_BATCH_STEP)):
                         changed.append(apply(i))
             except BpfError as e:
-                e.detail = done + len(changed)  # type: ignore[attr-defined]
+                e.detail = done + len(changed)
                 raise
             finally:
                 if changed:
@@ -386,13 +386,13 @@ class Syscalls:
             if not fits:
                 e = BpfError(errno.ENOSPC, f"verifier log of {len(log)} bytes does not fit"
                              f" in log_size {log_size}")
-                e.detail = data.decode(errors="replace")  # type: ignore[attr-defined]
+                e.detail = data.decode(errors="replace")
                 raise e
             return data.decode(errors="replace")
         if not fits:
             err = BpfError(errno.ENOSPC, f"{err.strerror} (and the verifier log does not fit"
                            f" in log_size {log_size})")
-        err.detail = data.decode(errors="replace")  # type: ignore[attr-defined]
+        err.detail = data.decode(errors="replace")
         return err
 
     def _test_run_prog(self, conn: Connection, handle: int) -> Any:
@@ -417,7 +417,7 @@ class Syscalls:
         if data_size_out and len(out["data_out"]) > data_size_out:
             e = BpfError(errno.ENOSPC, f"data_out of {len(out['data_out'])} bytes does not fit"
                          f" in data_size_out {data_size_out}")
-            e.detail = out  # type: ignore[attr-defined]
+            e.detail = out
             raise e
         return out
 

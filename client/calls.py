@@ -160,7 +160,7 @@ def map_update_batch(session: Session, fd: int, keys: Sequence[bytes],
             done += (yield Request("map_update_batch", (
                 handle, b"".join(keys[start:stop]), b"".join(values[start:stop]), flags)))[0]
         except BpfError as e:
-            e.count = done + (e.detail or 0)  # type: ignore[attr-defined]
+            e.count = done + (e.detail or 0)
             raise
     return done
 
@@ -172,7 +172,7 @@ def map_delete_batch(session: Session, fd: int, keys: Sequence[bytes]) -> Call:
     try:
         return (yield Request("map_delete_batch", (handle, b"".join(keys))))[0]
     except BpfError as e:
-        e.count = e.detail or 0  # type: ignore[attr-defined]
+        e.count = e.detail or 0
         raise
 
 

@@ -23,7 +23,7 @@ import errno
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
-from typing import Any
+from typing import Any, Self
 
 from bpffs.vm.errors import BpfError
 from bpffs.vm.uapi import BPF_ANY, MapType
@@ -34,7 +34,39 @@ from .sync import Client, default_client
 WALK_BATCH = 4096
 
 
-class Map(MutableMapping):
+class FdObject:
+    """An object's fd (a map's, a program's), closed with its wrapper when owned (by close()
+    or at the end of a `with` block); the object lives on while pinned or held."""
+
+    client: Client
+    fd: int
+    owned: bool
+
+    def pin(self, path: str | bytes) -> None:
+        """BPF_OBJ_PIN at path, on a bpffsd mount (the pin keeps the object alive: a map, a
+        program loaded)."""
+        self.client.obj_pin(self.fd, path)
+
+    def fileno(self) -> int:
+        """The object's fd: a real fd (os.dup, fork, SCM_RIGHTS share it; a program's may be
+        stored in a prog_array)."""
+        return self.fd
+
+    def close(self) -> None:
+        """Close the fd when owned (the object lives on while pinned or held, a program also
+        while in a prog_array)."""
+        if self.owned and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Map(FdObject, MutableMapping):
     """A map fd as a dict: `m[k]`, `m[k] = v`, `del m[k]`, `in`, iteration, `items()`, and
     the batch calls. key and value say how Python values become the map's bytes (see
     bpffs.client.codecs): None for bytes, int, a struct format, a ctypes type or a Codec."""
@@ -234,27 +266,7 @@ class Map(MutableMapping):
             if cursor is None:
                 return out
 
-    # -- the object ---------------------------------------------------------------------------
-    def pin(self, path: str | bytes) -> None:
-        """BPF_OBJ_PIN at path, on a bpffsd mount (the pin keeps the map alive)."""
-        self.client.obj_pin(self.fd, path)
-
-    def fileno(self) -> int:
-        """The map's fd: a real fd (os.dup, fork, SCM_RIGHTS share it)."""
-        return self.fd
-
-    def close(self) -> None:
-        """Close the fd when this Map owns it (the map lives on while pinned or held)."""
-        if self.owned and self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
-
-    def __enter__(self) -> Map:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
+    # -- the object (pin, fileno, close, with: FdObject) ---------------------------------------
     def __repr__(self) -> str:
         return (f"<Map id {self.info['id']} {self.info['type']} {self.info['name']!r}"
                 f" key {self.info['bytes_key']}B value {self.info['bytes_value']}B>")

@@ -47,7 +47,7 @@ def error_from_reply(reply: list) -> BpfError:
     a batch count, in `.detail`)."""
     err, message, *detail = reply
     e = BpfError(err, message)
-    e.detail = detail[0] if detail else None  # type: ignore[attr-defined]
+    e.detail = detail[0] if detail else None
     return e
 
 

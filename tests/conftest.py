@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,21 @@ def start_daemon(tmp_path: Path) -> Iterator:
         d.cleanup_mount()
     for d in started:
         _check_log(d)
+
+
+@pytest.fixture
+def public_root() -> Iterator[Path]:
+    """A directory every user may search (pytest's tmp_path is root's 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="bpffsd-pub-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def public_daemon(public_root: Path, start_daemon) -> DaemonProcess:
+    """A daemon under public_root: one whose socket uid 65534 can reach."""
+    return start_daemon(root=public_root / "d")
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 from bpffs.client import Client
 
 START_TIMEOUT = 30.0
+NOBODY = (65534, 65534)  # uid and gid of nobody:nogroup, the unprivileged caller of many tests
 
 
 def fuse_available() -> bool:

@@ -18,7 +18,6 @@ import inspect
 import logging
 import os
 import re
-import select
 import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -77,7 +76,6 @@ _ABANDON = ({"abandon_on_cancel": True} if "abandon_on_cancel" in
 
 
 _MNT_NS_LINK = re.compile(r"mnt:\[(\d+)\]")
-_NOT_CAPTURED = object()
 
 
 def mount_namespace_of(fd: int) -> int | None:
@@ -98,44 +96,6 @@ def mount_namespace_of(fd: int) -> int | None:
     except OSError:
         return None
     return int(found.group(1))
-
-
-def process_mount_namespace(pid: int, uid: int) -> int | None:
-    """The mount namespace inode of process pid, if that process is still uid's; None when
-    that cannot be confirmed (gone, invisible, or a pid reused by another user's process).
-    Everything is read through one /proc/PID directory fd: should the process exit meanwhile
-    and its pid be reused, reads through that fd fail rather than describe the newcomer."""
-    if pid <= 0:
-        return None
-    try:
-        proc = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        status = os.open("status", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
-        try:
-            text = os.read(status, 1 << 16).decode(errors="replace")
-        finally:
-            os.close(status)
-        uids = next((line.split()[1:] for line in text.splitlines()
-                     if line.startswith("Uid:")), [])
-        if len(uids) < 2 or int(uids[1]) != uid:  # the effective uid, as SO_PEERCRED's
-            return None
-        found = _MNT_NS_LINK.fullmatch(os.readlink("ns/mnt", dir_fd=proc))
-        return int(found.group(1)) if found else None
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(proc)
-
-
-def peer_connected(sock: Any) -> bool:
-    """The client's end of the connection is still open (some process holds it): a request
-    left behind by a process that has exited is not taken as that process's."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLRDHUP)
-    events = dict(poller.poll(0)).get(sock.fileno(), 0)
-    return not events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR)
 
 
 def namespaces_in_use(exclude_pids: set[int]) -> set[int]:
@@ -247,10 +207,7 @@ class Filesystems:
         if ns_ino is None:
             raise BpfError(errno.EINVAL, "the fd sent is not a mount namespace (/proc/PID/ns/mnt)")
         if not conn.peer.privileged:
-            own = getattr(conn.peer, "mnt_ns", _NOT_CAPTURED)  # captured when it connected
-            if own is _NOT_CAPTURED:  # a Peer that did not: confirm the process now
-                own = (process_mount_namespace(conn.peer.pid, conn.peer.uid)
-                       if peer_connected(conn.sock) else None)
+            own = conn.peer.mnt_ns  # captured when it connected
             if own is None:
                 raise BpfError(errno.EPERM, "cannot confirm the caller's own mount namespace"
                                " (its process is gone or changed); mounting into another"

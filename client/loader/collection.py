@@ -23,14 +23,14 @@ from bpffs.vm.errors import BpfError
 from bpffs.vm.uapi import ProgType
 
 from ..calls import TestRun
-from ..maps import Map
+from ..maps import FdObject, Map
 from ..sync import Client, default_client
 from .elf import ObjectSpec, read_object
 from .load import LoadedObject, LoadOptions
 from .load import load_object as _load
 
 
-class Program:
+class Program(FdObject):
     """A loaded program: its fd (owned: closed with the Program), test runs and pins. Wraps
     any program fd, such as prog_load's or obj_get's; `Program.pinned(path)` opens a pin."""
 
@@ -65,29 +65,9 @@ class Program:
         return self.client.prog_test_run(self.fd, data_in, repeat, ctx_in, data_size_out,
                                          **options)
 
-    def pin(self, path: str | bytes) -> None:
-        """BPF_OBJ_PIN at path, on a bpffsd mount (the pin keeps the program loaded)."""
-        self.client.obj_pin(self.fd, path)
-
     def info(self) -> dict:
         """BPF_OBJ_GET_INFO_BY_FD: id, type, name, tag, ... as bpftool shows them."""
         return self.client.obj_get_info_by_fd(self.fd)
-
-    def fileno(self) -> int:
-        """The program's fd: a real fd (store it in a prog_array, pass it on)."""
-        return self.fd
-
-    def close(self) -> None:
-        """Close the fd when owned (the program stays while pinned or in a prog_array)."""
-        if self.owned and self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
-
-    def __enter__(self) -> Program:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         where = f" section {self.section!r}" if self.section else ""

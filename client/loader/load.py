@@ -347,13 +347,13 @@ def _load_program(client: Client, spec: ObjectSpec, prog: ProgramSpec, prog_type
                               options.log_level)
     except BpfError as e:
         # Load again with a log to say why, as libbpf does.
-        log = getattr(e, "detail", None) or ""
+        log = e.detail or ""
         if not options.log_level:
             try:
                 os.close(client.prog_load(prog_type, insns, license, spec.kern_version,
                                           prog.kernel_name, 1))
             except BpfError as again:
-                log = getattr(again, "detail", None) or ""
+                log = again.detail or ""
         hint = (" (the object has no license section: GPL-only helpers are refused)"
                 if spec.license is None else "")
         err = BpfError(e.errno, f"{spec.path}: loading program '{prog.name}' (section"

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import in_child, raises_errno
+from helpers import NOBODY, in_child, raises_errno
 
 from bpffs.client import AsyncClient, BpfError, Client, MapType, default_client, paths
 from bpffs.vm import asm
 from bpffs.vm.isa import R1, R2, R3, R10
 from bpffs.vm.uapi import Helper, ProgType
-
-NOBODY = 65534
 
 
 # -- AsyncClient() ------------------------------------------------------------------------------
@@ -192,29 +190,29 @@ def test_a_user_without_a_daemon_finds_the_system_daemon(start_daemon, shared_ro
     system = start_daemon(mount=False, root=shared_root / "system")
     runtime = shared_root / "runtime"  # the user's XDG_RUNTIME_DIR, no daemon of theirs yet
     runtime.mkdir()
-    os.chown(runtime, NOBODY, NOBODY)
+    os.chown(runtime, *NOBODY)
     monkeypatch.setattr(paths, "SYSTEM_SOCKET", str(system.socket))  # stands for /run/bpffsd
     monkeypatch.delenv("BPFFS_SOCKET", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    pid, path = in_child(_which_daemon, user=(NOBODY, NOBODY))
+    pid, path = in_child(_which_daemon, user=NOBODY)
     assert (pid, path) == (system.proc.pid, str(system.socket))
     # Once the user runs their own daemon, that one comes first.
     # (It runs as root here, its directory linked into the runtime dir: the daemon refuses a
     # state directory inside one another user owns.)
     own = start_daemon(mount=False, root=shared_root / "own")
     (runtime / "bpffsd").symlink_to(own.root)
-    pid, path = in_child(_which_daemon, user=(NOBODY, NOBODY))
+    pid, path = in_child(_which_daemon, user=NOBODY)
     assert (pid, path) == (own.proc.pid, str(runtime / "bpffsd" / "control.sock"))
     # BPFFS_SOCKET overrides both.
     monkeypatch.setenv("BPFFS_SOCKET", str(system.socket))
-    assert in_child(_which_daemon, user=(NOBODY, NOBODY))[0] == system.proc.pid
+    assert in_child(_which_daemon, user=NOBODY)[0] == system.proc.pid
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a uid 65534 process")
 def test_no_daemon_names_every_socket_tried(shared_root: Path, monkeypatch) -> None:
     runtime = shared_root / "runtime"
     runtime.mkdir()
-    os.chown(runtime, NOBODY, NOBODY)
+    os.chown(runtime, *NOBODY)
     monkeypatch.delenv("BPFFS_SOCKET", raising=False)
     monkeypatch.setattr(paths, "SYSTEM_SOCKET", str(shared_root / "system.sock"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
@@ -226,7 +224,7 @@ def test_no_daemon_names_every_socket_tried(shared_root: Path, monkeypatch) -> N
             return f"{errno.errorcode[e.errno]} {e}"
         return "connected"
 
-    message = in_child(attempt, user=(NOBODY, NOBODY))
+    message = in_child(attempt, user=NOBODY)
     assert message.startswith("ENOENT"), message
     assert str(shared_root / "system.sock") in message
     assert str(runtime / "bpffsd" / "control.sock") in message

@@ -13,15 +13,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from helpers import DaemonProcess, in_child
+from helpers import NOBODY, DaemonProcess, in_child
 
 from bpffs.client import Client, protocol
 from bpffs.daemon import server
@@ -155,18 +153,6 @@ def test_get_without_its_path_fd_is_ebadf(raw: Raw) -> None:
 
 
 # -- as another user ------------------------------------------------------------------------------
-NOBODY = (65534, 65534)
-
-
-@pytest.fixture
-def public_daemon(start_daemon) -> Iterator[DaemonProcess]:
-    """A daemon under a directory every user may search (pytest's tmp_path is root's 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="bpffsd-err-"))
-    root.chmod(0o755)
-    try:
-        yield start_daemon(root=root / "d")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_get_of_another_users_0600_pin_is_eacces(public_daemon: DaemonProcess) -> None:

@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import in_child, is_mounted
+from helpers import NOBODY, in_child, is_mounted
 
 from bpffs.client import Client, paths
 from bpffs.daemon.main import main as daemon_main
 from bpffs.vm.uapi import MapType
-
-NOBODY = (65534, 65534)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

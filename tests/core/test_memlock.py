@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import DaemonProcess, in_child, raises_errno
+from helpers import NOBODY, DaemonProcess, in_child, raises_errno
 
 from bpffs.client import Client
 from bpffs.client.calls import Call, Request
@@ -28,7 +28,6 @@ from bpffs.vm import asm, kernel
 from bpffs.vm.isa import R0
 from bpffs.vm.uapi import PAGE_SIZE, MapType, ProgType
 
-NOBODY = (65534, 65534)
 RETURN_0 = asm.program(asm.mov64_imm(R0, 0), asm.exit())
 # An array of 8 values of one page: 8 pages plus its header's page.
 ARRAY_PAGES = 9

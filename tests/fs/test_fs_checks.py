@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fs_helpers import wait_for
 
-from bpffs.daemon.fs import mount_namespace_of, process_mount_namespace
+from bpffs.daemon.fs import mount_namespace_of
 from bpffs.daemon.fs.worker import RPC_TIMEOUT_ENV
 
 
@@ -28,22 +28,6 @@ def test_only_a_mount_namespace_fd_is_taken_for_one(daemon, tmp_path: Path) -> N
     finally:
         for fd in opened:
             os.close(fd)
-
-
-def test_a_callers_namespace_is_read_only_when_its_process_is_confirmed() -> None:
-    """red-team review, finding 4: the caller's own namespace was read at /proc/PID with the
-    pid SO_PEERCRED gave at connect time, whoever has that pid now. It is now read through one
-    /proc/PID directory fd, from a process whose effective uid is the caller's, or not at
-    all (EPERM for an unprivileged caller)."""
-    own = os.stat("/proc/self/ns/mnt").st_ino
-    assert process_mount_namespace(os.getpid(), os.geteuid()) == own
-    assert process_mount_namespace(os.getpid(), os.geteuid() + 1) is None
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - exits at once
-        os._exit(0)
-    os.waitpid(pid, 0)
-    assert process_mount_namespace(pid, os.geteuid()) is None  # gone
-    assert process_mount_namespace(0, 0) is None  # a pid the daemon cannot see
 
 
 def _worker_warning(start_daemon, monkeypatch, root: Path) -> tuple[str, str]:

@@ -10,29 +10,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import pytest
-from helpers import DaemonProcess, in_child
+from helpers import NOBODY, DaemonProcess, in_child
 
 from bpffs.client import Client, protocol
 from bpffs.daemon import server
-
-NOBODY = (65534, 65534)
-
-
-@pytest.fixture
-def public_root() -> Iterator[Path]:
-    """A directory every user may search (pytest's tmp_path is root's 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="bpffsd-sec-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def send_raw(daemon: DaemonProcess, payload: bytes, greet: bool = True) -> list | None:

@@ -146,8 +146,9 @@ def _send_inline(path: str, payload: bytes) -> tuple[object, object]:
 
 def test_deep_nesting_drops_the_connection(public_root: Path, start_daemon) -> None:
     """red-team review, finding 3 (nesting): msgpack nests up to 1024 levels. A 900-deep
-    (here 500: older msgpack packers stop at 511) option value was decoded and handed to the handler (here answered EBADF, the connection
-    kept); repr() of such a value, as a run option's EINVAL message makes, raises
+    (here 500: older msgpack packers stop at 511) option value was decoded and handed to the
+    handler (here answered EBADF, the connection kept); repr() of such a value, as a run
+    option's EINVAL message makes, raises
     RecursionError. No request nests more than a few levels: beyond
     protocol.REQUEST_DEPTH_MAX (8) the message is a protocol violation and the connection
     is dropped."""

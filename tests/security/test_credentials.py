@@ -13,32 +13,19 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import shutil
 import signal
 import socket
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import in_child
+from helpers import NOBODY, in_child
 
 from bpffs.client import protocol
 from bpffs.daemon.peer import Peer
 from bpffs.vm.uapi import MapType
 
-NOBODY = (65534, 65534)
 MEMLOCK = 64 * 1024  # the attacker's RLIMIT_MEMLOCK (soft = hard, as an admin would set it)
-
-
-@pytest.fixture
-def public_root() -> Iterator[Path]:
-    """A directory every user may search (pytest's tmp_path is root's 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="bpffsd-sec-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _connect_in_child(path: str) -> socket.socket:

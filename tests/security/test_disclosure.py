@@ -5,28 +5,13 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from helpers import in_child
+from helpers import NOBODY, in_child
 
 from bpffs.client import Client, calls
 from bpffs.vm import asm
 from bpffs.vm.uapi import MapType, ObjFlag, ProgType
-
-NOBODY = (65534, 65534)
-
-
-@pytest.fixture
-def public_root() -> Iterator[Path]:
-    """A directory every user may search (pytest's tmp_path is root's 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="bpffsd-sec-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_pinned_paths_below_a_private_directory_stay_private(public_root: Path,

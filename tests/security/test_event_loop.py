@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import DaemonProcess, in_child, raises_errno
+from attack import under_probe
+from helpers import NOBODY, DaemonProcess, in_child, raises_errno
 
 from bpffs.client import Client, calls
 from bpffs.daemon.fs.worker import RPC_TIMEOUT_ENV
@@ -31,67 +27,6 @@ from bpffs.daemon.syscall import MAP_BATCH_MAX_BYTES
 from bpffs.vm import asm, load_program
 from bpffs.vm.program import COMPILE_MAX_INSNS
 from bpffs.vm.uapi import BPF_COMPLEXITY_LIMIT_INSNS, MapType, ProgType
-
-NOBODY = (65534, 65534)
-PROBE_GOAL = 0.050  # seconds: issue 13's bound on any request's hold of the event loop
-PROBE_BOUND = 0.250  # what the tests assert, on a shared 2-core machine
-PROBE_PERIOD = 0.001  # seconds between two probe lookups
-
-
-@pytest.fixture
-def public_daemon(start_daemon) -> Iterator[DaemonProcess]:
-    """A daemon whose socket uid 65534 can reach (pytest's tmp_path is root's 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="bpffsd-loop-"))
-    root.chmod(0o755)
-    try:
-        yield start_daemon(root=root / "d")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-class Probe:
-    """Looks up one element of its own map, over its own connection, until stopped."""
-
-    def __init__(self, daemon: DaemonProcess):
-        self.client = daemon.client()
-        self.fd = self.client.map_create(MapType.ARRAY, 4, 8, 1)
-        self.key = bytes(4)
-        self.worst = 0.0
-        self.lookups = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            start = time.perf_counter()
-            self.client.map_lookup_elem(self.fd, self.key)
-            self.worst = max(self.worst, time.perf_counter() - start)
-            self.lookups += 1
-            time.sleep(PROBE_PERIOD)
-
-    def __enter__(self) -> Probe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-        self.client.close()
-
-
-def under_probe(daemon: DaemonProcess, attack: Callable[[], Any], what: str) -> Any:
-    """attack() while a probe runs; asserts the probe's worst latency and returns the
-    attack's result."""
-    with Probe(daemon) as probe:
-        time.sleep(0.05)
-        result = attack()
-        time.sleep(0.05)
-    print(f"\n{what}: probe worst {probe.worst * 1000:.1f} ms over {probe.lookups} lookups")
-    assert probe.lookups > 10, "the probe did not run"
-    assert probe.worst < PROBE_BOUND, (f"{what}: a lookup waited {probe.worst * 1000:.0f} ms"
-                                       f" (goal {PROBE_GOAL * 1000:.0f} ms)")
-    return result
-
 
 # -- prog_load: the verifier ------------------------------------------------------------------
 # Instructions of a straight-line program: ~0.5 s of verification here and ~0.35 s of

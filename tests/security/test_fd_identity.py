@@ -9,37 +9,18 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from helpers import DaemonProcess, in_child
+from helpers import NOBODY, DaemonProcess, in_child
 
 from bpffs.client import Client, protocol
 from bpffs.daemon.fs.worker import CACHE_TIMEOUT
 from bpffs.vm.uapi import MapType
 
-NOBODY = (65534, 65534)
 SECRET = b"secret!!"
 FORGE_BUDGET = 60.0  # seconds the attacker may spend creating files to reach an inode number
-
-
-@pytest.fixture
-def public_root() -> Iterator[Path]:
-    """A directory every user may search (pytest's tmp_path is root's 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="bpffsd-sec-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def public_daemon(public_root: Path, start_daemon) -> DaemonProcess:
-    return start_daemon(root=public_root / "d")
 
 
 def _forge(target: int) -> int | None:

@@ -12,86 +12,20 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
-import tempfile
-import threading
-import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import DaemonProcess, in_child
+from attack import peak_rss, under_probe
+from helpers import NOBODY, in_child
 
 from bpffs.client import Client
 from bpffs.daemon.fs import render
 from bpffs.daemon.fs.tree import RENAME_EXCHANGE, Caller, NodeQuota, Tree
 from bpffs.vm.maps import PerfEventArrayMap
 from bpffs.vm.uapi import MapType
-
-NOBODY = (65534, 65534)
-PROBE_BOUND = 0.250  # seconds (the goal: 0.050)
-
-
-@pytest.fixture
-def public_root() -> Iterator[Path]:
-    """A directory every user may search (pytest's tmp_path is root's 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="bpffsd-fs-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-class Probe:
-    """Looks up one element of its own map, over its own connection, until stopped."""
-
-    def __init__(self, daemon: DaemonProcess):
-        self.client = daemon.client()
-        self.fd = self.client.map_create(MapType.ARRAY, 4, 8, 1)
-        self.worst, self.lookups = 0.0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            start = time.perf_counter()
-            self.client.map_lookup_elem(self.fd, bytes(4))
-            self.worst = max(self.worst, time.perf_counter() - start)
-            self.lookups += 1
-            time.sleep(0.001)
-
-    def __enter__(self) -> Probe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-        self.client.close()
-
-
-def under_probe(daemon: DaemonProcess, attack: Callable[[], Any], what: str) -> Any:
-    with Probe(daemon) as probe:
-        time.sleep(0.05)
-        result = attack()
-        time.sleep(0.05)
-    print(f"\n{what}: probe worst {probe.worst * 1000:.1f} ms over {probe.lookups} lookups")
-    assert probe.lookups > 10, "the probe did not run"
-    assert probe.worst < PROBE_BOUND, f"{what}: a lookup waited {probe.worst * 1000:.0f} ms"
-    return result
-
-
-def peak_rss(daemon: DaemonProcess) -> int:
-    """The daemon's peak resident set so far (VmHWM), in bytes."""
-    assert daemon.proc is not None
-    with open(f"/proc/{daemon.proc.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) << 10
-    raise AssertionError("no VmHWM")
-
 
 # -- finding 1: a read far into a big pin -------------------------------------------------------
 FAR_ELEMENTS = 300_000  # ~0.8 s to render whole here; ~4.8 MB of text

@@ -12,38 +12,21 @@ import errno
 import os
 import pickle
 import resource
-import shutil
 import socket
 import struct
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from helpers import DaemonProcess
+from attack import daemon_fds
+from helpers import NOBODY, DaemonProcess
 
 from bpffs.client import Client, protocol
 from bpffs.vm.uapi import MapType
 
-NOBODY = (65534, 65534)
 _LEN = struct.Struct("=I")
-
-
-@pytest.fixture
-def public_root() -> Iterator[Path]:
-    """A directory every user may search (pytest's tmp_path is root's 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="bpffsd-sec-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def daemon_fds(daemon: DaemonProcess) -> int:
-    assert daemon.proc is not None
-    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
 
 
 def settled_fds(daemon: DaemonProcess) -> int:

@@ -15,49 +15,26 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from helpers import in_child
+from attack import raw_connection
+from helpers import NOBODY, in_child
 
 from bpffs.client import Client, protocol
 from bpffs.vm.uapi import MapType
 
-NOBODY = (65534, 65534)
 VALUE = 1000
 ENTRIES = 1000  # a ~1 MB array map: each full lookup_batch reply is a ~1 MB memfd
 REQUESTS = 60
 
 
-@pytest.fixture
-def public_root() -> Iterator[Path]:
-    """A directory every user may search (pytest's tmp_path is root's 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="bpffsd-sec-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def queued(s: socket.socket) -> int:
     """Bytes of the datagrams waiting unread in our socket (a memfd reply is 1 byte)."""
     return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, bytes(4)))[0]
-
-
-def _connect(path: str) -> tuple[socket.socket, protocol.Inbox]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.settimeout(20)
-    s.connect(path)
-    inbox = protocol.Inbox()
-    protocol.send_message(s, protocol.pack(["hello", protocol.PROTOCOL_VERSION, "slow"]))
-    assert protocol.unpack(protocol.recv_message(s, inbox)[0])[0] == 0
-    return s, inbox
 
 
 def _read_all(s: socket.socket, inbox: protocol.Inbox, n: int) -> list[int]:
@@ -87,7 +64,7 @@ def _replies_on_wire(s: socket.socket, inbox: protocol.Inbox, n: int
 
 
 def _make_map(path: str) -> tuple[socket.socket, protocol.Inbox, int, int]:
-    s, inbox = _connect(path)
+    s, inbox = raw_connection(path, "slow", 20)
     protocol.send_message(s, protocol.pack(["map_create", MapType.ARRAY, 4, VALUE, ENTRIES, 0,
                                             "big"]))
     data, fds = protocol.recv_message(s, inbox)
@@ -133,7 +110,7 @@ def _many_connections_unread(path: str) -> tuple[int, int, list]:
     _owner, _inbox, _handle, fd = _make_map(path)  # kept open: the map's first connection
     conns = []
     for _ in range(CONNECTIONS):
-        c, box = _connect(path)
+        c, box = raw_connection(path, "slow", 20)
         protocol.send_message(c, protocol.pack(["bind"]), [fd])
         bound = protocol.unpack(protocol.recv_message(c, box)[0])
         assert bound[0] == 0, bound

@@ -15,16 +15,13 @@ from pathlib import Path
 
 import pytest
 from helpers import in_child
+from verifier_cases import CLS, EXIT0, MAP_FD, PROGS_FD, SOCK, build, pruned_and_exact
 
 from bpffs.vm import BpfError, asm, kernel, load_program
 from bpffs.vm.context import SKB
 from bpffs.vm.isa import R0, R1, R2, R3, R6, R7, R9, R10, Alu, Insn, Jmp
-from bpffs.vm.maps import create_map
-from bpffs.vm.uapi import Helper, MapType, ProgType
+from bpffs.vm.uapi import Helper
 
-SOCK, CLS = ProgType.SOCKET_FILTER, ProgType.SCHED_CLS
-EXIT0 = [asm.mov64_imm(R0, 0), asm.exit()]
-MAP_FD, PROGS_FD = 3, 4  # placeholder fds, relocated per map below
 PACKET = bytes(64)
 needs_kernel = pytest.mark.skipif(not kernel.available(),
                                   reason="needs the running kernel's bpf(2) (root)")
@@ -171,19 +168,6 @@ KERNEL_WORDING = {
     "callee dereferences a scalar argument": "R1 invalid mem access 'scalar'",
     "recursion bounded by a constant": "the call stack of 8 frames is too deep !",
 }
-
-
-def build(insns: list, vm_maps: bool) -> tuple[bytes, dict]:
-    """Bytecode with map fds: ours (fd -> BpfMap) or the kernel's (real fds)."""
-    make = create_map if vm_maps else kernel.map_create
-    fds = {MAP_FD: make(MapType.HASH, 4, 8, 4), PROGS_FD: make(MapType.PROG_ARRAY, 4, 4, 2)}
-    out = []
-    for part in insns:
-        for insn in part if isinstance(part, list) else [part]:
-            if insn.opcode == 0x18 and insn.src == 1 and not vm_maps:
-                insn = Insn(insn.opcode, insn.dst, insn.src, insn.off, fds[insn.imm])
-            out.append(insn)
-    return asm.program(*out), fds
 
 
 def ours(prog_type: int, insns: list, privileged: bool = True):
@@ -381,20 +365,9 @@ def verdict(code: bytes) -> tuple[bool, int]:
 def test_pruning_in_callees_never_changes_a_verdict(monkeypatch) -> None:
     """As tests/verifier/test_pruning.py, with calls: states in a callee are compared with
     its liveness, and its callers' frames where they resume."""
-    from bpffs.vm import verifier as verifier_pkg
-
     rng = random.Random(1)
     programs = [random_program(rng) for _ in range(1000)]
-    pruned = [verdict(code) for code in programs]
-    monkeypatch.setattr(verifier_pkg, "live_in", lambda insns, cfg: [-1] * len(insns))
-    exact = [verdict(code) for code in programs]
-    accepted = shorter = 0
-    for code, (ok, steps), (exact_ok, exact_steps) in zip(programs, pruned, exact, strict=True):
-        assert ok == exact_ok, code.hex()
-        if ok:
-            accepted += 1
-            assert steps <= exact_steps
-            shorter += steps < exact_steps
+    accepted, shorter = pruned_and_exact(programs, verdict, monkeypatch)
     # (comparing no register of the callers' frames, or not counting a callee's r0 as
     # measured at its exit, changes 2-3 verdicts of these 1000)
     assert accepted > 100 and shorter > 80, (accepted, shorter)

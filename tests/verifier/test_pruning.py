@@ -9,14 +9,13 @@ from __future__ import annotations
 import random
 
 import pytest
+from verifier_cases import SOCK, pruned_and_exact
 
 from bpffs.vm import BpfError, asm, load_program
-from bpffs.vm import verifier as verifier_pkg
 from bpffs.vm.context import SKB
 from bpffs.vm.isa import R0, R1, R2, R6, R10, Alu, Insn, Jmp
-from bpffs.vm.uapi import Helper, ProgType
+from bpffs.vm.uapi import Helper
 
-SOCK = ProgType.SOCKET_FILTER
 SCRATCH = (2, 3, 4, 5, 7, 8, 9)
 VALUES = (-64, -8, 1, 8, 64, 100)  # sizes and stack offsets, each valid for some uses only
 
@@ -86,15 +85,7 @@ def verdict(code: bytes, privileged: bool) -> tuple[bool, int]:
 def test_pruning_never_changes_a_verdict(privileged: bool, monkeypatch) -> None:
     rng = random.Random(13)
     programs = [random_program(rng) for _ in range(1000)]
-    pruned = [verdict(code, privileged) for code in programs]
-    monkeypatch.setattr(verifier_pkg, "live_in", lambda insns, cfg: [-1] * len(insns))
-    exact = [verdict(code, privileged) for code in programs]
-    accepted = shorter = 0
-    for code, (ok, steps), (exact_ok, exact_steps) in zip(programs, pruned, exact, strict=True):
-        assert ok == exact_ok, code.hex()
-        if ok:
-            accepted += 1
-            assert steps <= exact_steps
-            shorter += steps < exact_steps
+    accepted, shorter = pruned_and_exact(programs, lambda code: verdict(code, privileged),
+                                         monkeypatch)
     # (dropping any one part of the masks changes 4-40 verdicts of these 1000)
     assert accepted > 80 and shorter > 50, "too few programs pruned to mean anything"

@@ -9,6 +9,7 @@ import os
 import random
 
 import pytest
+from verifier_cases import CLS, EXIT0, MAP_FD, SOCK, build
 
 from bpffs.vm import BpfError, asm, kernel, load_program
 from bpffs.vm.context import SKB
@@ -16,9 +17,7 @@ from bpffs.vm.isa import R0, R1, R2, R3, R6, R10, Alu, Atomic, Class, Insn, Jmp
 from bpffs.vm.maps import create_map
 from bpffs.vm.uapi import BPF_ANY, Helper, MapType, ProgType
 
-SOCK, KPROBE, CLS = ProgType.SOCKET_FILTER, ProgType.KPROBE, ProgType.SCHED_CLS
-EXIT0 = [asm.mov64_imm(R0, 0), asm.exit()]
-MAP_FD = 3  # placeholder fd, relocated per map below
+KPROBE = ProgType.KPROBE
 
 
 def gotol(offset: int) -> Insn:
@@ -138,22 +137,6 @@ UNPRIVILEGED = [
     ("pointer stored into a map", [*lookup(True), asm.stx(8, R0, R10, 0), *EXIT0],
      "leaks addr into map"),
 ]
-
-
-def build(insns: list, vm_maps: bool) -> tuple[bytes, dict]:
-    """Bytecode with map fds: ours (fd -> BpfMap) or the kernel's (real fds)."""
-    hash_map = create_map(MapType.HASH, 4, 8, 4) if vm_maps else \
-        kernel.map_create(MapType.HASH, 4, 8, 4)
-    prog_array = create_map(MapType.PROG_ARRAY, 4, 4, 2) if vm_maps else \
-        kernel.map_create(MapType.PROG_ARRAY, 4, 4, 2)
-    fds = {MAP_FD: hash_map, 4: prog_array}
-    out = []
-    for part in insns:
-        for insn in part if isinstance(part, list) else [part]:
-            if insn.opcode == 0x18 and insn.src == 1 and not vm_maps:
-                insn = Insn(insn.opcode, insn.dst, insn.src, insn.off, fds[insn.imm])
-            out.append(insn)
-    return asm.program(*out), fds
 
 
 def ours(prog_type: int, insns: list, privileged: bool = True) -> str | None:
