@@ -45,6 +45,13 @@ class Peer:
     start_time: int | None = None  # of the connecting process (/proc/PID/stat), to know it again
     unreadable: str | None = field(default=None, compare=False)  # why memlock is unknown
 
+    @staticmethod
+    def uid_of(sock: socket.socket) -> int:
+        """Just the uid (SO_PEERCRED): what the connection limit needs, before anything
+        costlier is read."""
+        return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                             _UCRED.size))[1]
+
     @classmethod
     def of(cls, sock: socket.socket) -> Peer:
         """Credentials captured when the peer connected (or created the socketpair), and what

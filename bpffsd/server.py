@@ -208,37 +208,51 @@ class Server:
                     self.accept_failures.warn("the listener", "accept failed: %s", e)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(self._serve_connection, sock)
+                # The connection limit is checked here, from SO_PEERCRED alone, before any
+                # task or /proc read: a user opening thousands costs each a getsockopt. And
+                # one accept per pass of the run loop: a full backlog must not hold up the
+                # connections already served (19,000 at once stalled them 0.5 s).
+                try:
+                    uid = Peer.uid_of(sock)
+                    self.limits.charge(self.limits.connections, uid)
+                except OSError as e:
+                    self._refuse(sock, e)
+                else:
+                    nursery.start_soon(self._serve_connection, sock, uid)
+                await trio.lowlevel.checkpoint()
 
-    async def _serve_connection(self, sock: socket.socket) -> None:
+    async def _serve_connection(self, sock: socket.socket, uid: int) -> None:
+        """Serve one accepted connection, already charged to uid's connections."""
         sock.setblocking(False)
         try:
-            conn = Connection(sock, Peer.of(sock))
-        except OSError:
-            sock.close()
-            return
-        uid = conn.peer.uid
-        try:
+            try:
+                conn = Connection(sock, Peer.of(sock))
+            except OSError:
+                return
             refusal = conn.peer.refusal()  # its process was gone before we could read it
             if refusal is not None:
-                raise refusal
-            self.limits.charge(self.limits.connections, uid)
-        except BpfError as e:  # say why (as the reply to the hello), then hang up
+                self._refuse(sock, refusal)
+                return
+            caller_uid.set(uid)  # this task's object fds are charged to uid (limits.py)
+            self.connections.add(conn)
             try:
-                sock.send(protocol.error(e.errno, e.strerror))
-            except OSError:
-                pass
-            sock.close()
-            return
-        caller_uid.set(uid)  # this task's object fds are charged to uid (limits.py)
-        self.connections.add(conn)
-        try:
-            await self._serve_requests(conn)
+                await self._serve_requests(conn)
+            finally:
+                self.connections.discard(conn)
+                self._replies_read(conn)
         finally:
-            self.connections.discard(conn)
-            self._replies_read(conn)
             self.limits.connections.uncharge(uid)
             sock.close()
+
+    @staticmethod
+    def _refuse(sock: socket.socket, e: OSError) -> None:
+        """Say why (as the reply to the hello, when it is the caller's), then hang up."""
+        if isinstance(e, BpfError):
+            try:
+                sock.send(protocol.error(e.errno or errno.EPERM, e.strerror or str(e)))
+            except OSError:
+                pass
+        sock.close()
 
     async def _serve_requests(self, conn: Connection) -> None:
         sock = conn.sock
