@@ -57,6 +57,8 @@ _HUNG_UP = object()  # an async handler's result when its client hung up first
 # ~45 us to ~23 us, with less CPU (no epoll).
 SPIN_NS = 50_000
 SPIN_STREAK = 8
+# Connections accepted back to back before the other tasks get a turn (see serve()).
+ACCEPT_BURST = 32
 # Warnings about malformed messages: at most WARN_BURST per uid every WARN_INTERVAL seconds,
 # then one line saying how many more there were. A client looping on bad input must not
 # flood the log (one at 16k lines in 5 minutes did).
@@ -198,10 +200,12 @@ class Server:
         self.listener.setblocking(False)
         async with trio.open_nursery() as nursery:
             task_status.started()
+            burst = 0  # connections accepted since this task last let the others run
             while True:
                 try:
                     sock, _ = self.listener.accept()
                 except BlockingIOError:
+                    burst = 0
                     await trio.lowlevel.wait_readable(self.listener)
                     continue
                 except OSError as e:  # EMFILE and friends: back off, keep serving the rest
@@ -210,8 +214,9 @@ class Server:
                     continue
                 # The connection limit is checked here, from SO_PEERCRED alone, before any
                 # task or /proc read: a user opening thousands costs each a getsockopt. And
-                # one accept per pass of the run loop: a full backlog must not hold up the
-                # connections already served (19,000 at once stalled them 0.5 s).
+                # at most ACCEPT_BURST accepts per pass of the run loop: a full backlog must
+                # not hold up the connections already served (19,000 at once stalled them
+                # 0.5 s), nor be drained so slowly that connecting clients time out.
                 try:
                     uid = Peer.uid_of(sock)
                     self.limits.charge(self.limits.connections, uid)
@@ -219,7 +224,10 @@ class Server:
                     self._refuse(sock, e)
                 else:
                     nursery.start_soon(self._serve_connection, sock, uid)
-                await trio.lowlevel.checkpoint()
+                burst += 1
+                if burst >= ACCEPT_BURST:
+                    burst = 0
+                    await trio.lowlevel.checkpoint()
 
     async def _serve_connection(self, sock: socket.socket, uid: int) -> None:
         """Serve one accepted connection, already charged to uid's connections."""

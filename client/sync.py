@@ -81,14 +81,18 @@ def connect(path: str | None = None, timeout: float | None = None
     for candidate in tried:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            sock.settimeout(timeout)
+            # A blocking connect waits for room in a full listen backlog (a busy daemon) for
+            # SO_SNDTIMEO, then fails with EAGAIN; a Python-level timeout would make it
+            # non-blocking, and a non-blocking unix connect fails with EAGAIN at once.
+            set_recv_timeout(sock, timeout)
             sock.connect(candidate)
-            sock.settimeout(None)
             return sock, candidate
         except OSError as e:
             sock.close()
-            if failure is None or (failure.errno == errno.ENOENT and e.errno != errno.ENOENT):
-                failure, path = e, candidate  # report the most telling failure
+            error = TimeoutError() if e.errno == errno.EAGAIN else e  # SO_SNDTIMEO ran out
+            if failure is None or (failure.errno == errno.ENOENT and
+                                   error.errno != errno.ENOENT):
+                failure, path = error, candidate  # report the most telling failure
     assert failure is not None
     if isinstance(failure, TimeoutError) and failure.errno is None:
         raise timed_out(timeout, f"accept a connection at {path}") from None

@@ -126,6 +126,36 @@ def test_a_timeout_is_positive_or_none(daemon) -> None:
             AsyncClient(str(daemon.socket), timeout=bad)  # type: ignore[arg-type]
 
 
+def test_a_full_backlog_is_waited_for_not_refused(start_daemon) -> None:
+    """A daemon busy for a moment lets its listen backlog fill (here: stopped, with a full
+    backlog). A new client waits for room up to its timeout, as a plain blocking connect
+    does; it used to fail at once with EAGAIN (a non-blocking unix connect's answer)."""
+    d = start_daemon(mount=False)
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    filler = []
+    waker = threading.Timer(0.5, os.kill, (d.proc.pid, signal.SIGCONT))
+    try:
+        while True:  # connect until the backlog is full
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.setblocking(False)
+            try:
+                s.connect(str(d.socket))
+            except BlockingIOError:
+                s.close()
+                break
+            filler.append(s)
+        waker.start()
+        began = time.monotonic()
+        with Client(str(d.socket), timeout=20) as c:
+            assert c.status()["pid"] == d.proc.pid
+        assert time.monotonic() - began > 0.4
+    finally:
+        waker.cancel()
+        os.kill(d.proc.pid, signal.SIGCONT)
+        for s in filler:
+            s.close()
+
+
 def test_no_timeout_waits(stopped) -> None:
     """timeout=None: the call waits for the daemon however long it is stopped."""
     d, _ = stopped
