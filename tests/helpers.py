@@ -119,6 +119,13 @@ def raises_errno(err: int) -> Iterator[pytest.ExceptionInfo[OSError]]:
     assert info.value.errno == err, f"expected errno {err}, got {info.value!r}"
 
 
+def become(user: tuple[int, int], groups: tuple[int, ...] = ()) -> None:
+    """Drop this (forked) process to uid and gid `user`, with these supplementary groups."""
+    os.setgroups(list(groups))
+    os.setresgid(user[1], user[1], user[1])
+    os.setresuid(user[0], user[0], user[0])
+
+
 def in_child(fn: Callable[..., Any], *args: Any, user: tuple[int, int] | None = None,
              umask: int | None = None) -> Any:
     """fn(*args) in a forked child (as `user`, with `umask`): its result, or the OSError it
@@ -133,9 +140,7 @@ def in_child(fn: Callable[..., Any], *args: Any, user: tuple[int, int] | None = 
             if umask is not None:
                 os.umask(umask)
             if user is not None:
-                os.setgroups([])
-                os.setresgid(user[1], user[1], user[1])
-                os.setresuid(user[0], user[0], user[0])
+                become(user)
             try:
                 outcome: tuple = ("ok", fn(*args))
             except OSError as e:

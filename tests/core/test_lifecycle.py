@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import NOBODY, in_child, is_mounted
+from helpers import NOBODY, become, in_child, is_mounted
 
 from bpffs.client import Client, paths
 from bpffs.daemon.main import main as daemon_main
@@ -171,9 +171,7 @@ def test_an_unprivileged_daemon_on_its_default_socket(monkeypatch) -> None:
     if pid == 0:  # pragma: no cover - the daemon, as nobody
         code = 1
         try:
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
+            become(NOBODY)
             code = daemon_main(["--no-mount", "--no-persist"])
         finally:
             os._exit(code)

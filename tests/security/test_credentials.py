@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import NOBODY, in_child
+from helpers import NOBODY, become, in_child
 
 from bpffs.client import protocol
 from bpffs.daemon.peer import Peer
@@ -143,10 +143,8 @@ def test_the_peer_is_captured_at_accept_and_kept(public_root: Path) -> None:
         if pid == 0:  # pragma: no cover - the connector
             try:
                 os.close(hold_w)
-                os.setgroups([4242])
                 resource.setrlimit(resource.RLIMIT_MEMLOCK, (MEMLOCK, MEMLOCK))
-                os.setresgid(*[NOBODY[1]] * 3)
-                os.setresuid(*[NOBODY[0]] * 3)
+                become(NOBODY, groups=(4242,))
                 c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 c.connect(path)
                 os.read(hold_r, 1)
@@ -166,9 +164,7 @@ def test_the_peer_is_captured_at_accept_and_kept(public_root: Path) -> None:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the connector
             try:
-                os.setgroups([4242])
-                os.setresgid(*[NOBODY[1]] * 3)
-                os.setresuid(*[NOBODY[0]] * 3)
+                become(NOBODY, groups=(4242,))
                 socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET).connect(path)
             finally:
                 os._exit(0)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from attack import daemon_fds, under_probe
-from helpers import NOBODY, DaemonProcess, in_child
+from helpers import NOBODY, DaemonProcess, become, in_child
 
 from bpffs.client import Client, protocol
 from bpffs.vm.uapi import MapType
@@ -58,9 +58,7 @@ class Attacker:
             try:
                 os.close(self._reports)
                 os.close(self._go)
-                os.setgroups([])
-                os.setresgid(NOBODY[1], NOBODY[1], NOBODY[1])
-                os.setresuid(NOBODY[0], NOBODY[0], NOBODY[0])
+                become(NOBODY)
                 for value in fn(*args):
                     data = pickle.dumps(value)
                     os.write(report_w, _LEN.pack(len(data)) + data)
