@@ -48,6 +48,12 @@ ELF_MAP_FIELDS = ("type", "key_size", "value_size", "max_entries", "flags", "id"
                   "inner_id", "inner_idx")
 MAP_DEF_MIN_SIZE = 5 * 4  # samples/bpf's bpf_map_def; also tc's minimum
 MAPS_MAX = 64  # tc's ELF_MAX_MAPS
+# Section types whose sh_link names another section (a string or symbol table) that pyelftools
+# opens while listing sections.
+LINKED_SECTION_TYPES = frozenset({"SHT_SYMTAB", "SHT_DYNSYM", "SHT_REL", "SHT_RELA",
+                                  "SHT_SYMTAB_SHNDX", "SHT_SUNW_syminfo", "SHT_GNU_verneed",
+                                  "SHT_GNU_verdef", "SHT_GNU_versym", "SHT_DYNAMIC",
+                                  "SHT_HASH", "SHT_GNU_HASH"})
 
 
 class Pinning:
@@ -185,6 +191,7 @@ class _Reader:
                        " clang -target bpf)")
         if not self.elf.little_endian:
             raise _bad(path, "big-endian BPF objects are not supported")
+        self._check_section_links()
         self.sections = list(self.elf.iter_sections())
         for sec in self.sections:
             if sec["sh_type"] != "SHT_NOBITS" and sec["sh_offset"] + sec["sh_size"] > len(data):
@@ -197,6 +204,23 @@ class _Reader:
             # pyelftools before 0.32 fails on this with an AttributeError mid-iteration
             raise _bad(path, "the symbol table's sh_link is not a string table")
         self.symbols = list(symtabs[0].iter_symbols())
+
+    def _check_section_links(self) -> None:
+        """Refuse a section whose sh_link names no other section before pyelftools follows it:
+        releases before 0.32 fail there with TypeError, or recurse without end on a self-link."""
+        shoff, size, count = (self.elf[k] for k in ("e_shoff", "e_shentsize", "e_shnum"))
+        if self.elf["e_shstrndx"] >= max(count, 1):
+            raise _bad(self.path, f"e_shstrndx {self.elf['e_shstrndx']} names no section")
+        for index in range(count):
+            raw = self.data[shoff + index * size:shoff + (index + 1) * size]
+            if len(raw) < size:
+                raise _bad(self.path, "the section header table extends past the end of the"
+                           " file (truncated?)")
+            header = self.elf.structs.Elf_Shdr.parse(raw)
+            if header["sh_type"] in LINKED_SECTION_TYPES and not (
+                    0 < header["sh_link"] < count and header["sh_link"] != index):
+                raise _bad(self.path, f"section {index} ({header['sh_type']}) links to section"
+                           f" {header['sh_link']}, which is not another section")
 
     def _section(self, name: str):
         return next((s for s in self.sections if s.name == name), None)
