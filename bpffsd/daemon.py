@@ -15,8 +15,7 @@ from typing import Any
 
 import trio
 
-from bpffs import vm
-from bpffs.client import protocol
+from bpffs import protocol, vm
 from bpffs.vm.errors import BpfError
 
 from . import __version__, sdnotify

@@ -17,7 +17,7 @@ from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from bpffs.client import protocol
+from bpffs import protocol
 from bpffs.vm.errors import BpfError
 
 # Defaults (bpffsd options of the same names; README "Limits").

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from bpffs.client import paths
+from bpffs import paths
 
 from . import __version__, limits, logfmt, sdnotify
 from .daemon import Config, Daemon

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from bpffs.client import protocol
+from bpffs import protocol
 from bpffs.vm.errors import BpfError
 
 from .limits import caller_uid

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from bpffs import vm
-from bpffs.client import protocol
+from bpffs import protocol, vm
 from bpffs.vm.env import DEFAULT_BUDGET
 from bpffs.vm.errors import BpfError
 from bpffs.vm.maps import BpfMap, FdArrayMap, ProgArrayMap, map_class

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from bpffs import protocol
 from bpffs.vm.errors import BpfError
 
-from . import calls, protocol
+from . import calls
 from .sync import (
     DEFAULT_TIMEOUT,
     WAITING_OPS,

@@ -12,9 +12,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from bpffs import protocol
 from bpffs.vm.uapi import BPF_ANY
 
-from . import protocol
 from .calls import ProgFd, TestRun
 from .sync import default_client
 

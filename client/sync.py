@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
+from bpffs import paths, protocol
 from bpffs.vm.errors import BpfError
 
-from . import calls, paths, protocol
+from . import calls
 
 # A map operation's reply comes back within tens of microseconds: poll for it up to this long
 # before sleeping in recvmsg, as long as replies keep coming that fast. Waking a blocked

@@ -19,8 +19,26 @@ from pathlib import Path
 import pytest
 from helpers import DaemonProcess, fuse_available
 
+import bpffs
 from bpffs.client import Client
 from bpffs.vm import kernel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _check_import_identity() -> None:
+    """Fail loudly when `bpffs` comes from anywhere but this checkout: another checkout's
+    editable install, or an old copy in site-packages, would be tested in its place."""
+    for name, module in (("bpffs", bpffs), ("bpffs.client", bpffs.client),
+                         ("bpffs.vm", bpffs.vm)):
+        where = Path(module.__file__).resolve()
+        if not where.is_relative_to(REPO):
+            raise pytest.UsageError(
+                f"{name} is imported from {where}, not from this checkout ({REPO}): run pytest"
+                f" as `python3 -m pytest` from {REPO}, or `pip install -e {REPO}`")
+
+
+_check_import_identity()
 
 
 def _check_log(daemon: DaemonProcess) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from bpffs.client import protocol
+from bpffs import protocol
 from bpffs.daemon import logfmt
 
 log = logging.getLogger("bpffsd.worker")

@@ -7,10 +7,10 @@ import os
 import select
 import sys
 
+from bpffs import protocol
 from bpffs.vm.errors import BpfError
 from bpffs.vm.uapi import BPF_ANY, BPF_EXIST, BPF_NOEXIST, MAP_TYPE_NAMES, MapType
 
-from .. import protocol
 from ..sync import Client
 from .args import Args, match, usage
 from .objects import open_one, show_infos

@@ -14,10 +14,10 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bpffs import paths
 from bpffs.vm.errors import BpfError
 from bpffs.vm.uapi import MAP_TYPE_NAMES, MapType, ProgType
 
-from .. import paths
 from ..sync import Client
 from .elf import MapSpec, ObjectSpec, Pinning, ProgramSpec
 

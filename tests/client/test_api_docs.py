@@ -14,7 +14,7 @@ import bpffs.client
 from bpffs.client import calls
 
 MODULES = ["bpffs.client", "bpffs.client.calls", "bpffs.client.codecs", "bpffs.client.maps",
-           "bpffs.client.sync", "bpffs.client.aio", "bpffs.client.libbpf", "bpffs.client.paths",
+           "bpffs.client.sync", "bpffs.client.aio", "bpffs.client.libbpf", "bpffs.paths",
            "bpffs.client.loader", "bpffs.client.loader.collection", "bpffs.client.loader.load",
            "bpffs.client.loader.elf"]
 ROOT = Path(__file__).resolve().parents[2]

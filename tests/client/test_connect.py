@@ -18,7 +18,8 @@ import pytest
 import trio
 from helpers import NOBODY, in_child, raises_errno
 
-from bpffs.client import AsyncClient, BpfError, Client, MapType, default_client, paths
+from bpffs import paths
+from bpffs.client import AsyncClient, BpfError, Client, MapType, default_client
 from bpffs.vm import asm
 from bpffs.vm.isa import R1, R2, R3, R10
 from bpffs.vm.uapi import Helper, ProgType

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import fuse_available
 
-from bpffs.client import paths
+from bpffs import paths
 
 DAEMON = [sys.executable, "-m", "bpffs.daemon.main"]
 STAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d bpffsd\[\d+\]: "

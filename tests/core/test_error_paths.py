@@ -21,7 +21,8 @@ import pytest
 import trio
 from helpers import NOBODY, DaemonProcess, in_child
 
-from bpffs.client import Client, protocol
+from bpffs import protocol
+from bpffs.client import Client
 from bpffs.daemon import server
 from bpffs.vm import asm
 from bpffs.vm.errors import BpfError

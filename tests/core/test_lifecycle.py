@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from helpers import NOBODY, become, in_child, is_mounted
 
-from bpffs.client import Client, paths
+from bpffs import paths
+from bpffs.client import Client
 from bpffs.daemon.main import main as daemon_main
 from bpffs.vm.uapi import MapType
 

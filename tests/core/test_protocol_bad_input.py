@@ -18,7 +18,8 @@ from helpers import DaemonProcess, raises_errno
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpffs.client import Client, protocol
+from bpffs import protocol
+from bpffs.client import Client
 from bpffs.vm import asm
 from bpffs.vm.isa import R0
 from bpffs.vm.uapi import MapType, ProgType

@@ -88,7 +88,7 @@ def test_a_forked_child_keeps_the_map_after_the_parent_closes(daemon, client, ba
 HOLDER = textwrap.dedent("""
     import os, socket, sys
     from bpffs.client import Client
-    from bpffs.client.protocol import RECV_ARGS, decode_fds
+    from bpffs.protocol import RECV_ARGS, decode_fds
     chan = socket.socket(fileno=int(sys.argv[1]))
     _, anc, flags, _ = chan.recvmsg(*RECV_ARGS)
     (fd,) = decode_fds(anc, flags)

@@ -13,7 +13,7 @@ from typing import Any
 
 from helpers import DaemonProcess
 
-from bpffs.client import protocol
+from bpffs import protocol
 from bpffs.vm.uapi import MapType
 
 PROBE_GOAL = 0.050  # seconds: issue 13's bound on any request's hold of the event loop

@@ -17,7 +17,8 @@ import msgpack
 import pytest
 from helpers import NOBODY, DaemonProcess, in_child
 
-from bpffs.client import Client, protocol
+from bpffs import protocol
+from bpffs.client import Client
 from bpffs.daemon import server
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import NOBODY, become, in_child
 
-from bpffs.client import protocol
+from bpffs import protocol
 from bpffs.daemon.peer import Peer
 from bpffs.vm.uapi import MapType
 

@@ -15,7 +15,8 @@ import time
 import pytest
 from helpers import NOBODY, DaemonProcess, in_child
 
-from bpffs.client import Client, protocol
+from bpffs import protocol
+from bpffs.client import Client
 from bpffs.daemon.fs.worker import CACHE_TIMEOUT
 from bpffs.vm.uapi import MapType
 

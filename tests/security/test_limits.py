@@ -23,7 +23,8 @@ from typing import Any
 from attack import daemon_fds, under_probe
 from helpers import NOBODY, DaemonProcess, become, in_child
 
-from bpffs.client import Client, protocol
+from bpffs import protocol
+from bpffs.client import Client
 from bpffs.vm.uapi import MapType
 
 _LEN = struct.Struct("=I")

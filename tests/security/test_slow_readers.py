@@ -24,7 +24,8 @@ from pathlib import Path
 from attack import raw_connection
 from helpers import NOBODY, in_child
 
-from bpffs.client import Client, protocol
+from bpffs import protocol
+from bpffs.client import Client
 from bpffs.vm.uapi import MapType
 
 VALUE = 1000

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from bpffs.client import paths
+from bpffs import paths
 
 pytestmark = [pytest.mark.slow, pytest.mark.install]
 
