@@ -7,8 +7,6 @@ from .isa import (
     CALL,
     EXIT,
     LD_IMM64,
-    PSEUDO_CALL,
-    PSEUDO_MAP_FD,
     U32,
     Alu,
     Atomic,
@@ -19,6 +17,7 @@ from .isa import (
     Size,
     Source,
 )
+from .uapi import BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD
 
 _SIZES = {1: Size.B, 2: Size.H, 4: Size.W, 8: Size.DW}
 
@@ -60,7 +59,7 @@ def ld_imm64(dst: int, value: int) -> list[Insn]:
 
 
 def ld_map_fd(dst: int, fd: int) -> list[Insn]:
-    return [Insn(LD_IMM64, dst, PSEUDO_MAP_FD, 0, fd), Insn(0, 0, 0, 0, 0)]
+    return [Insn(LD_IMM64, dst, BPF_PSEUDO_MAP_FD, 0, fd), Insn(0, 0, 0, 0, 0)]
 
 
 def ldx(size: int, dst: int, src: int, off: int) -> Insn:
@@ -108,7 +107,7 @@ def call(helper_id: int) -> Insn:
 
 
 def call_local(offset: int) -> Insn:
-    return Insn(CALL, 0, PSEUDO_CALL, 0, offset)
+    return Insn(CALL, 0, BPF_PSEUDO_CALL, 0, offset)
 
 
 def exit() -> Insn:

@@ -15,19 +15,20 @@ import struct
 from dataclasses import dataclass
 
 from .errors import BpfError
-from .uapi import ProgType
+from .uapi import (
+    ETH_ALEN,
+    ETH_HLEN,
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    SKF_LL_OFF,
+    SKF_NET_OFF,
+    VLAN_HLEN,
+    ProgType,
+)
 
-ETH_HLEN = 14
-ETH_ALEN = 6
-VLAN_HLEN = 4
-ETH_P_8021Q = 0x8100
-ETH_P_8021AD = 0x88A8
 VLAN_TAG_PRESENT = 0x1000  # 4.4 kept the "present" bit in vlan_tci (the CFI bit)
 PACKET_HOST, PACKET_MULTICAST, PACKET_OTHERHOST = 0, 2, 3  # (PACKET_BROADCAST, 1: see reload)
 LOOPBACK_IFINDEX = 1  # BPF_PROG_TEST_RUN runs skbs on the loopback device
-# BPF_LD_ABS negative offsets (include/uapi/linux/filter.h).
-SKF_NET_OFF = -0x100000
-SKF_LL_OFF = -0x200000
 # The largest packet a test run takes. The kernel limits data_in to one page minus its
 # headroom and tailroom; the VM takes any IP-sized frame (for pcap replay of jumbo frames).
 MAX_PACKET = 65535 + ETH_HLEN

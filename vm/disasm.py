@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .insn import width
 from .isa import (
     JA32,
     LD_IMM64,
-    PSEUDO_CALL,
-    PSEUDO_MAP_FD,
+    U32,
     Alu,
     Atomic,
     Class,
@@ -19,7 +19,7 @@ from .isa import (
     Source,
     decode,
 )
-from .uapi import Helper
+from .uapi import BPF_PSEUDO_CALL, BPF_PSEUDO_MAP_FD, Helper
 
 ALU_OPS = {Alu.ADD: "+=", Alu.SUB: "-=", Alu.MUL: "*=", Alu.DIV: "/=", Alu.OR: "|=",
            Alu.AND: "&=", Alu.LSH: "<<=", Alu.RSH: ">>=", Alu.MOD: "%=", Alu.XOR: "^=",
@@ -32,7 +32,7 @@ ATOMIC_NAMES = {Atomic.ADD: "add", Atomic.OR: "or", Atomic.AND: "and", Atomic.XO
 
 
 def format_insn(i: Insn, pc: int, maps: Sequence[int] = ()) -> str:
-    return f"({i.opcode:02x}) {_text(i, pc, maps)}"
+    return f"({i.opcode:02x}) {_text(i, maps)}"
 
 
 def disassemble(insns: bytes, maps: Sequence[int] = ()) -> list[str]:
@@ -43,7 +43,7 @@ def disassemble(insns: bytes, maps: Sequence[int] = ()) -> list[str]:
     pc = 0
     while pc < len(decoded):
         out.append(f"{pc}: {format_insn(decoded[pc], pc, maps)}")
-        pc += 2 if decoded[pc].opcode == LD_IMM64 else 1
+        pc += width(decoded[pc])
     return out
 
 
@@ -51,46 +51,57 @@ def _reg(n: int, wide: bool) -> str:
     return f"{'r' if wide else 'w'}{n}"
 
 
-def _text(i: Insn, pc: int, maps: Sequence[int]) -> str:
-    cls = i.cls
-    if cls in (Class.ALU, Class.ALU64):
-        wide = cls == Class.ALU64
-        d = _reg(i.dst, wide)
-        src = _reg(i.src, wide) if i.source == Source.X else str(i.imm)
-        if i.op == Alu.NEG:
-            return f"{d} = -{d}"
-        if i.op == Alu.END:
-            kind = "bswap" if wide else ("be" if i.source == Source.X else "le")
-            return f"r{i.dst} = {kind}{i.imm} r{i.dst}"
-        if i.op == Alu.MOV and i.off:
-            return f"{d} = (s{i.off}){_reg(i.src, wide)}"
-        op = ALU_OPS.get(i.op, "?=")
-        if i.op in (Alu.DIV, Alu.MOD) and i.off == 1:
-            op = "s" + op
-        return f"{d} {op} {src}"
-    size = SIZE_NAMES.get(i.size, "?") if cls in (Class.LD, Class.LDX, Class.ST,
-                                                  Class.STX) else ""
-    if cls == Class.LDX:
+def _text(i: Insn, maps: Sequence[int]) -> str:
+    if i.cls in (Class.ALU, Class.ALU64):
+        return _alu(i)
+    if i.cls in (Class.JMP, Class.JMP32):
+        return _jump(i)
+    return _memory(i, maps) or f"invalid opcode {i.opcode:#04x}"
+
+
+def _alu(i: Insn) -> str:
+    wide = i.cls == Class.ALU64
+    d = _reg(i.dst, wide)
+    src = _reg(i.src, wide) if i.source == Source.X else str(i.imm)
+    if i.op == Alu.NEG:
+        return f"{d} = -{d}"
+    if i.op == Alu.END:
+        kind = "bswap" if wide else ("be" if i.source == Source.X else "le")
+        return f"r{i.dst} = {kind}{i.imm} r{i.dst}"
+    if i.op == Alu.MOV and i.off:
+        return f"{d} = (s{i.off}){_reg(i.src, wide)}"
+    op = ALU_OPS.get(i.op, "?=")
+    if i.op in (Alu.DIV, Alu.MOD) and i.off == 1:
+        op = "s" + op
+    return f"{d} {op} {src}"
+
+
+def _memory(i: Insn, maps: Sequence[int]) -> str | None:
+    """Loads and stores (LD, LDX, ST, STX); None for an opcode of these classes that is none."""
+    size = SIZE_NAMES.get(i.size, "?")
+    if i.cls == Class.LDX:
         sign = "s" if i.mode == Mode.MEMSX else "u"
         return f"r{i.dst} = *({sign}{size[1:]} *)(r{i.src} {i.off:+d})"
-    if cls == Class.ST:
+    if i.cls == Class.ST:
         return f"*({size} *)(r{i.dst} {i.off:+d}) = {i.imm}"
-    if cls == Class.STX and i.mode == Mode.ATOMIC:
-        return _atomic(i, size)
-    if cls == Class.STX:
-        return f"*({size} *)(r{i.dst} {i.off:+d}) = r{i.src}"
+    if i.cls == Class.STX:
+        return _atomic(i, size) if i.mode == Mode.ATOMIC else \
+            f"*({size} *)(r{i.dst} {i.off:+d}) = r{i.src}"
+    return _ld(i, maps, size)
+
+
+def _ld(i: Insn, maps: Sequence[int], size: str) -> str | None:
+    """The LD class: a 64-bit constant or map reference, or a packet load."""
     if i.opcode == LD_IMM64:
-        if i.src == PSEUDO_MAP_FD:
+        if i.src == BPF_PSEUDO_MAP_FD:
             ref = f"map[id:{maps[i.imm]}]" if 0 <= i.imm < len(maps) else f"map[fd:{i.imm}]"
             return f"r{i.dst} = {ref}"
         return f"r{i.dst} = {i.imm64:#x}"
-    if cls == Class.LD and i.mode == Mode.ABS:
+    if i.mode == Mode.ABS:
         return f"r0 = *({size} *)skb[{i.imm}]"
-    if cls == Class.LD and i.mode == Mode.IND:
+    if i.mode == Mode.IND:
         return f"r0 = *({size} *)skb[r{i.src} + {i.imm}]"
-    if cls in (Class.JMP, Class.JMP32):
-        return _jump(i)
-    return f"invalid opcode {i.opcode:#04x}"
+    return None
 
 
 def _atomic(i: Insn, size: str) -> str:
@@ -111,7 +122,7 @@ def _jump(i: Insn) -> str:
     if i.op == Jmp.EXIT:
         return "exit"
     if i.op == Jmp.CALL:
-        if i.src == PSEUDO_CALL:
+        if i.src == BPF_PSEUDO_CALL:  # print_bpf_insn's test: any class's CALL (not is_local_call)
             return f"call pc{i.imm:+d}"
         try:
             return f"call bpf_{Helper(i.imm).name}#{i.imm}"
@@ -122,5 +133,5 @@ def _jump(i: Insn) -> str:
     if i.op == Jmp.JA:
         return f"goto pc{i.off:+d}"
     wide = i.cls == Class.JMP
-    src = _reg(i.src, wide) if i.source == Source.X else f"{i.imm & 0xFFFFFFFF:#x}"
+    src = _reg(i.src, wide) if i.source == Source.X else f"{i.imm & U32:#x}"
     return f"if {_reg(i.dst, wide)} {JMP_OPS.get(i.op, '?')} {src} goto pc{i.off:+d}"

@@ -11,12 +11,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .isa import CALL, JA32, LD_IMM64, PSEUDO_CALL, Class, Insn, Jmp
+from .isa import CALL, JA32, LD_IMM64, Class, Insn, Jmp
+from .uapi import BPF_PSEUDO_CALL
 
 
 def width(i: Insn) -> int:
     """Slots taken by an instruction: LD_IMM64 has a second half."""
     return 2 if i.opcode == LD_IMM64 else 1
+
+
+def is_second_half(insns: list[Insn], pc: int) -> bool:
+    """Whether slot pc follows an LD_IMM64 (the kernel's test: no jump may land there)."""
+    return pc > 0 and insns[pc - 1].opcode == LD_IMM64
+
+
+def ends_block(i: Insn) -> bool:
+    """A jump or an exit: control does not simply go on to the next insn (calls return)."""
+    return i.cls in (Class.JMP, Class.JMP32) and i.op != Jmp.CALL
 
 
 def is_jump(i: Insn) -> bool:
@@ -31,7 +42,12 @@ def jump_target(i: Insn, pc: int) -> int:
 
 def is_local_call(i: Insn) -> bool:
     """A bpf-to-bpf call (BPF_PSEUDO_CALL): imm is the callee's offset, not a helper id."""
-    return i.opcode == CALL and i.src == PSEUDO_CALL
+    return i.opcode == CALL and i.src == BPF_PSEUDO_CALL
+
+
+def is_helper_call(i: Insn) -> bool:
+    """A call of a helper by its id in imm (the kernel's bpf_helper_call: src_reg 0)."""
+    return i.opcode == CALL and i.src == 0
 
 
 def call_target(i: Insn, pc: int) -> int:
@@ -44,7 +60,7 @@ def successors(insns: list[Insn], pc: int) -> tuple[int, ...]:
     first. A call returns to the next insn (its callee is a function of its own); an exit has
     none. Targets are not range-checked here: the verifier does that, the VMs fault."""
     i = insns[pc]
-    if i.cls not in (Class.JMP, Class.JMP32) or i.op == Jmp.CALL:
+    if not ends_block(i):
         return (pc + width(i),)
     if i.op == Jmp.EXIT:
         return ()

@@ -11,105 +11,36 @@ from typing import TYPE_CHECKING
 
 from . import ops
 from .errors import VmFault
-from .insn import call_target, is_jump, jump_target, subprograms, width
+from .insn import call_target, is_local_call, jump_target
 from .isa import (
+    ATOMIC_SIZES,
     CALL,
+    CLASS_MASK,
     EXIT,
-    FRAME_POINTER,
     JA,
     JA32,
     LD_IMM64,
-    PSEUDO_CALL,
     U32,
     U64,
     Alu,
     Atomic,
     Class,
     Insn,
-    Jmp,
     Mode,
     Source,
+    atomic_alu_op,
 )
-from .memory import STACK_FRAME_REGIONS, STACK_REGION, Memory, region_base
-from .uapi import MAX_BPF_STACK, Helper
+from .memory import Memory
+from .runtime import MAX_CALL_FRAMES, PacketExit, TailCall, call_helper, run_tail_calls, stack_top
 
 if TYPE_CHECKING:
     from .program import Program
     from .run import Run
 
-MAX_CALL_FRAMES = 8
-
-
-class PacketExit(Exception):
-    """LD_ABS/LD_IND beyond the packet: the program ends with r0 = 0 (the kernel's rule)."""
-
-
-class TailCall(Exception):
-    """bpf_tail_call succeeded: the current program is replaced by run.tail_target."""
-
-
-def block_leaders(insns: list[Insn], start: int, end: int) -> list[int]:
-    """First insns of the basic blocks of the function [start, end): its start, jump
-    targets inside it, and the insns after jumps and exits. Calls do not end a block."""
-    leaders = {start}
-    pc = start
-    while pc < end:
-        i = insns[pc]
-        if i.cls in (Class.JMP, Class.JMP32) and i.op != Jmp.CALL:
-            if is_jump(i):
-                leaders.add(jump_target(i, pc))
-            leaders.add(pc + 1)
-        pc += width(i)
-    return sorted(t for t in leaders if start <= t < end)
-
-
-def block_cost(insns: list[Insn], start: int, stop: int) -> int:
-    """Budget charged on entering the block [start, stop): its insns, LD_IMM64 counting
-    once. Both tiers charge a whole block at its start, so they run out at the same place."""
-    return sum(1 for pc in range(start, stop) if pc == start or insns[pc - 1].opcode != LD_IMM64)
-
-
-def block_costs(insns: list[Insn]) -> dict[int, int]:
-    """block_cost of every block of every function, by its first insn."""
-    costs = {}
-    for start, end in subprograms(insns):
-        leaders = block_leaders(insns, start, end)
-        for first, stop in zip(leaders, [*leaders[1:], end], strict=True):
-            costs[first] = block_cost(insns, first, stop)
-    return costs
-
-
-def uses_frame_pointer(insns: list[Insn], start: int, end: int) -> bool:
-    """Whether a function mentions r10 at all. One that does not runs without a stack:
-    mapping and zeroing 512 bytes is a large part of a short program's run."""
-    return any(FRAME_POINTER in (i.dst, i.src) for i in insns[start:end])
-
-
-def stack_top(mem: Memory, depth: int) -> int:
-    """Map a fresh, zeroed 512-byte stack for call depth `depth`; return the frame pointer."""
-    region = STACK_REGION if depth == 0 else STACK_FRAME_REGIONS + depth
-    mem.map_zeroed(region, MAX_BPF_STACK, f"stack of frame {depth}")
-    return region_base(region) + MAX_BPF_STACK
-
 
 def interpret(prog: Program, run: Run, r1: int, r2: int = 0, depth: int = 0) -> int:
     """Run `prog` from insn 0 with r1 = ctx; returns r0 (raises TailCall, PacketExit, VmFault)."""
     return _frame(prog, run, 0, [0, r1, r2, 0, 0, 0], depth)
-
-
-def run_tail_calls(run: Run, tier: str, depth: int, caller: Program) -> int:
-    """A bpf_tail_call made in a bpf-to-bpf callee: as in the kernel (x86-64 JIT), the
-    target replaces the callee's frame, and its r0 goes back to the callee's caller, which
-    then goes on with its own program (and maps)."""
-    try:
-        while True:
-            target, run.tail_target = run.tail_target, None
-            try:
-                return target.entry(tier)(run, run.ctx_addr, depth=depth)
-            except TailCall:
-                continue
-    finally:
-        run.prog = caller
 
 
 def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int:
@@ -128,7 +59,7 @@ def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int
                 raise VmFault("instruction budget exhausted", pc)
         i = insns[pc]
         op = i.opcode
-        cls = op & 0x07
+        cls = op & CLASS_MASK
         if cls in (Class.ALU, Class.ALU64):
             _alu(i, r, pc)
         elif cls == Class.LDX and i.mode in (Mode.MEM, Mode.MEMSX):
@@ -140,7 +71,7 @@ def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int
             mem.store((r[i.dst] + i.off) & U64, i.size, i.imm)
         elif cls == Class.STX and i.mode == Mode.MEM:
             mem.store((r[i.dst] + i.off) & U64, i.size, r[i.src])
-        elif cls == Class.STX and i.mode == Mode.ATOMIC and i.size in (4, 8):
+        elif cls == Class.STX and i.mode == Mode.ATOMIC and i.size in ATOMIC_SIZES:
             _atomic(i, r, mem, pc)
         elif op == LD_IMM64:
             r[i.dst] = i.imm64
@@ -156,7 +87,7 @@ def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int
             if op == EXIT:
                 return r[0]
             if op == CALL:
-                if i.src == PSEUDO_CALL:
+                if is_local_call(i):
                     if depth + 1 >= MAX_CALL_FRAMES:
                         raise VmFault(f"call depth above {MAX_CALL_FRAMES} frames", pc)
                     try:
@@ -178,18 +109,6 @@ def _frame(prog: Program, run: Run, pc: int, args: list[int], depth: int) -> int
         else:
             raise VmFault(f"unknown opcode {op:#04x}", pc)
         pc += 1
-
-
-def call_helper(run: Run, helper_id: int, r1: int, r2: int, r3: int, r4: int, r5: int,
-                pc: int | None = None) -> int:
-    """Call a helper by id; raise TailCall when a tail call succeeded."""
-    spec = run.helpers.get(helper_id)
-    if spec is None:
-        raise VmFault(f"call to unknown helper {helper_id}", pc)
-    result = spec.fn(run, r1, r2, r3, r4, r5) & U64
-    if helper_id == Helper.tail_call and run.tail_target is not None:
-        raise TailCall
-    return result
 
 
 def _alu(i: Insn, r: list[int], pc: int) -> None:
@@ -225,11 +144,10 @@ def _atomic(i: Insn, r: list[int], mem: Memory, pc: int) -> None:
         mem.store(addr, size, src)
         r[i.src] = old
         return
-    base = op & ~Atomic.FETCH
-    fn = ops.ALU64_FN.get((base, 0)) if base in (Atomic.ADD, Atomic.OR, Atomic.AND,
-                                                  Atomic.XOR) else None
-    if fn is None or op & ~(0xF0 | Atomic.FETCH):
+    alu_op = atomic_alu_op(op)
+    if alu_op is None:
         raise VmFault(f"unknown atomic operation {op:#x}", pc)
+    fn = ops.ALU64_FN[alu_op, 0]
     mem.store(addr, size, fn(old, src) & mask)
     if op & Atomic.FETCH:
         r[i.src] = old

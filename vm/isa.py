@@ -3,7 +3,9 @@
 Numbers are those of include/uapi/linux/bpf.h, bpf_common.h and RFC 9669. An instruction is
 8 bytes: opcode, dst_reg:4 | src_reg:4 (little endian: dst in the low nibble), off (s16),
 imm (s32). LD_IMM64 takes two slots. The interpreter, compiler, verifier, disassembler and ELF
-loader all import from here; nothing else spells an opcode number.
+loader all import from here; nothing else spells an opcode number (tests/vm/test_opcode_numbers
+checks it). What follows from an instruction's shape (its width, successors, jump target) is
+in vm.insn.
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ from enum import IntEnum
 
 INSN_SIZE = 8
 INSN = struct.Struct("<BBhi")
+DST_MASK, SRC_SHIFT = 0x0F, 4  # the register byte: dst_reg in the low nibble, src_reg high
 
 # Registers.
-MAX_BPF_REG = 11
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
 FRAME_POINTER = R10
-ARG_REGS = (R1, R2, R3, R4, R5)
-CALLEE_SAVED = (R6, R7, R8, R9)
+
+# The fields of an opcode (masks over the whole byte).
+CLASS_MASK = 0x07
+SIZE_FIELD = 0x18
+MODE_FIELD = 0xE0
+OP_FIELD = 0xF0
+SOURCE_FIELD = 0x08
 
 
 class Class(IntEnum):
@@ -116,10 +123,17 @@ class Atomic(IntEnum):
     CMPXCHG = 0xF0 | 0x01
 
 
-ATOMIC_OPS = frozenset({Atomic.ADD, Atomic.OR, Atomic.AND, Atomic.XOR,
-                        Atomic.ADD | Atomic.FETCH, Atomic.OR | Atomic.FETCH,
-                        Atomic.AND | Atomic.FETCH, Atomic.XOR | Atomic.FETCH,
-                        Atomic.XCHG, Atomic.CMPXCHG})
+ATOMIC_SIZES = (4, 8)  # BPF_W and BPF_DW: the only sizes of an atomic operation
+ATOMIC_ALU_OPS = frozenset({Atomic.ADD, Atomic.OR, Atomic.AND, Atomic.XOR,
+                            Atomic.ADD | Atomic.FETCH, Atomic.OR | Atomic.FETCH,
+                            Atomic.AND | Atomic.FETCH, Atomic.XOR | Atomic.FETCH})
+
+
+def atomic_alu_op(imm: int) -> int | None:
+    """The ALU operation (Atomic.ADD, OR, AND or XOR) that an atomic store with this imm
+    applies, with or without FETCH; None for XCHG, CMPXCHG and anything unknown."""
+    return imm & ~Atomic.FETCH if imm in ATOMIC_ALU_OPS else None
+
 
 # The opcodes of the 4.4 ISA (everything else is "newer than 4.4", verified with the same rules).
 ISA_4_4_JMPS = frozenset({Jmp.JA, Jmp.JEQ, Jmp.JGT, Jmp.JGE, Jmp.JSET, Jmp.JNE, Jmp.JSGT,
@@ -131,26 +145,11 @@ CALL = Class.JMP | Jmp.CALL  # 0x85
 EXIT = Class.JMP | Jmp.EXIT  # 0x95
 JA = Class.JMP | Jmp.JA  # 0x05
 JA32 = Class.JMP32 | Jmp.JA  # 0x06: gotol, 32-bit offset in imm
-
-# src_reg of LD_IMM64 (pseudo forms) and of CALL.
-PSEUDO_MAP_FD = 1
-PSEUDO_MAP_VALUE = 2
-PSEUDO_CALL = 1
+MOV64_X = Class.ALU64 | Alu.MOV | Source.X  # 0xbf: a 64-bit register copy (off=0)
+# The pseudo source registers of LD_IMM64 and CALL are uapi numbers: vm.uapi.BPF_PSEUDO_*.
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
-
-
-def op_class(opcode: int) -> Class:
-    return Class(opcode & 0x07)
-
-
-def is_alu(opcode: int) -> bool:
-    return opcode & 0x07 in (Class.ALU, Class.ALU64)
-
-
-def is_jmp(opcode: int) -> bool:
-    return opcode & 0x07 in (Class.JMP, Class.JMP32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,28 +166,28 @@ class Insn:
 
     @property
     def cls(self) -> int:
-        return self.opcode & 0x07
+        return self.opcode & CLASS_MASK
 
     @property
     def size(self) -> int:
         """Bytes moved by a load/store."""
-        return SIZE_BYTES[Size(self.opcode & 0x18)]
+        return SIZE_BYTES[Size(self.opcode & SIZE_FIELD)]
 
     @property
     def mode(self) -> int:
-        return self.opcode & 0xE0
+        return self.opcode & MODE_FIELD
 
     @property
     def op(self) -> int:
         """ALU or JMP operation (bits 4-7)."""
-        return self.opcode & 0xF0
+        return self.opcode & OP_FIELD
 
     @property
     def source(self) -> int:
-        return self.opcode & 0x08
+        return self.opcode & SOURCE_FIELD
 
     def encode(self) -> bytes:
-        return INSN.pack(self.opcode, (self.src << 4) | self.dst, self.off, self.imm)
+        return INSN.pack(self.opcode, (self.src << SRC_SHIFT) | self.dst, self.off, self.imm)
 
 
 def decode(code: bytes) -> list[Insn]:
@@ -202,14 +201,9 @@ def decode(code: bytes) -> list[Insn]:
         imm64 = 0
         if opcode == LD_IMM64 and i + 1 < len(raw):
             imm64 = (imm & U32) | ((raw[i + 1][3] & U32) << 32)
-        out.append(Insn(opcode, regs & 0x0F, regs >> 4, off, imm, imm64))
+        out.append(Insn(opcode, regs & DST_MASK, regs >> SRC_SHIFT, off, imm, imm64))
     return out
 
 
 def encode(insns: list[Insn]) -> bytes:
     return b"".join(i.encode() for i in insns)
-
-
-def to_signed(value: int, bits: int = 64) -> int:
-    value &= (1 << bits) - 1
-    return value - (1 << bits) if value >> (bits - 1) else value

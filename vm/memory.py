@@ -18,7 +18,6 @@ OFFSET_MASK = (1 << REGION_SHIFT) - 1
 STACK_REGION = 1  # frame 0
 STACK_FRAME_REGIONS = 3  # frames 1..8 of bpf-to-bpf calls use regions 4..11
 CTX_REGION = 2
-PACKET_REGION = 3
 FIRST_DYNAMIC_REGION = 16  # map values and helper buffers
 MAP_HANDLE_REGION = OFFSET_MASK  # never mapped: a map "pointer" cannot be dereferenced
 # Little-endian accessors by access size (struct is several times faster than int.from_bytes
@@ -34,7 +33,7 @@ def region_base(region_id: int) -> int:
 
 
 def map_handle(index: int) -> int:
-    """What LD_IMM64 with src=PSEUDO_MAP_FD loads: the index of the map in `prog.maps`."""
+    """What LD_IMM64 with src=BPF_PSEUDO_MAP_FD loads: the index of the map in `prog.maps`."""
     return region_base(MAP_HANDLE_REGION) | index
 
 
@@ -122,9 +121,6 @@ class Memory:
     def view(self, addr: int, n: int, write: bool = False) -> memoryview:
         buf, off = self._find(addr, n, write)
         return buf[off:off + n]
-
-    def region_of(self, addr: int) -> Region | None:
-        return self.regions.get(addr >> REGION_SHIFT)
 
 
 _ZEROS: dict[int, bytes] = {}

@@ -12,19 +12,14 @@ from . import verifier
 from .compiler import compile_program
 from .env import RunEnv
 from .errors import BpfError, VmFault
-from .interpreter import (
-    PacketExit,
-    TailCall,
-    block_costs,
-    interpret,
-    subprograms,
-    uses_frame_pointer,
-)
-from .isa import INSN_SIZE, LD_IMM64, PSEUDO_MAP_FD, Insn, decode
+from .insn import subprograms
+from .interpreter import interpret
+from .isa import INSN_SIZE, LD_IMM64, Insn, decode
 from .maps import BpfMap, check_name
 from .memory import map_handle
 from .run import PacketBatch, Run, TestRunResult
-from .uapi import BPF_COMPLEXITY_LIMIT_INSNS, BPF_MAXINSNS, PROG_TYPE_NAMES
+from .runtime import PacketExit, TailCall, block_costs, uses_frame_pointer
+from .uapi import BPF_COMPLEXITY_LIMIT_INSNS, BPF_MAXINSNS, BPF_PSEUDO_MAP_FD, PROG_TYPE_NAMES
 
 TIERS = ("compiled", "interpreter")
 # Larger programs are interpreted, not compiled (see Program.entry): the kernel's JIT too
@@ -37,7 +32,7 @@ GPL_COMPATIBLE = frozenset({"GPL", "GPL v2", "GPL and additional rights", "Dual 
 
 class Program:
     """`insns` are the program as `bpftool prog dump xlated` shows it: each map fd of a
-    PSEUDO_MAP_FD load replaced by the map's index in `maps`. Loading them again with
+    BPF_PSEUDO_MAP_FD load replaced by the map's index in `maps`. Loading them again with
     `resolve_map=lambda i: maps[i]` gives the same program (the journal relies on it)."""
 
     def __init__(self, prog_type: int, insns: bytes, decoded: list[Insn], maps: list[BpfMap],
@@ -154,7 +149,7 @@ def program_tag(decoded: list[Insn]) -> str:
     for i in decoded:
         imm = 0 if map_second_half else i.imm
         map_second_half = False
-        if i.opcode == LD_IMM64 and i.src == PSEUDO_MAP_FD:
+        if i.opcode == LD_IMM64 and i.src == BPF_PSEUDO_MAP_FD:
             imm, map_second_half = 0, True
         digest.update(Insn(i.opcode, i.dst, i.src, i.off, imm).encode())
     return digest.hexdigest()[:16]
@@ -185,7 +180,7 @@ def load_program(prog_type: int, insns: bytes, *, license: str,
         second = decoded[pc + 1] if pc + 1 < len(decoded) else None
         if second is None or second.opcode or second.dst or second.src or second.off:
             raise BpfError(errno.EINVAL, f"invalid bpf_ld_imm64 insn at {pc}")
-        if i.src == PSEUDO_MAP_FD:
+        if i.src == BPF_PSEUDO_MAP_FD:
             m = resolve_map(i.imm)
             if m not in maps:
                 maps.append(m)

@@ -8,21 +8,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .context import (
-    CTX_SIZE,
-    ETH_HLEN,
-    MAX_PACKET,
-    SkBuff,
-    fields_struct,
-    is_skb_program,
-    pt_regs,
-)
+from .context import CTX_SIZE, MAX_PACKET, SkBuff, fields_struct, is_skb_program, pt_regs
 from .env import RunEnv
 from .errors import BpfError, VmFault
-from .interpreter import PacketExit, TailCall
 from .isa import U32
 from .memory import CTX_REGION, FIRST_DYNAMIC_REGION, Memory
-from .uapi import ProgType
+from .runtime import PacketExit, TailCall
+from .uapi import ETH_HLEN, ProgType
 
 if TYPE_CHECKING:
     from .helpers import HelperSpec

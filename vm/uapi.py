@@ -1,7 +1,8 @@
 """The kernel's BPF ABI: one table of every number the rest of the code base uses.
 
-Values are those of include/uapi/linux/bpf.h and pkt_cls.h (the 4.4 enums keep their numbers
-in today's header). Nothing else in the project spells these numbers; import them from here.
+Values are those of include/uapi/linux/bpf.h, pkt_cls.h, if_ether.h and filter.h (the 4.4
+enums keep their numbers in today's header). Nothing else in the project spells these numbers;
+import them from here.
 Instruction opcodes live in `bpffs.vm.isa`, beside the decoder that uses them.
 """
 
@@ -130,9 +131,9 @@ BPF_F_INDEX_MASK = 0xFFFFFFFF  # perf_event_read/output: the map index
 BPF_F_CURRENT_CPU = BPF_F_INDEX_MASK
 BPF_F_CTXLEN_MASK = 0xFFFFF << 32
 
-# The pseudo source register of LD_IMM64 that names a map by fd (BPF_PSEUDO_MAP_FD).
+# Pseudo source registers (the only ones named here): an LD_IMM64 whose imm is a map fd, and a
+# bpf-to-bpf call (a BPF_CALL whose imm is a relative instruction offset, not a helper id).
 BPF_PSEUDO_MAP_FD = 1
-# bpf-to-bpf call: src_reg of a BPF_CALL whose imm is a relative instruction offset.
 BPF_PSEUDO_CALL = 1
 
 
@@ -165,3 +166,13 @@ KMALLOC_MAX_SIZE = 1 << 22
 BPF_F_MARK_ENFORCE = 1 << 6  # l4_csum_replace (4.9+)
 CSUM_MANGLED_0 = 0xFFFF  # a UDP checksum computed as 0 is sent as this
 BPF_COMPLEXITY_LIMIT_INSNS = 1_000_000  # privileged programs (5.2+); unprivileged keep BPF_MAXINSNS
+
+# Ethernet (include/uapi/linux/if_ether.h, if_vlan.h).
+ETH_HLEN = 14
+ETH_ALEN = 6
+VLAN_HLEN = 4
+ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
+# BPF_LD_ABS negative offsets (include/uapi/linux/filter.h).
+SKF_NET_OFF = -0x100000
+SKF_LL_OFF = -0x200000

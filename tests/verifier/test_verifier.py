@@ -13,7 +13,8 @@ from verifier_cases import CLS, EXIT0, MAP_FD, SOCK, build
 
 from bpffs.vm import BpfError, asm, kernel, load_program
 from bpffs.vm.context import SKB
-from bpffs.vm.isa import R0, R1, R2, R3, R6, R10, Alu, Atomic, Class, Insn, Jmp
+from bpffs.vm.errors import VerifierError
+from bpffs.vm.isa import JA, JA32, R0, R1, R2, R3, R6, R10, Alu, Atomic, Class, Insn, Jmp
 from bpffs.vm.maps import create_map
 from bpffs.vm.uapi import BPF_ANY, Helper, MapType, ProgType
 
@@ -206,10 +207,10 @@ def test_gpl_only_helpers_need_a_gpl_license() -> None:
 
 def test_a_small_log_buffer_is_enospc(client) -> None:
     code = asm.program(*[asm.mov64_imm(R0, n) for n in range(50)], asm.exit())
-    with pytest.raises(OSError) as info:
+    with pytest.raises(VerifierError) as info:
         client.prog_load(SOCK, code, log_level=1, log_size=128)
     assert info.value.errno == errno.ENOSPC
-    assert len(info.value.detail) == 127
+    assert len(info.value.log) == 127
 
 
 def test_loops_only_with_the_opt_in() -> None:
@@ -236,6 +237,19 @@ def test_a_loop_closed_by_gotol_verifies_and_runs_like_ja(goto) -> None:
     assert "processed" in log
     for tier in ("interpreter", "compiled"):
         assert prog.test_run(bytes(60), tier=tier).retval == 10
+
+
+def test_the_walk_takes_gotol_where_it_takes_ja() -> None:
+    """Review §0.2: the same loop closed by `ja -3` and by gotol -3 is the same program to the
+    verifier (one successor function, vm.insn): the same instructions processed, the same
+    states pruned, and no E2BIG for gotol."""
+    logs = {goto: load_program(SOCK, bounded_loop(goto), license="GPL", resolve_map=None,
+                               allow_loops=True, log_level=1)[1]
+            for goto in (asm.ja, gotol)}
+    processed = {goto: log.splitlines()[-1] for goto, log in logs.items()}
+    assert processed[gotol] == processed[asm.ja]
+    assert processed[asm.ja].startswith("processed ")
+    assert logs[gotol].replace(f"({JA32:02x}) gotol", f"({JA:02x}) goto") == logs[asm.ja]
 
 
 @pytest.mark.kernel

@@ -10,9 +10,9 @@ import pytest
 
 from bpffs.vm import asm, kernel
 from bpffs.vm import verifier as verifier_pkg
-from bpffs.vm.isa import R0, Insn
+from bpffs.vm.isa import LD_IMM64, R0, Insn
 from bpffs.vm.maps import create_map
-from bpffs.vm.uapi import MapType, ProgType
+from bpffs.vm.uapi import BPF_PSEUDO_MAP_FD, MapType, ProgType
 
 SOCK, CLS = ProgType.SOCKET_FILTER, ProgType.SCHED_CLS
 EXIT0 = [asm.mov64_imm(R0, 0), asm.exit()]
@@ -26,7 +26,7 @@ def build(insns: list, vm_maps: bool) -> tuple[bytes, dict]:
     out = []
     for part in insns:
         for insn in part if isinstance(part, list) else [part]:
-            if insn.opcode == 0x18 and insn.src == 1 and not vm_maps:
+            if insn.opcode == LD_IMM64 and insn.src == BPF_PSEUDO_MAP_FD and not vm_maps:
                 insn = Insn(insn.opcode, insn.dst, insn.src, insn.off, fds[insn.imm])
             out.append(insn)
     return asm.program(*out), fds

@@ -16,7 +16,7 @@ from bpffs.vm.isa import (
     INSN,
     JA32,
     LD_IMM64,
-    PSEUDO_CALL,
+    U32,
     Alu,
     Atomic,
     Class,
@@ -25,6 +25,7 @@ from bpffs.vm.isa import (
     Size,
     Source,
 )
+from bpffs.vm.uapi import BPF_PSEUDO_CALL
 
 DATA = Path(__file__).parent / "conformance" / "data"
 
@@ -118,7 +119,7 @@ def assemble(lines: list[str]) -> bytes:
             slots.append([Class.JMP | Jmp.EXIT, 0, 0, 0, 0])
         elif mnemonic == "lddw":
             value = int(ops[1], 0) & ((1 << 64) - 1)
-            slots.append([LD_IMM64, _reg(ops[0]), 0, 0, _imm(hex(value & 0xFFFFFFFF))])
+            slots.append([LD_IMM64, _reg(ops[0]), 0, 0, _imm(hex(value & U32))])
             slots.append([0, 0, 0, 0, _imm(hex(value >> 32))])
         elif mnemonic.startswith("ldx"):
             src, off = _mem_operand(ops[1])
@@ -148,7 +149,7 @@ def assemble(lines: list[str]) -> bytes:
         elif mnemonic == "call":
             mode, text = ops if len(ops) == 2 else ("helper", ops[0])
             if mode == "local":
-                slots.append([Class.JMP | Jmp.CALL, 0, PSEUDO_CALL, 0, target(text)])
+                slots.append([Class.JMP | Jmp.CALL, 0, BPF_PSEUDO_CALL, 0, target(text)])
             elif text.startswith("%"):  # callx: register in dst
                 slots.append([Class.JMP | Jmp.CALL | Source.X, _reg(text), 0, 0, 0])
             else:

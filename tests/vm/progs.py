@@ -43,8 +43,7 @@ def random_program(seed: int, length: int = 60, packet: bool = False) -> bytes:
         ops.append(_random_op(rng, packet))
     # Forward jumps only: a jump at op k skips up to the remaining ops (counted in slots).
     flat: list = []
-    sizes = [sum(2 if getattr(i, "opcode", 0) == 0x18 else 1 for i in _flatten(op))
-             for op in ops]
+    sizes = [len(_flatten(op)) for op in ops]  # an LD_IMM64 is a list of its two slots
     for k, op in enumerate(ops):
         if rng.random() < 0.15 and k + 1 < len(ops):
             skip = sum(sizes[k + 1:k + 1 + rng.randint(1, min(5, len(ops) - k - 1))])

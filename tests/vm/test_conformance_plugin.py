@@ -5,26 +5,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import pytest
+from plugin_runner import PLUGIN, plugin
 
 from bpffs.vm import asm
 from bpffs.vm.isa import R0, R1, R2, Alu
-
-PLUGIN = [shutil.which("bpffs-vm-plugin")] if shutil.which("bpffs-vm-plugin") else \
-    [sys.executable, "-m", "bpffs.vm.conformance_plugin"]
-
-
-def plugin(program: bytes, memory: bytes = b"", *extra: str, stdin: bool = True
-           ) -> subprocess.CompletedProcess:
-    args = [*PLUGIN, *extra, " ".join(f"{b:02x}" for b in memory)]
-    text = " ".join(f"{b:02x}" for b in program)
-    if not stdin:
-        args += ["--program", text]
-    return subprocess.run(args, input=text if stdin else "", capture_output=True, text=True,
-                          timeout=60)
-
 
 SUM_MEMORY = asm.program(asm.ldx(4, R0, R1, 0), asm.ldx(4, R2, R1, 4),
                          asm.alu64(Alu.ADD, R0, R2, reg=True), asm.exit())

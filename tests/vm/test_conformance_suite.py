@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from conformance_asm import DATA, ConformanceTest, parse
-from test_conformance_plugin import plugin
+from plugin_runner import plugin
 
 from bpffs.vm import VmFault
 from bpffs.vm.conformance_plugin import run_hex

@@ -7,8 +7,8 @@ import os
 import struct
 
 import pytest
+from isa_cases import CASES, returns64
 from progs import ETH_IPV4, load, random_program
-from test_tiers import CASES, returns64
 
 from bpffs.vm import kernel, load_program
 from bpffs.vm.uapi import ProgType

@@ -11,7 +11,6 @@ import errno
 from typing import TYPE_CHECKING
 
 from .. import csum
-from ..context import ETH_P_8021AD, ETH_P_8021Q
 from ..uapi import (
     BPF_F_HDR_FIELD_MASK,
     BPF_F_INGRESS,
@@ -21,6 +20,8 @@ from ..uapi import (
     BPF_F_PSEUDO_HDR,
     BPF_F_RECOMPUTE_CSUM,
     CSUM_MANGLED_0,
+    ETH_P_8021AD,
+    ETH_P_8021Q,
     Helper,
     TcAct,
 )

@@ -17,7 +17,7 @@ class ArgType(Enum):
     """enum bpf_arg_type of 4.4."""
 
     ANYTHING = auto()  # any initialised value
-    CONST_MAP_PTR = auto()  # a map loaded with LD_IMM64 (PSEUDO_MAP_FD)
+    CONST_MAP_PTR = auto()  # a map loaded with LD_IMM64 (BPF_PSEUDO_MAP_FD)
     PTR_TO_MAP_KEY = auto()  # stack memory of the map's key_size, initialised
     PTR_TO_MAP_VALUE = auto()  # stack memory of the map's value_size, initialised
     PTR_TO_STACK = auto()  # stack memory, size in the next argument

@@ -7,18 +7,16 @@ import errno
 
 from ..errors import BpfError
 from ..helpers import HELPERS
-from ..insn import Flow, call_target, is_jump, is_local_call, jump_target
-from ..isa import (
-    CALL,
-    ISA_4_4_JMPS,
-    JA,
-    JA32,
-    LD_IMM64,
-    Class,
-    Insn,
-    Jmp,
-    Mode,
+from ..insn import (
+    Flow,
+    call_target,
+    is_helper_call,
+    is_jump,
+    is_local_call,
+    is_second_half,
+    jump_target,
 )
+from ..isa import EXIT, ISA_4_4_JMPS, JA, JA32, Class, Insn, Jmp, Mode
 from ..uapi import Helper
 
 # The 4.4 jumps and the "less than" ones added later (4.14); no call or exit in JMP32.
@@ -45,29 +43,33 @@ def check_cfg(prog_type: int, insns: list[Insn], flow: Flow, gpl: bool, allow_lo
         raise Rejected(errno.EPERM, "loading/calling other bpf or kernel functions are allowed"
                        " for CAP_BPF and CAP_SYS_ADMIN", log)
     _check_subprogs(insns, flow, log)
-    n = len(insns)
     has_exit = False
     for pc, i in enumerate(insns):
-        if pc and insns[pc - 1].opcode == LD_IMM64:
-            continue  # the second half of LD_IMM64
-        cls = i.cls
-        if cls in (Class.JMP, Class.JMP32):
-            if i.op not in KNOWN_JMPS or (cls == Class.JMP32 and i.op in (Jmp.CALL, Jmp.EXIT)):
-                raise Rejected(errno.EINVAL, f"unknown opcode {i.opcode:02x}", log)
+        if is_second_half(insns, pc):
+            continue
+        if i.cls in (Class.JMP, Class.JMP32):
+            _check_jmp(insns, flow, pc, prog_type, gpl, log)
             has_exit |= i.op == Jmp.EXIT
-            if i.op == Jmp.CALL and not is_local_call(i):
-                _check_helper(i.imm, prog_type, gpl, log)
-            for t in _edges(insns, flow, pc):
-                if not 0 <= t < n or (t > 0 and insns[t - 1].opcode == LD_IMM64
-                                      and t != pc + 1):
-                    raise Rejected(errno.EINVAL, f"jump out of range from insn {pc} to {t}",
-                                   log)
-        elif cls == Class.LD and i.mode in (Mode.ABS, Mode.IND) and (
+        elif i.cls == Class.LD and i.mode in (Mode.ABS, Mode.IND) and (
                 i.dst or i.off or (i.mode == Mode.ABS and i.src) or i.size == 8):
             raise Rejected(errno.EINVAL, "BPF_LD_[ABS|IND] uses reserved fields", log)
     if not has_exit:
         raise Rejected(errno.EINVAL, "no exit instruction", log)
     _check_reachable_and_loops(insns, flow, allow_loops, log)
+
+
+def _check_jmp(insns: list[Insn], flow: Flow, pc: int, prog_type: int, gpl: bool,
+               log: list[str]) -> None:
+    """A known jump, a callable helper, and edges that stay in the program and land on no
+    LD_IMM64's second half."""
+    i = insns[pc]
+    if i.op not in KNOWN_JMPS or (i.cls == Class.JMP32 and i.op in (Jmp.CALL, Jmp.EXIT)):
+        raise Rejected(errno.EINVAL, f"unknown opcode {i.opcode:02x}", log)
+    if i.op == Jmp.CALL and not is_local_call(i):
+        _check_helper(i.imm, prog_type, gpl, log)
+    for t in _edges(insns, flow, pc):
+        if not 0 <= t < len(insns) or (is_second_half(insns, t) and t != pc + 1):
+            raise Rejected(errno.EINVAL, f"jump out of range from insn {pc} to {t}", log)
 
 
 def _check_subprogs(insns: list[Insn], flow: Flow, log: list[str]) -> None:
@@ -83,7 +85,7 @@ def _check_subprogs(insns: list[Insn], flow: Flow, log: list[str]) -> None:
             if is_jump(i) and not start <= jump_target(i, pc) < end:
                 raise Rejected(errno.EINVAL,
                                f"jump out of range from insn {pc} to {jump_target(i, pc)}", log)
-        if insns[end - 1].opcode not in (Class.JMP | Jmp.EXIT, JA, JA32):
+        if insns[end - 1].opcode not in (EXIT, JA, JA32):
             raise Rejected(errno.EINVAL, "last insn is not an exit or jmp", log)
     # check_abnormal_return: a callee may neither tail-call nor LD_ABS (which may leave the
     # whole program) unless BTF describes it, and programs here carry no BTF
@@ -92,7 +94,7 @@ def _check_subprogs(insns: list[Insn], flow: Flow, log: list[str]) -> None:
             i = insns[pc]
             if i.cls == Class.LD and i.mode in (Mode.ABS, Mode.IND):
                 raise Rejected(errno.EINVAL, "LD_ABS is not allowed in subprogs without BTF", log)
-            if i.opcode == CALL and i.src == 0 and i.imm == Helper.tail_call:
+            if is_helper_call(i) and i.imm == Helper.tail_call:
                 raise Rejected(errno.EINVAL, "tail_call is not allowed in subprogs without BTF",
                                log)
 
@@ -134,5 +136,5 @@ def _check_reachable_and_loops(insns: list[Insn], flow: Flow, allow_loops: bool,
             state[nxt] = 1
             stack.append((nxt, iter(_edges(insns, flow, nxt))))
     for pc in range(n):
-        if state[pc] == 0 and not (pc > 0 and insns[pc - 1].opcode == LD_IMM64):
+        if state[pc] == 0 and not is_second_half(insns, pc):
             raise Rejected(errno.EINVAL, f"unreachable insn {pc}", log)

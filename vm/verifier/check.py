@@ -21,16 +21,14 @@ from dataclasses import replace
 from ..context import ctx_access_ok, is_skb_program
 from ..disasm import format_insn
 from ..helpers import HELPERS, ArgType, HelperSpec, RetType
-from ..insn import Flow, call_target, is_local_call
-from ..interpreter import MAX_CALL_FRAMES
+from ..insn import Flow, call_target, is_local_call, width
 from ..isa import (
     LD_IMM64,
-    PSEUDO_CALL,
-    PSEUDO_MAP_FD,
     R0,
     R1,
     R6,
     R10,
+    U32,
     Alu,
     Atomic,
     Class,
@@ -40,7 +38,8 @@ from ..isa import (
     Source,
 )
 from ..maps import BpfMap
-from ..uapi import BPF_COMPLEXITY_LIMIT_INSNS, MAX_BPF_STACK, Helper
+from ..runtime import MAX_CALL_FRAMES
+from ..uapi import BPF_COMPLEXITY_LIMIT_INSNS, BPF_PSEUDO_MAP_FD, MAX_BPF_STACK, Helper
 from .cfg import Rejected
 from .liveness import CALL_CLOBBERED, stack_mask
 from .state import INVALID, MISC, NOT_INIT, POINTERS, SPILL, UNKNOWN, Frame, Reg, State, T
@@ -187,7 +186,7 @@ class Checker:
                 self.fail(f"BPF_XADD stores into R{i.dst} context is not allowed")
             self.access(s, i.dst, i.off, i.size, write=False, dst=None)
             self.access(s, i.dst, i.off, i.size, write=True, value=UNKNOWN)
-            if i.imm & 1:  # FETCH, XCHG, CMPXCHG write a register
+            if i.imm & Atomic.FETCH:  # FETCH, XCHG, CMPXCHG write a register
                 self.write_reg(s, R0 if i.imm == Atomic.CMPXCHG else i.src, UNKNOWN)
         elif cls == Class.STX:
             if i.mode != Mode.MEM or i.imm:
@@ -201,11 +200,11 @@ class Checker:
             self.read_reg(s, i.dst)
             self.access(s, i.dst, i.off, i.size, write=True, value=Reg(T.CONST, i.imm))
         elif i.opcode == LD_IMM64:
-            if i.src == PSEUDO_MAP_FD:
+            if i.src == BPF_PSEUDO_MAP_FD:
                 self.write_reg(s, i.dst, Reg(T.MAP_PTR, map=i.imm))
             else:
                 self.write_reg(s, i.dst, Reg(T.CONST, i.imm64))
-            return pc + 2, None
+            return pc + width(i), None
         elif cls == Class.LD:
             self.ld_abs(i, s)
         elif i.op == Jmp.EXIT:
@@ -216,10 +215,9 @@ class Checker:
                 self.fail("R0 leaks addr as return value")
             return None
         elif i.op == Jmp.CALL:
-            if i.src == PSEUDO_CALL:
+            if is_local_call(i):
                 return self.local_call(pc, i, s), None
-            else:
-                self.call(i.imm, s)
+            self.call(i.imm, s)
         elif i.op == Jmp.JA:
             return self.flow.succ[pc][0], None
         else:
@@ -269,7 +267,7 @@ class Checker:
                     self.fail(f"R{i.src} partial copy of pointer")
                 src = UNKNOWN
             elif not wide or i.off:
-                src = UNKNOWN if src.type != T.CONST else Reg(T.CONST, src.value & 0xFFFFFFFF)
+                src = UNKNOWN if src.type != T.CONST else Reg(T.CONST, src.value & U32)
             self.write_reg(s, i.dst, src)
             return
         dst = self.read_reg(s, i.dst)

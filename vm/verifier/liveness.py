@@ -21,19 +21,7 @@ from __future__ import annotations
 
 from ..helpers import HELPERS
 from ..insn import Flow, is_local_call
-from ..isa import (
-    LD_IMM64,
-    R0,
-    R6,
-    R10,
-    Alu,
-    Atomic,
-    Class,
-    Insn,
-    Jmp,
-    Mode,
-    Source,
-)
+from ..isa import EXIT, LD_IMM64, MOV64_X, R0, R6, R10, Alu, Atomic, Class, Insn, Jmp, Mode, Source
 from ..uapi import MAX_BPF_STACK
 
 SLOT = 8  # bytes of a stack slot (BPF_REG_SIZE)
@@ -90,7 +78,7 @@ def live_in(insns: list[Insn], flow: Flow) -> list[int]:
     # size): its value is used at the callee's exit. (The main program's is only returned.)
     for start, end in flow.functions[1:]:
         for pc in range(start, end):
-            if insns[pc].opcode == Class.JMP | Jmp.EXIT:
+            if insns[pc].opcode == EXIT:
                 use, kill, copy = effects[pc]
                 effects[pc] = (use | precise_bits(R0), kill, copy)
     n = len(insns)
@@ -124,7 +112,7 @@ def _may_point_to_stack(insns: list[Insn]) -> frozenset[int]:
     while grew:
         grew = False
         for i in insns:
-            copy = i.opcode == Class.ALU64 | Alu.MOV | Source.X and i.src in regs
+            copy = i.opcode == MOV64_X and i.src in regs
             fill = i.cls == Class.LDX and i.mode == Mode.MEM and i.size == 8 and i.src in regs
             if (copy or fill) and i.dst not in regs:
                 regs.add(i.dst)
