@@ -5,7 +5,8 @@ One SOCK_SEQPACKET message is one request or one reply, so a request and the fds
 
     request:  [op, arg, ...]                  op is a name from OPS
     reply:    [0, result]                     success
-              [errno, message, *detail]       failure: the kernel's errno, a clear message
+              [errno, message]                failure: the kernel's errno, a clear message
+              [errno, message, {tag: datum}]  ... and the one datum its kind of error carries
 
 A message too large for the socket buffer travels in a sealed memfd: the datagram is the single
 byte LARGE_MESSAGE (0xc1, a byte msgpack never produces) and the memfd is its first fd.
@@ -20,10 +21,14 @@ import fcntl
 import os
 import socket
 import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from time import perf_counter_ns
 from typing import Any
 
 import msgpack
+
+from bpffs.vm.errors import DETAILS, BpfError
 
 PROTOCOL_VERSION = 1
 
@@ -177,48 +182,83 @@ def _too_deep(obj: list | dict, depth: int) -> bool:
     return False
 
 
-def _compile(schema: tuple[str, ...]
-             ) -> tuple[tuple[tuple[type, ...], bool, str, int | None], ...]:
-    return tuple((_TYPES[kind.rstrip("?")], kind.endswith("?"), kind,
-                  _LIMITS.get(kind.rstrip("?"))) for kind in schema)
+class Schema:
+    """A table of operations: each one's argument types (as OPS) and how many fds it takes
+    (as OP_FDS), compiled once to check decoded requests against."""
+
+    def __init__(self, ops: Mapping[str, tuple[str, ...]], fds: Mapping[str, int] | None = None):
+        self.ops = ops
+        self.fds = fds or {}
+        self._compiled = {op: tuple((_TYPES[kind.rstrip("?")], kind.endswith("?"), kind,
+                                     _LIMITS.get(kind.rstrip("?"))) for kind in schema)
+                          for op, schema in ops.items()}
+
+    def check(self, msg: Any) -> tuple[str, list[Any]]:
+        """Validate a decoded request; returns (op, args) or raises RequestError."""
+        if type(msg) is not list or not msg or type(msg[0]) is not str:
+            raise RequestError(errno.EINVAL, "a request is a msgpack array [op, args...]")
+        op = msg[0]
+        schema = self._compiled.get(op)
+        if schema is None:
+            raise RequestError(errno.EINVAL, f"unknown operation {op!r}")
+        args = msg[1:]
+        if len(args) != len(schema):
+            raise RequestError(errno.EINVAL,
+                               f"{op} takes {len(schema)} arguments, got {len(args)}")
+        for i, arg in enumerate(args):
+            types, optional, kind, limit = schema[i]
+            if isinstance(arg, types):
+                # bool is an int subclass: reject it where an int is meant.
+                if type(arg) is bool and bool not in types:
+                    raise RequestError(errno.EINVAL,
+                                       f"{op}: argument {i + 1} must be {kind}, got bool")
+                if limit is not None and not 0 <= arg < limit:
+                    raise RequestError(errno.EINVAL,
+                                       f"{op}: argument {i + 1} must be {kind}, got {arg}")
+            elif not (optional and arg is None):
+                raise RequestError(errno.EINVAL, f"{op}: argument {i + 1} must be {kind},"
+                                   f" got {type(arg).__name__}")
+        return op, args
+
+    def keep_fds(self, op: str, fds: list[int]) -> list[int]:
+        """The fds op takes, of those its request carried; the others are closed now (every
+        fd a request carries is one the daemon holds while it waits)."""
+        wanted = self.fds.get(op, 0)
+        if len(fds) <= wanted:
+            return fds
+        close_all(fds[wanted:])
+        return fds[:wanted]
 
 
-_SCHEMAS = {op: _compile(schema) for op, schema in OPS.items()}
+REQUESTS = Schema(OPS, OP_FDS)
 
 
 def check_request(msg: Any) -> tuple[str, list[Any]]:
-    """Validate a decoded request against OPS; returns (op, args) or raises RequestError."""
-    if type(msg) is not list or not msg or type(msg[0]) is not str:
-        raise RequestError(errno.EINVAL, "a request is a msgpack array [op, args...]")
-    op = msg[0]
-    schema = _SCHEMAS.get(op)
-    if schema is None:
-        raise RequestError(errno.EINVAL, f"unknown operation {op!r}")
-    args = msg[1:]
-    if len(args) != len(schema):
-        raise RequestError(errno.EINVAL, f"{op} takes {len(schema)} arguments, got {len(args)}")
-    for i, arg in enumerate(args):
-        types, optional, kind, limit = schema[i]
-        if isinstance(arg, types):
-            # bool is an int subclass: reject it where an int is meant.
-            if type(arg) is bool and bool not in types:
-                raise RequestError(errno.EINVAL,
-                                   f"{op}: argument {i + 1} must be {kind}, got bool")
-            if limit is not None and not 0 <= arg < limit:
-                raise RequestError(errno.EINVAL,
-                                   f"{op}: argument {i + 1} must be {kind}, got {arg}")
-        elif not (optional and arg is None):
-            raise RequestError(errno.EINVAL, f"{op}: argument {i + 1} must be {kind},"
-                               f" got {type(arg).__name__}")
-    return op, args
+    """Validate a decoded control request against OPS; returns (op, args) or raises
+    RequestError."""
+    return REQUESTS.check(msg)
 
 
 def ok(result: Any = None) -> bytes:
     return pack([0, result])
 
 
-def error(err: int, message: str, *detail: Any) -> bytes:
-    return pack([err, message, *detail])
+def error(err: int, message: str, detail: dict[str, Any] | None = None) -> bytes:
+    """An error reply; `detail` is a BpfError's detail(): its datum tagged by name ({"log":
+    ...}), sent only when there is one."""
+    return pack([err, message, detail] if detail else [err, message])
+
+
+def error_from_reply(reply: list) -> BpfError:
+    """The error an error reply stands for, of the class its detail's tag names
+    (bpffs.vm.errors.DETAILS: VerifierError for "log", ...), else a plain BpfError."""
+    err, message, *rest = reply
+    if rest and isinstance(rest[0], dict) and len(rest[0]) == 1:
+        ((tag, datum),) = rest[0].items()
+        kind = DETAILS.get(tag)
+        if kind is not None:
+            return kind(err, message, datum)
+    return BpfError(err, message)
 
 
 def make_memfd(payload: bytes) -> int:
@@ -282,35 +322,50 @@ def close_all(fds: Any) -> None:
 def open_payload(data: bytes, fds: list[int], limit: int = MESSAGE_MAX
                  ) -> tuple[bytes, list[int]]:
     """Resolve a LARGE_MESSAGE datagram into its payload (at most `limit` bytes); returns
-    (payload, remaining fds)."""
+    (payload, remaining fds). When it cannot, every fd is closed before ProtocolError."""
     if data != LARGE_MESSAGE:
         return data, fds
     if not fds:
         raise ProtocolError("large message without its memfd")
     try:
         return read_memfd(fds[0], limit), fds[1:]
+    except BaseException:
+        close_all(fds[1:])
+        raise
     finally:
         os.close(fds[0])
 
 
-def frame(payload: bytes, fds: list[int]) -> tuple[bytes, list[int], int | None]:
-    """Prepare a payload for sending: (datagram, fds to send, memfd to close after sending)."""
+def open_message(data: bytes, ancdata: list, msg_flags: int, limit: int = MESSAGE_MAX
+                 ) -> tuple[bytes, list[int]]:
+    """A message as recvmsg returned it: (payload, fds), a memfd's payload read (at most
+    `limit` bytes). b"" means the peer closed the connection."""
+    return open_payload(data, decode_fds(ancdata, msg_flags), limit)
+
+
+@contextmanager
+def framed(payload: bytes, fds: Sequence[int] = ()) -> Iterator[tuple[list[bytes], list]]:
+    """The arguments of the sendmsg that sends payload with fds: the payload itself, or, past
+    INLINE_MAX, LARGE_MESSAGE with a memfd holding it, closed on leaving (the peer has its own
+    copy once sent). Every sender sends through this, blocking or awaited:
+    `with framed(payload, fds) as message: sock.sendmsg(*message)`."""
     if len(payload) <= INLINE_MAX:
-        return payload, fds, None
+        yield [payload], encode_fds(list(fds))
+        return
     memfd = make_memfd(payload)
-    return LARGE_MESSAGE, [memfd, *fds], memfd
+    try:
+        yield [LARGE_MESSAGE], encode_fds([memfd, *fds])
+    finally:
+        os.close(memfd)
 
 
-def send_message(sock: socket.socket, payload: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+def send_message(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> None:
+    """Send one message on a blocking socket (or raise BlockingIOError)."""
     if not fds and len(payload) <= INLINE_MAX:
         sock.send(payload)  # the common case, without sendmsg's argument building
         return
-    data, fds, memfd = frame(payload, list(fds))
-    try:
-        sock.sendmsg([data], encode_fds(fds))
-    finally:
-        if memfd is not None:
-            os.close(memfd)
+    with framed(payload, fds) as message:
+        sock.sendmsg(*message)
 
 
 class Inbox:
@@ -350,9 +405,7 @@ class Inbox:
 def recv_message(sock: socket.socket, inbox: Inbox, spin_ns: int = 0
                  ) -> tuple[bytes, list[int]]:
     """One message and its fds (blocking). b"" means the peer closed the connection."""
-    data, ancdata, msg_flags = inbox.recvmsg(sock, spin_ns)
-    fds = decode_fds(ancdata, msg_flags)
-    return open_payload(data, fds)
+    return open_message(*inbox.recvmsg(sock, spin_ns))
 
 
 RECV_ARGS = (INLINE_MAX, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)

@@ -11,6 +11,7 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import trio
@@ -18,7 +19,7 @@ import trio
 from bpffs import protocol, vm
 from bpffs.vm.errors import BpfError
 
-from . import __version__, sdnotify
+from . import sdnotify
 from .fs import Filesystems
 from .fs.tree import ROOT, Caller
 from .limits import LimitConfig, Limits
@@ -31,6 +32,11 @@ from .trace import TraceRing
 
 log = logging.getLogger(__name__)
 
+try:
+    VERSION = version("bpffsd")  # pyproject.toml's, the one source (`bpffs version` reads it)
+except PackageNotFoundError:  # a checkout used without an install
+    VERSION = "unknown"
+
 
 @dataclass
 class Config:
@@ -38,7 +44,6 @@ class Config:
     mountpoint: str | None  # the default instance's mount; None: mount nothing at start
     state_dir: str | None  # None: nothing persists
     memory_limit: int | None = 1 << 30
-    fuse_options: list[str] = field(default_factory=list)
     persist_interval: float = 0.1  # seconds within which program-made map writes persist
     limits: LimitConfig = field(default_factory=LimitConfig)  # per-uid limits (limits.py)
 
@@ -55,6 +60,8 @@ class Daemon:
         self.persistence = (Persistence(self, config.state_dir, config.persist_interval)
                             if config.state_dir else None)
         self.ready = trio.Event()
+        self.server: Server | None = None  # serving from run() on
+        self._owns_socket = False  # we bound the socket path (not systemd), so we unlink it
 
     # -- the request table ----------------------------------------------------------------------
     def handlers(self) -> dict[str, Callable[..., Any]]:
@@ -85,16 +92,17 @@ class Daemon:
             "mount": fs.mount,
             "status": self.status,
         }
-        missing = set(protocol.OPS) ^ set(table)
-        assert not missing, f"protocol ops without handlers (or the reverse): {missing}"
+        unmatched = set(protocol.OPS) ^ set(table)
+        if unmatched:
+            raise RuntimeError(f"protocol ops without handlers (or the reverse): {unmatched}")
         return table
 
     def hello(self, conn: Connection, version: int, client: str) -> dict:
         if version != protocol.PROTOCOL_VERSION:
             raise BpfError(errno.EPROTO, f"protocol version {version} is not supported (bpffsd"
-                           f" {__version__} speaks version {protocol.PROTOCOL_VERSION})")
+                           f" {VERSION} speaks version {protocol.PROTOCOL_VERSION})")
         conn.greeted = True
-        return {"version": protocol.PROTOCOL_VERSION, "daemon": __version__, "pid": os.getpid()}
+        return {"version": protocol.PROTOCOL_VERSION, "daemon": VERSION, "pid": os.getpid()}
 
     def bind(self, conn: Connection) -> dict:
         ref = self.fds.identify(conn.take_fd("an object fd"))
@@ -117,12 +125,12 @@ class Daemon:
         for obj in self.store.objects():
             counts[obj.kind] = counts.get(obj.kind, 0) + 1
         return {
-            "version": __version__,
+            "version": VERSION,
             "pid": os.getpid(),
             "socket": self.config.socket_path,
             "objects": counts,
             "memlock_pages": self.store.total_pages,
-            "connections": len(self.server.connections) if hasattr(self, "server") else 0,
+            "connections": len(self.server.connections) if self.server is not None else 0,
             "object_fds": len(self.fds.by_ino),
             "instances": self.fs.describe(),
             "persistence": self.persistence.status() if self.persistence else None,
@@ -171,7 +179,7 @@ class Daemon:
                     await self.fs.mount_default(self.config.mountpoint)
                 self.ready.set()
                 sdnotify.notify("READY=1", f"STATUS=serving on {self.config.socket_path}")
-                log.info("bpffsd %s ready on %s", __version__, self.config.socket_path)
+                log.info("bpffsd %s ready on %s", VERSION, self.config.socket_path)
                 task_status.started(self)
         finally:
             sdnotify.notify("STOPPING=1")
@@ -181,7 +189,6 @@ class Daemon:
     def _listen(self) -> socket.socket:
         activated = sdnotify.listen_fds()
         if activated:
-            self._owns_socket = False
             return activated[0]
         path = self.config.socket_path
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
@@ -204,7 +211,7 @@ class Daemon:
         return listener
 
     def _unlink_socket(self) -> None:
-        if getattr(self, "_owns_socket", False):
+        if self._owns_socket:
             try:
                 os.unlink(self.config.socket_path)
             except OSError:

@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -20,15 +21,16 @@ from typing import Any
 
 import trio
 
-from bpffs import paths
+from bpffs import paths, protocol
 
-from . import __version__, limits, logfmt, sdnotify
-from .daemon import Config, Daemon
+from . import limits, logfmt, sdnotify
+from .daemon import VERSION, Config, Daemon
 from .persist import statedir
 
-log = logging.getLogger("bpffsd")
+log = logging.getLogger(__name__)
 
 LOG_NAME = "bpffsd.log"  # --detach's log, beside the socket
+PROBE_TIMEOUT = 5.0  # seconds a daemon already on our socket path has to answer a hello
 
 
 class StartupError(Exception):
@@ -100,7 +102,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"append log lines here (default: standard error; with --detach,"
                    f" {LOG_NAME} in the socket's directory)")
     p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("--version", action="version", version=f"bpffsd {__version__}")
+    p.add_argument("--version", action="version", version=f"bpffsd {VERSION}")
     return p.parse_args(argv)
 
 
@@ -157,16 +159,33 @@ def check_not_serving(path: str) -> None:
         return
     except OSError as e:
         raise StartupError(f"cannot use the socket path {path}: {e.strerror}") from None
-    from bpffs.client import Client  # imported only when a socket is there
     try:
-        with Client(path, timeout=5) as client:
-            pid = client.daemon_info.get("pid", "unknown")
+        pid = serving_pid(path)
     except OSError as e:
         if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
             return  # a stale socket of a daemon that died: the daemon replaces it
         raise StartupError(f"something listens on {path} but does not answer as bpffsd"
-                           f" ({e.strerror}); stop it or choose another --socket") from None
+                           f" ({e.strerror or e}); stop it or choose another --socket") from None
     raise StartupError(f"a bpffsd already serves {path} (pid {pid})")
+
+
+def serving_pid(path: str) -> int | str:
+    """The pid the daemon listening at `path` gives in answer to a hello (OSError if none
+    answers so). A plain socket and bpffs.protocol: the daemon loads no client code."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(PROBE_TIMEOUT)
+        sock.connect(path)
+        sock.send(protocol.pack(["hello", protocol.PROTOCOL_VERSION, f"bpffsd/{os.getpid()}"]))
+        data = sock.recv(protocol.INLINE_MAX)
+    try:
+        reply = protocol.unpack(data)
+    except protocol.ProtocolError:  # not msgpack (b"": it hung up)
+        reply = None
+    if not isinstance(reply, list) or len(reply) < 2:
+        raise OSError(errno.EPROTO, "its answer is not a bpffsd reply")
+    if reply[0]:
+        raise protocol.error_from_reply(reply)
+    return reply[1].get("pid", "unknown") if isinstance(reply[1], dict) else "unknown"
 
 
 def check_directory(path: str, what: str, mode: int = 0o755) -> None:

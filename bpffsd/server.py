@@ -3,10 +3,11 @@
 Every connection gets its own task under the server's nursery, so a slow or stuck client only
 ever waits on itself. A request is read with a direct non-blocking syscall first, parking in
 trio only when the socket is empty: that keeps the round trip close to a blocking server's.
-Nothing a client sends can end the daemon: malformed input gets an errno reply (or, when the
-framing itself is broken, the connection is dropped), and a handler bug is logged and answered
-with EIO. Only a BpfError (or a request that fails its schema) is the caller's error; any
-other exception, OSError included, is the daemon's: logged with its traceback, answered EIO.
+What happens to a request between the datagram read and the reply sent (decoding, the schema,
+dispatch, whose error it is, the journal mark) is pipeline.py's, shared with the mount
+workers' requests; this module keeps the socket I/O. Nothing a client sends can end the
+daemon: malformed input gets an errno reply (or, when the framing itself is broken, the
+connection is dropped), and a handler bug is logged and answered with EIO.
 What a user may hold here (connections, object fds, waiting requests) is limited per uid
 (limits.py), and so is what its requests may cost to decode (protocol.unpack_request).
 
@@ -26,11 +27,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
-import os
 import socket
 import struct
 import termios
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from time import monotonic, perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
@@ -42,13 +42,13 @@ from bpffs.vm.errors import BpfError
 from .limits import caller_uid
 from .objfd import ObjectFd
 from .peer import Peer
-from .syscall import Reply
+from .pipeline import Outcome, Pending, Pipeline, Request
+from .pipeline import error_reply as error_reply  # tests/core/test_error_paths.py uses it here
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = logging.getLogger(__name__)
-_HUNG_UP = object()  # an async handler's result when its client hung up first
 # A client in a request loop sends its next request a few microseconds after reading a reply.
 # Parking in trio until then (epoll, the run loop, a task switch) costs ~20 us of CPU and as
 # much latency here, so after a reply the connection polls its socket for up to SPIN_NS first
@@ -83,29 +83,6 @@ def unsent(sock: socket.socket) -> int:
     socket, the memory its skbs are charged, including a memfd message's 1-byte datagram;
     0 once the peer has received everything, or closed)."""
     return _OUTQ.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(_OUTQ.size)))[0]
-
-
-def caller_error(e: BaseException) -> OSError | None:
-    """The error to send back when e is the caller's (a BpfError, or a request that fails
-    its schema), else None: e is the daemon's own failure. An exception group with one leaf
-    (a nursery's, since trio 0.25 even around a single error) stands for that leaf."""
-    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
-        e = e.exceptions[0]
-    if isinstance(e, BpfError | protocol.RequestError):
-        return e
-    return None
-
-
-def error_reply(e: BaseException, what: str) -> bytes:
-    """The reply for a failed request: the caller's error with its errno and message, or,
-    for anything else, EIO after logging it with its traceback (as part of `what`)."""
-    mine = caller_error(e)
-    if mine is not None:
-        detail = getattr(mine, "detail", None)
-        return protocol.error(mine.errno or errno.EIO, mine.strerror or str(mine),
-                              *([] if detail is None else [detail]))
-    log.error("internal error %s", what, exc_info=e)
-    return protocol.error(errno.EIO, f"internal error in bpffsd: {type(e).__name__}: {e}")
 
 
 class WarningLimiter:
@@ -157,15 +134,30 @@ class BoundFds(dict[int, ObjectFd]):
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, peer: Peer):
+    """One client's connection: what it has bound, and how its requests are served (the
+    pipeline's Channel for them)."""
+
+    def __init__(self, sock: socket.socket, peer: Peer, message_limit: int,
+                 hello_deadline: float):
         self.sock = sock
         self.peer = peer
+        self.message_limit = message_limit
+        self.objects_max = (protocol.REQUEST_OBJECTS_MAX if not peer.uid
+                            else protocol.REQUEST_OBJECTS_MAX_UNPRIVILEGED)
+        self.where = f"serving pid {peer.pid}"
         self.greeted = False
+        self.hello_deadline = hello_deadline  # trio time by which hello must have come
         self.bound = BoundFds()
-        self.fds: list[int] = []  # fds that came with the request being served
-        self._taken = 0
+        self.request: Request | None = None  # the request being served
         self.unread = 0  # bytes of the last large reply, while the client may not have it
-        self.op = ""  # the operation being served
+        self.spin = True  # this client's requests come back to back (see SPIN_NS)
+        self.streak = 0  # requests served since this task last let the others run
+
+    def call(self, request: Request, handler: Callable[..., Any]) -> Any:
+        if not self.greeted and request.op != "hello":
+            raise BpfError(errno.EPROTO, "the first request must be hello")
+        self.request = request
+        return handler(self, *request.args)
 
     def resolve(self, handle: int) -> ObjectFd:
         ref = self.bound.get(handle)
@@ -177,10 +169,8 @@ class Connection:
     def take_fd(self, what: str) -> int:
         """The next fd that came with this request. The server still owns it and closes it
         when the request is done: keep a dup to hold on to it."""
-        if self._taken >= len(self.fds):
-            raise BpfError(errno.EBADF, f"this request needs {what} sent as an fd")
-        self._taken += 1
-        return self.fds[self._taken - 1]
+        assert self.request is not None
+        return self.request.take_fd(what)
 
 
 class Server:
@@ -188,7 +178,8 @@ class Server:
         self.daemon = daemon
         self.listener = listener
         self.connections: set[Connection] = set()
-        self.handlers: dict[str, Callable[..., Any]] = daemon.handlers()
+        self.pipeline = Pipeline(protocol.REQUESTS, daemon.handlers(), daemon.persistence,
+                                 malformed=self._malformed)
         self.inbox = protocol.Inbox()  # shared: each message is copied out before any await
         self.limits = daemon.limits
         self.malformed = WarningLimiter("malformed messages")
@@ -234,9 +225,11 @@ class Server:
         sock.setblocking(False)
         try:
             try:
-                conn = Connection(sock, Peer.of(sock))
+                peer = Peer.of(sock)
             except OSError:
                 return
+            conn = Connection(sock, peer, self.limits.message_limit(peer.uid),
+                              trio.current_time() + self.limits.config.hello_timeout)
             refusal = conn.peer.refusal()  # its process was gone before we could read it
             if refusal is not None:
                 self._refuse(sock, refusal)
@@ -263,108 +256,123 @@ class Server:
         sock.close()
 
     async def _serve_requests(self, conn: Connection) -> None:
-        sock = conn.sock
-        recvmsg, send = self.inbox.recvmsg, sock.send
-        hello_deadline = trio.current_time() + self.limits.config.hello_timeout
-        persistence = self.daemon.persistence
+        """Answer conn's requests in order until its client hangs up or is dropped. The
+        common case (a small reply, the next request caught while spinning) awaits nothing."""
         caught: tuple | None = None  # a request caught while spinning
-        spin = True  # this client's requests come back to back (see SPIN_NS)
-        streak = 0  # requests served since this task last let the others run
         try:
             while True:
-                if caught is None and conn.unread:
-                    await self._hold_back(conn)
-                if caught is None:
-                    try:
-                        caught = recvmsg(sock)
-                    except BlockingIOError:
-                        if conn.greeted:
-                            await trio.lowlevel.wait_readable(sock)
-                            continue
-                        with trio.move_on_at(hello_deadline):
-                            await trio.lowlevel.wait_readable(sock)
-                            continue
-                        log.debug("closing connection from pid %d: no hello within %g s",
-                                  conn.peer.pid, self.limits.config.hello_timeout)
-                        return
-                data, ancdata, flags = caught
-                caught = None
-                if not data and not ancdata:
-                    return  # the peer closed (or sent an empty datagram, which is no request)
-                if not conn.greeted and trio.current_time() > hello_deadline:
-                    protocol.close_all(protocol.decode_fds(ancdata, 0))
-                    return  # requests but never a good hello: as idle as silence
-                mark = persistence.mark() if persistence is not None else None
-                reply, socks = self._serve_request(conn, data, ancdata, flags)
-                if isinstance(reply, Awaitable):
-                    reply, socks = await self._park(conn, reply)
-                if mark is not None and mark[0] is not None and mark[0].appended != mark[1]:
-                    failure = await persistence.durable(mark)
-                    if failure is not None:  # the change happened but is not durable
-                        for s in socks:
-                            s.close()
-                        reply, socks = protocol.error(failure.errno, failure.strerror), []
-                if reply is None:
+                message = caught if caught is not None else await self._receive(conn)
+                if not self._admissible(conn, message):
                     return
-                if not socks and len(reply) <= protocol.INLINE_MAX:
-                    try:
-                        send(reply)  # the common case: small reply, room in the socket
-                    except BlockingIOError:
-                        pass
-                    else:
-                        if spin and streak < SPIN_STREAK:
-                            try:
-                                caught = recvmsg(sock, SPIN_NS)
-                            except BlockingIOError:
-                                pass
-                            else:
-                                streak += 1
-                                continue
-                        # Park now rather than fail a recvmsg first (a syscall and an
-                        # exception); spin after the next reply if this wait is short.
-                        sent = perf_counter_ns()
-                        await trio.lowlevel.wait_readable(sock)
-                        spin, streak = perf_counter_ns() - sent < SPIN_NS, 0
-                        continue
-                await self._send(sock, reply, socks)
-                if len(reply) > protocol.INLINE_MAX:  # it went in a memfd
-                    self._reply_sent(conn, len(reply))
+                outcome = self.pipeline.serve(conn, *message)
+                if not outcome.settled:
+                    outcome = await self._settle(conn, outcome)
+                if outcome.reply is None:
+                    return
+                caught = None
+                if not self._sent_inline(conn.sock, outcome):
+                    await self._send(conn, outcome)
+                elif (caught := self._spin(conn)) is None:
+                    await self._wait_for_next(conn)
         except OSError as e:
             log.debug("connection from pid %d ended: %s", conn.peer.pid, e)
 
-    def _serve_request(self, conn: Connection, data: bytes, ancdata: list,
-                       flags: int) -> tuple[Any, list[socket.socket]]:
-        """Decode, check and run one request. Returns (reply bytes or None to drop the
-        connection, fds to send), or (awaitable, []) for an async handler to be finished by
-        _finish, which then owns the request's fds."""
-        conn.fds, conn._taken = [], 0
-        pending = False
+    @staticmethod
+    def _admissible(conn: Connection, message: tuple[bytes, list, int] | None) -> bool:
+        """Whether a message read is a request to serve: not when there is none (see
+        _receive), when its client hung up, or has not said hello in time."""
+        if message is None:
+            return False
+        data, ancdata, _flags = message
+        if not data and not ancdata:
+            return False  # the peer closed (or sent an empty datagram, which is no request)
+        if not conn.greeted and trio.current_time() > conn.hello_deadline:
+            protocol.close_all(protocol.decode_fds(ancdata, 0))
+            return False  # requests but never a good hello: as idle as silence
+        return True
+
+    async def _receive(self, conn: Connection) -> tuple[bytes, list, int] | None:
+        """Read conn's next message, waiting for it (and first for its client to receive
+        the last large reply); None when no hello came within the hello timeout."""
+        if conn.unread:
+            await self._hold_back(conn)
+        sock = conn.sock
+        while True:
+            try:
+                return self.inbox.recvmsg(sock)
+            except BlockingIOError:
+                pass
+            if conn.greeted:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            with trio.move_on_at(conn.hello_deadline):
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            log.debug("closing connection from pid %d: no hello within %g s", conn.peer.pid,
+                      self.limits.config.hello_timeout)
+            return None
+
+    async def _settle(self, conn: Connection, outcome: Outcome) -> Outcome:
+        """The outcome to send: its async handler run, what it journaled durable."""
+        if outcome.pending is not None:
+            outcome = await self._park(conn, outcome.pending)
+        if outcome.journaled:
+            persistence = self.daemon.persistence
+            assert persistence is not None
+            outcome = outcome.durable(await persistence.durable(outcome.mark))
+        return outcome
+
+    @staticmethod
+    def _sent_inline(sock: socket.socket, outcome: Outcome) -> bool:
+        """Send the reply with a plain send() if it is small, has no fds and the socket has
+        room (the common case); False if it needs _send."""
+        assert outcome.reply is not None
+        if outcome.fds or len(outcome.reply) > protocol.INLINE_MAX:
+            return False
         try:
-            conn.fds = protocol.decode_fds(ancdata, flags)
-            uid = conn.peer.uid
-            payload, conn.fds = protocol.open_payload(data, conn.fds,
-                                                      self.limits.message_limit(uid))
-            msg = protocol.unpack_request(
-                payload, max_bin=len(payload), objects_max=protocol.REQUEST_OBJECTS_MAX if
-                not uid else protocol.REQUEST_OBJECTS_MAX_UNPRIVILEGED)
-            op, args = protocol.check_request(msg)
-            conn.op = op
-            if not conn.greeted and op != "hello":
-                raise BpfError(errno.EPROTO, "the first request must be hello")
-            wanted = protocol.OP_FDS.get(op, 0)
-            if len(conn.fds) > wanted:  # closed now: a waiting request must not keep them
-                protocol.close_all(conn.fds[wanted:])
-                del conn.fds[wanted:]
-            result = self.handlers[op](conn, *args)
-            if isinstance(result, Awaitable):
-                pending = True
-                return result, []
-            return self._reply(result)
-        except Exception as e:
-            return self._failure(conn, e)
+            sock.send(outcome.reply)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _spin(self, conn: Connection) -> tuple[bytes, list, int] | None:
+        """After a small reply, poll for the client's next request for up to SPIN_NS while
+        its requests come back to back, letting the other tasks run every SPIN_STREAK."""
+        if conn.spin and conn.streak < SPIN_STREAK:
+            try:
+                caught = self.inbox.recvmsg(conn.sock, SPIN_NS)
+            except BlockingIOError:
+                return None
+            conn.streak += 1
+            return caught
+        return None
+
+    @staticmethod
+    async def _wait_for_next(conn: Connection) -> None:
+        """Park until the next request is there rather than fail a recvmsg first (a syscall
+        and an exception); spin after the next reply if this wait is short."""
+        parked = perf_counter_ns()
+        await trio.lowlevel.wait_readable(conn.sock)
+        conn.spin, conn.streak = perf_counter_ns() - parked < SPIN_NS, 0
+
+    async def _send(self, conn: Connection, outcome: Outcome) -> None:
+        """Send a reply that needs sendmsg (fds, a memfd) or room in the socket; its sockets
+        are closed then: the client holds its copies (or never will: the refs are dropped)."""
+        reply, sock = outcome.reply, conn.sock
+        assert reply is not None
+        try:
+            with protocol.framed(reply, [s.fileno() for s in outcome.fds]) as message:
+                while True:
+                    try:
+                        sock.sendmsg(*message)
+                        break
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
         finally:
-            if not pending:
-                self._release_fds(conn)
+            for s in outcome.fds:
+                s.close()
+        if len(reply) > protocol.INLINE_MAX:  # it went in a memfd
+            self._reply_sent(conn, len(reply))
 
     # -- large replies not yet received ---------------------------------------------------------
     def _reply_sent(self, conn: Connection, size: int) -> None:
@@ -422,17 +430,15 @@ class Server:
                         f" of replies sent and not yet received, the most bpffsd allows a user"
                         f" (--max-reply-bytes-per-uid {limit}); read them first")
 
-    async def _park(self, conn: Connection, pending: Awaitable) -> tuple[Any, list]:
+    async def _park(self, conn: Connection, pending: Pending) -> Outcome:
         """_finish an async handler, counted against the caller's waiting requests."""
         uid = conn.peer.uid
         try:
             self.limits.charge(self.limits.parked, uid)
         except BpfError as e:
-            pending.close()  # type: ignore[attr-defined]  # a coroutine never started
-            self._release_fds(conn)
-            return self._failure(conn, e)
+            return pending.fail(e)
         try:
-            if conn.op not in LARGE_REPLY_OPS or not uid:
+            if pending.request.op not in LARGE_REPLY_OPS or not uid:
                 return await self._finish(conn, pending)
             lock = self._large.setdefault(uid, trio.Lock())
             try:
@@ -440,39 +446,25 @@ class Server:
                     refusal = self._reply_refusal(uid)
                     if refusal is None:
                         return await self._finish(conn, pending)
-                    pending.close()  # type: ignore[attr-defined]  # never started
-                    self._release_fds(conn)
-                    return self._failure(conn, refusal)
+                    return pending.fail(refusal)
             finally:
                 if not lock.locked() and not lock.statistics().tasks_waiting:
                     self._large.pop(uid, None)
         finally:
             self.limits.parked.uncharge(uid)
 
-    async def _finish(self, conn: Connection, pending: Awaitable) -> tuple[Any, list]:
-        """Await an async handler; a peer that hangs up meanwhile cancels it (a trace_read
-        may wait forever: its connection must not outlive the client). The handler's error
-        is caught inside the nursery, so that it reaches the client as itself, not wrapped
-        in the nursery's ExceptionGroup (trio >= 0.25)."""
-        result: Any = _HUNG_UP
-        failure: Exception | None = None
+    async def _finish(self, conn: Connection, pending: Pending) -> Outcome:
+        """Run an async handler; a peer that hangs up meanwhile cancels it (a trace_read
+        may wait forever: its connection must not outlive the client)."""
+        outcome = pending.hung_up()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._cancel_on_hangup, conn.sock, nursery.cancel_scope)
-                try:
-                    result = await pending
-                except Exception as e:  # Cancelled (a hang-up) is no Exception: it goes on
-                    failure = e
+                outcome = await pending.run()
                 nursery.cancel_scope.cancel()
-            if failure is not None:
-                return self._failure(conn, failure)
-            if result is _HUNG_UP:
-                return None, []  # nobody to reply to
-            return self._reply(result)
         except Exception as e:
-            return self._failure(conn, e)
-        finally:
-            self._release_fds(conn)
+            return pending.fail(e)
+        return outcome
 
     @staticmethod
     async def _cancel_on_hangup(sock: socket.socket, scope: trio.CancelScope) -> None:
@@ -486,36 +478,6 @@ class Server:
         if hung_up:
             scope.cancel()
 
-    @staticmethod
-    def _release_fds(conn: Connection) -> None:
-        protocol.close_all(conn.fds)
-        conn.fds = []
-
-    @staticmethod
-    def _reply(result: Any) -> tuple[bytes, list[socket.socket]]:
-        if isinstance(result, Reply):
-            return protocol.ok(result.result), result.fds
-        return protocol.ok(result), []
-
-    def _failure(self, conn: Connection, e: Exception) -> tuple[bytes | None, list]:
-        if isinstance(e, protocol.ProtocolError):
-            self.malformed.warn(f"uid {conn.peer.uid}", "dropping connection from pid %d"
-                                " (uid %d): %s", conn.peer.pid, conn.peer.uid, e)
-            return None, []
-        return error_reply(e, f"serving pid {conn.peer.pid}"), []
-
-    @staticmethod
-    async def _send(sock: socket.socket, reply: bytes, socks: list[socket.socket]) -> None:
-        data, fds, memfd = protocol.frame(reply, [s.fileno() for s in socks])
-        try:
-            while True:
-                try:
-                    sock.sendmsg([data], protocol.encode_fds(fds))
-                    return
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
-        finally:
-            if memfd is not None:
-                os.close(memfd)
-            for s in socks:
-                s.close()  # the client holds its copy now (or never will: the ref is dropped)
+    def _malformed(self, conn: Connection, e: protocol.ProtocolError) -> None:
+        self.malformed.warn(f"uid {conn.peer.uid}", "dropping connection from pid %d"
+                            " (uid %d): %s", conn.peer.pid, conn.peer.uid, e)

@@ -22,7 +22,8 @@ from enum import StrEnum
 from typing import Any
 
 from bpffs.vm.errors import BpfError
-from bpffs.vm.maps import FdArrayMap, ProgArrayMap
+from bpffs.vm.maps import BpfMap, FdArrayMap, ProgArrayMap
+from bpffs.vm.program import Program
 from bpffs.vm.uapi import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ class Store:
     def add(self, kind: Kind, impl: Any, uid: int, pages: int,
             memlock_limit_pages: int | None) -> BpfObject:
         """Register a new object (refcnt 0: the caller takes the first reference at once),
-        charging `pages` to uid as bpf_map_charge_memlock does."""
+        charging `pages` to uid as bpf_map_charge_memlock does. A program takes a reference
+        on each map it uses, which _free gives back."""
         self.charge(uid, pages, memlock_limit_pages)
         kind_ids = self._next_id[kind]
         obj = BpfObject(kind, kind_ids, impl, uid, pages)
@@ -95,6 +97,8 @@ class Store:
         self._by_impl[id(impl)] = obj
         if isinstance(impl, FdArrayMap):
             impl.release = lambda member: self.put(self.of(member))
+        for used_map in _maps_used_by(impl):
+            self.hold(self.of(used_map))
         return obj
 
     def charge(self, uid: int, pages: int, limit_pages: int | None) -> None:
@@ -185,7 +189,7 @@ class Store:
         self._uncharge(obj.uid, obj.pages)
         if isinstance(obj.impl, FdArrayMap):
             obj.impl.clear()
-        for used_map in getattr(obj.impl, "maps", ()):  # a program's references on its maps
+        for used_map in _maps_used_by(obj.impl):
             self.put(self.of(used_map))
         for hook in self.on_free:
             try:
@@ -193,3 +197,8 @@ class Store:
             except Exception:
                 log.exception("on_free hook failed for %s", obj.describe())
         log.debug("freed %s", obj.describe())
+
+
+def _maps_used_by(impl: Any) -> list[BpfMap]:
+    """The maps an object holds a reference on while it lives: a program's maps."""
+    return impl.maps if isinstance(impl, Program) else []

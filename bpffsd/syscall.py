@@ -20,7 +20,7 @@ import trio
 
 from bpffs import protocol, vm
 from bpffs.vm.env import DEFAULT_BUDGET
-from bpffs.vm.errors import BpfError
+from bpffs.vm.errors import BatchError, BpfError, RunOutputError, VerifierError
 from bpffs.vm.maps import BpfMap, FdArrayMap, ProgArrayMap, map_class
 from bpffs.vm.maps.base import pages
 from bpffs.vm.uapi import (
@@ -28,6 +28,7 @@ from bpffs.vm.uapi import (
     BPF_LOG_MAX_SIZE,
     BPF_LOG_MIN_SIZE,
     MAP_TYPE_NAMES,
+    PAGE_SIZE,
     PROG_TYPE_NAMES,
     ObjFlag,
     ProgType,
@@ -267,8 +268,8 @@ class Syscalls:
 
     async def _apply_batch(self, m: BpfMap, n: int, apply: Callable[[int], bytes]) -> int:
         """apply(0) .. apply(n - 1) in order, in slices of SLICE_SECONDS with other clients
-        served in between; each returns the key it changed. On an error the exception's
-        `detail` says how many took effect (the kernel's attr.batch.count); the journal
+        served in between; each returns the key it changed. An error is a BatchError whose
+        `count` says how many took effect (the kernel's attr.batch.count); the journal
         records the keys of every slice applied, the failing slice's applied part too."""
         with self.store.held(self.store.of(m)):  # its fd may close between slices
             return await self._apply_slices(m, n, apply)
@@ -284,8 +285,7 @@ class Syscalls:
                                    min(n, done + len(changed) + MAP_BATCH_STEP)):
                         changed.append(apply(i))
             except BpfError as e:
-                e.detail = done + len(changed)
-                raise
+                raise BatchError(e.errno, e.strerror, done + len(changed)) from None
             finally:
                 if changed:
                     self._changed(m, changed)
@@ -331,7 +331,7 @@ class Syscalls:
             try:
                 prog, log = await self.off_loop(conn.peer.uid, load)
             except BpfError as e:
-                raise self._with_log(e, getattr(e, "log", ""), log_level, log_size) from None
+                raise _refusal(e, log_level, log_size) from None
             for used in prog.maps:
                 if isinstance(used, ProgArrayMap) and not used.compatible(prog_type):
                     raise BpfError(errno.EINVAL, f"{used.describe()} holds programs of another"
@@ -339,12 +339,14 @@ class Syscalls:
             cost = pages(BPF_PROG_HEADER + len(insns))
             obj = self.store.add(Kind.PROG, prog, conn.peer.uid, cost,
                                  self._check_charge(conn, cost))
-            for used in prog.maps:  # before the first put can free obj and release them
-                self.store.hold(self.store.of(used))
         with self.store.held(obj):
             reply = self.new_fd(conn, obj)
         if log_level:
-            reply.result["log"] = self._with_log(None, log, log_level, log_size)
+            text, fits = _fit_log(log, log_size)
+            if not fits:
+                raise VerifierError(errno.ENOSPC, f"verifier log of {len(log)} bytes does not"
+                                    f" fit in log_size {log_size}", text)
+            reply.result["log"] = text
         return reply
 
     def _resolve_map_fds(self, conn: Connection, map_fds: dict) -> dict[int, Any]:
@@ -372,28 +374,6 @@ class Syscalls:
             limiter = self._load_limiters[uid] = trio.CapacityLimiter(LOAD_THREADS_PER_UID)
         return await trio.to_thread.run_sync(work, limiter=limiter)
 
-    @staticmethod
-    def _with_log(err: BpfError | None, log: str, log_level: int, log_size: int) -> Any:
-        """Fit the verifier log into the caller's buffer as the kernel does: truncated to
-        log_size - 1 bytes, ENOSPC when it did not fit (even on success)."""
-        if not log_level:
-            return err
-        data = log.encode()
-        fits = len(data) < log_size
-        data = data[:log_size - 1]
-        if err is None:
-            if not fits:
-                e = BpfError(errno.ENOSPC, f"verifier log of {len(log)} bytes does not fit"
-                             f" in log_size {log_size}")
-                e.detail = data.decode(errors="replace")
-                raise e
-            return data.decode(errors="replace")
-        if not fits:
-            err = BpfError(errno.ENOSPC, f"{err.strerror} (and the verifier log does not fit"
-                           f" in log_size {log_size})")
-        err.detail = data.decode(errors="replace")
-        return err
-
     def _test_run_prog(self, conn: Connection, handle: int) -> Any:
         ref = conn.resolve(handle)
         if ref.obj.kind != Kind.PROG:
@@ -414,10 +394,8 @@ class Syscalls:
         with self.store.held(self.store.of(prog)):  # its fd may close while it runs
             out = await self._test_run(conn, prog, tier, data_in, ctx_in, repeat, env)
         if data_size_out and len(out["data_out"]) > data_size_out:
-            e = BpfError(errno.ENOSPC, f"data_out of {len(out['data_out'])} bytes does not fit"
-                         f" in data_size_out {data_size_out}")
-            e.detail = out
-            raise e
+            raise RunOutputError(errno.ENOSPC, f"data_out of {len(out['data_out'])} bytes does"
+                                 f" not fit in data_size_out {data_size_out}", out)
         return out
 
     async def _test_run(self, conn: Connection, prog: vm.Program, tier: str, data_in: bytes,
@@ -501,7 +479,7 @@ class Syscalls:
             m = obj.impl
             return {"id": obj.id, "type": MAP_TYPE_NAMES[m.map_type], "name": m.name,
                     "flags": m.flags, "bytes_key": m.key_size, "bytes_value": m.value_size,
-                    "max_entries": m.max_entries, "bytes_memlock": obj.pages * 4096,
+                    "max_entries": m.max_entries, "bytes_memlock": obj.pages * PAGE_SIZE,
                     "frozen": 0, "pinned": pinned, "entries": len(m)
                     if not isinstance(m, FdArrayMap) else m.live}
         if obj.kind == Kind.PROG:
@@ -510,7 +488,7 @@ class Syscalls:
                     "tag": p.tag, "gpl_compatible": p.gpl_compatible,
                     "loaded_at": int(obj.created), "uid": obj.uid,
                     "bytes_xlated": len(p.insns), "jited": False, "bytes_jited": 0,
-                    "bytes_memlock": obj.pages * 4096,
+                    "bytes_memlock": obj.pages * PAGE_SIZE,
                     "map_ids": [self.store.of(m).id for m in p.maps], "pinned": pinned}
             if p.run_cnt:
                 info.update(run_time_ns=p.run_time_ns, run_cnt=p.run_cnt)
@@ -554,6 +532,25 @@ class Syscalls:
     async def trace_read(self, conn: Connection, after: int) -> list:
         """trace_printk lines with sequence numbers above `after`, waiting for the first one."""
         return await self.daemon.trace.read(after)
+
+
+def _fit_log(log: str, log_size: int) -> tuple[str, bool]:
+    """The verifier log as the caller's buffer holds it (the kernel truncates it to
+    log_size - 1 bytes), and whether it fit (ENOSPC when not, even on success)."""
+    data = log.encode()
+    return data[:log_size - 1].decode(errors="replace"), len(data) < log_size
+
+
+def _refusal(err: BpfError, log_level: int, log_size: int) -> BpfError:
+    """The error of a failed load: with log_level, a VerifierError carrying the verifier's log
+    as the caller's buffer holds it; without, errno and message alone (no log was asked for)."""
+    if not log_level:
+        return BpfError(err.errno, err.strerror)
+    text, fits = _fit_log(err.log if isinstance(err, VerifierError) else "", log_size)
+    if fits:
+        return VerifierError(err.errno, err.strerror, text)
+    return VerifierError(errno.ENOSPC, f"{err.strerror} (and the verifier log does not fit in"
+                         f" log_size {log_size})", text)
 
 
 def _kind(name: str) -> Kind:

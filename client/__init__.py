@@ -10,11 +10,16 @@ AsyncClient. See bpffs.client.libbpf for the call list.
 Finding the daemon: $BPFFS_SOCKET, else your own daemon's socket when it exists, else the
 system daemon's (/run/bpffsd/control.sock). Each reply is awaited at most `timeout` seconds
 (Client(timeout=...), default 30; None for no limit): BpfError(ETIMEDOUT) after that.
+
+Errors are BpfError (an OSError with the kernel's errno); those that carry more are its
+subclasses: VerifierError (a refused program's verifier log, `.log`, when log_level > 0),
+BatchError (a batch call's `.count` done before the failure), RunOutputError (a test run
+whose data_out did not fit: its results in `.output`).
 """
 
 from typing import TYPE_CHECKING
 
-from bpffs.vm.errors import BpfError
+from bpffs.vm.errors import BatchError, BpfError, RunOutputError, VerifierError
 from bpffs.vm.uapi import BPF_ANY, BPF_EXIST, BPF_NOEXIST, MapType, ObjFlag, ProgType
 
 from .calls import ProgFd, TestRun
@@ -55,6 +60,7 @@ __all__ = [
     "BPF_NOEXIST",
     "DEFAULT_TIMEOUT",
     "AsyncClient",
+    "BatchError",
     "BpfError",
     "BytesCodec",
     "Client",
@@ -68,8 +74,10 @@ __all__ = [
     "ProgFd",
     "ProgType",
     "Program",
+    "RunOutputError",
     "StructCodec",
     "TestRun",
+    "VerifierError",
     "close",
     "default_client",
     "load_object",

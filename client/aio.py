@@ -27,8 +27,8 @@ from .sync import (
     WAITING_OPS,
     check_timeout,
     connect,
-    error_from_reply,
     hello_request,
+    reply_result,
     timed_out,
 )
 
@@ -144,33 +144,22 @@ class AsyncClient:
             await self.open()
         if self._closed or self.sock is None:
             raise _closed_error()
-        data, fds, memfd = protocol.frame(protocol.pack([request.op, *request.args]),
-                                          list(request.fds))
         limit = (math.inf if self.timeout is None or request.op in WAITING_OPS
                  else self.timeout)
-        async with self._lock:
-            try:
-                with trio.move_on_after(limit) as scope:
-                    try:
-                        await self.sock.sendmsg([data], protocol.encode_fds(fds))
-                    finally:
-                        if memfd is not None:
-                            os.close(memfd)
-                    data, ancdata, flags = await self.inbox.recvmsg_async(self.sock)
-            except BaseException:
-                self._abandon()  # cancelled from outside mid-request
-                raise
-            if scope.cancelled_caught:
-                self._abandon()
-                raise timed_out(self.timeout)
-        payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
-        if not payload:
-            raise BpfError(errno.ECONNRESET, "bpffsd closed the connection")
-        reply = protocol.unpack(payload)
-        if reply[0]:
-            protocol.close_all(fds)
-            raise error_from_reply(reply)
-        return reply[1], fds
+        with protocol.framed(protocol.pack([request.op, *request.args]),
+                             request.fds) as message:
+            async with self._lock:
+                try:
+                    with trio.move_on_after(limit) as scope:
+                        await self.sock.sendmsg(*message)
+                        data, ancdata, flags = await self.inbox.recvmsg_async(self.sock)
+                except BaseException:
+                    self._abandon()  # cancelled from outside mid-request
+                    raise
+                if scope.cancelled_caught:
+                    self._abandon()
+                    raise timed_out(self.timeout)
+        return reply_result(*protocol.open_message(data, ancdata, flags))
 
     async def run(self, call: calls.Call) -> Any:
         """Drive one operation of bpffs.client.calls (a generator of requests) to its

@@ -20,7 +20,8 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from bpffs.vm.errors import BpfError
+from bpffs.vm.errors import BatchError, BpfError
+from bpffs.vm.isa import LD_IMM64, SRC_SHIFT  # LD_IMM64: the only insn naming a map fd
 from bpffs.vm.uapi import BPF_ANY, BPF_PSEUDO_MAP_FD, MapType
 
 
@@ -33,7 +34,6 @@ class Request(NamedTuple):
 Call = Generator[Request, tuple[Any, list[int]], Any]
 
 _FD_ARRAYS = (MapType.PROG_ARRAY, MapType.PERF_EVENT_ARRAY)
-_LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: the only instruction that names a map fd
 _U32 = struct.Struct("<I")
 
 
@@ -147,7 +147,7 @@ def map_lookup_batch(session: Session, fd: int, count: int, cursor: bytes | None
 def map_update_batch(session: Session, fd: int, keys: Sequence[bytes],
                      values: Sequence[bytes], flags: int = BPF_ANY,
                      chunk: int = 8192) -> Call:
-    """BPF_MAP_UPDATE_BATCH: returns the count updated. On failure the BpfError's `count`
+    """BPF_MAP_UPDATE_BATCH: returns the count updated. On failure a BatchError's `count`
     says how many elements were updated before the failing one."""
     handle, info = yield from _map_handle(session, fd)
     if len(keys) != len(values):
@@ -160,20 +160,25 @@ def map_update_batch(session: Session, fd: int, keys: Sequence[bytes],
             done += (yield Request("map_update_batch", (
                 handle, b"".join(keys[start:stop]), b"".join(values[start:stop]), flags)))[0]
         except BpfError as e:
-            e.count = done + (e.detail or 0)
-            raise
+            raise _batch_error(e, done) from None
     return done
 
 
 def map_delete_batch(session: Session, fd: int, keys: Sequence[bytes]) -> Call:
-    """BPF_MAP_DELETE_BATCH: returns the count deleted; on failure the BpfError's `count`
+    """BPF_MAP_DELETE_BATCH: returns the count deleted; on failure a BatchError's `count`
     says how many were deleted before it."""
     handle, _ = yield from bind(session, fd)
     try:
         return (yield Request("map_delete_batch", (handle, b"".join(keys))))[0]
     except BpfError as e:
-        e.count = e.detail or 0
-        raise
+        raise _batch_error(e, 0) from None
+
+
+def _batch_error(e: BpfError, before: int) -> BatchError:
+    """A batch call's error, counting what took effect: `before` elements in the requests
+    before the failing one, and the daemon's count of that one (none when the error is made
+    on this side, such as a lost connection)."""
+    return BatchError(e.errno, e.strerror, before + (e.count if isinstance(e, BatchError) else 0))
 
 
 # -- programs -----------------------------------------------------------------------------------
@@ -181,7 +186,7 @@ def map_fds_in(insns: bytes) -> list[int]:
     """The map fds a program names (LD_IMM64 with src_reg BPF_PSEUDO_MAP_FD)."""
     fds = []
     for off in range(0, len(insns) - 15, 8):
-        if insns[off] == _LD_IMM64 and insns[off + 1] >> 4 == BPF_PSEUDO_MAP_FD:
+        if insns[off] == LD_IMM64 and insns[off + 1] >> SRC_SHIFT == BPF_PSEUDO_MAP_FD:
             fds.append(struct.unpack_from("<i", insns, off + 4)[0])
     return fds
 
@@ -196,8 +201,8 @@ def prog_load(session: Session, prog_type: int, insns: bytes, license: str = "GP
               kern_version: int = 0, name: str = "", log_level: int = 0,
               log_size: int = 1 << 20) -> Call:
     """BPF_PROG_LOAD: the program fd (a ProgFd: `.log` holds the verifier log when
-    log_level > 0; a rejection's BpfError has it in `.detail`). Map fds named by the
-    instructions are bound on the way."""
+    log_level > 0; a refusal then is a VerifierError, its `.log` the log up to the refusal).
+    Map fds named by the instructions are bound on the way."""
     map_fds = {}
     for fd in set(map_fds_in(insns)):
         try:

@@ -61,20 +61,20 @@ def map_lookup_and_delete_batch(fd: int, count: int, cursor: bytes | None = None
 
 def map_update_batch(fd: int, keys: Sequence[bytes], values: Sequence[bytes],
                      flags: int = BPF_ANY) -> int:
-    """Store values at keys; returns the count (on failure the error's `count` says how
-    many were stored)."""
+    """Store values at keys; returns the count (on failure a BatchError, whose `count` says
+    how many were stored)."""
     return default_client().map_update_batch(fd, keys, values, flags)
 
 
 def map_delete_batch(fd: int, keys: Sequence[bytes]) -> int:
-    """Delete keys; returns the count (on failure the error's `count`)."""
+    """Delete keys; returns the count (on failure a BatchError, with the `count` deleted)."""
     return default_client().map_delete_batch(fd, keys)
 
 
 def prog_load(prog_type: int, insns: bytes, license: str = "GPL", kern_version: int = 0,
               name: str = "", log_level: int = 0, log_size: int = 1 << 20) -> ProgFd:
     """Returns the program fd; with log_level > 0 its `.log` holds the verifier log (on
-    rejection, the raised error's `.detail` does)."""
+    rejection, the VerifierError's `.log` does)."""
     return default_client().prog_load(prog_type, insns, license, kern_version, name, log_level,
                                       log_size)
 

@@ -242,7 +242,7 @@ class Map(FdObject, MutableMapping):
     # -- batches ------------------------------------------------------------------------------
     def update_batch(self, items: Mapping[Any, Any] | Iterable[tuple[Any, Any]],
                      flags: int = BPF_ANY) -> int:
-        """BPF_MAP_UPDATE_BATCH: returns how many were written (on failure the BpfError's
+        """BPF_MAP_UPDATE_BATCH: returns how many were written (on failure a BatchError's
         `count` says how many were before it)."""
         pairs = items.items() if isinstance(items, Mapping) else items
         keys, values = [], []

@@ -22,14 +22,13 @@ from typing import Any, BinaryIO
 import dpkt
 
 from bpffs.vm.errors import BpfError
-from bpffs.vm.uapi import ProgType, TcAct
+from bpffs.vm.uapi import ETH_HLEN, ProgType, TcAct
 
 from . import calls
 from .calls import BatchRun
 from .sync import Client
 
-MAX_PACKET = 262144  # tcpdump's MAXIMUM_SNAPLEN: larger records are "giant" and not run
-ETH_HLEN = 14  # the kernel's test run refuses shorter skb data (EINVAL)
+MAX_SNAPLEN = 262144  # tcpdump's MAXIMUM_SNAPLEN: larger records are "giant" and not run
 DLT_EN10MB = 1
 # Packets per request. Measured on 1M-packet replays: 2048 ran ~20% faster than 4096 (a request
 # of ~0.8 MB and its unpacked copy stay in cache) and no slower than 1024 (fixed costs).
@@ -217,11 +216,11 @@ class Replay:
         lengths = list(map(len, packets))
         s.truncated += sum(map(operator.gt, wire, lengths))
         shortest = ETH_HLEN if self.is_tc else 0
-        if lengths and (max(lengths) > MAX_PACKET or min(lengths) < shortest):
-            keep = [shortest <= n <= MAX_PACKET for n in lengths]
+        if lengths and (max(lengths) > MAX_SNAPLEN or min(lengths) < shortest):
+            keep = [shortest <= n <= MAX_SNAPLEN for n in lengths]
             for n, ok in zip(lengths, keep, strict=True):
                 if not ok:
-                    s.skipped[f"giant (over {MAX_PACKET} bytes)" if n > MAX_PACKET else
+                    s.skipped[f"giant (over {MAX_SNAPLEN} bytes)" if n > MAX_SNAPLEN else
                               f"shorter than an Ethernet header ({ETH_HLEN} bytes)"] += 1
             stamps = list(itertools.compress(stamps, keep))
             packets = list(itertools.compress(packets, keep))

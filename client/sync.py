@@ -43,13 +43,9 @@ DEFAULT_TIMEOUT = 30.0
 WAITING_OPS = frozenset({"trace_read"})
 
 
-def error_from_reply(reply: list) -> BpfError:
-    """The BpfError a daemon's error reply stands for (its detail, such as a verifier log or
-    a batch count, in `.detail`)."""
-    err, message, *detail = reply
-    e = BpfError(err, message)
-    e.detail = detail[0] if detail else None
-    return e
+# The BpfError a daemon's error reply stands for, of the subclass its detail names
+# (VerifierError with the log, BatchError with the count, ...).
+error_from_reply = protocol.error_from_reply
 
 
 def timed_out(timeout: float | None, what: str = "answer") -> BpfError:
@@ -113,6 +109,18 @@ def set_recv_timeout(sock: socket.socket, timeout: float | None) -> None:
     value = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def reply_result(payload: bytes, fds: list[int]) -> tuple[Any, list[int]]:
+    """A reply's result and the fds that came with it; an error reply is raised (its fds
+    closed), and so is the end of the connection (an empty payload)."""
+    if not payload:
+        raise BpfError(errno.ECONNRESET, "bpffsd closed the connection")
+    reply = protocol.unpack(payload)
+    if reply[0]:
+        protocol.close_all(fds)
+        raise error_from_reply(reply)
+    return reply[1], fds
 
 
 def hello_request() -> calls.Request:
@@ -212,10 +220,13 @@ class Client:
             if self._rtt_avg > SPIN_WORTH_NS:
                 self._spin_pause, self._rtt_avg = SPIN_BACKOFF, 0
 
-    def _send(self, request: calls.Request) -> None:
+    def _check_open(self) -> None:
         if self.closed:
             raise BpfError(errno.ENOTCONN, "this client's connection to bpffsd is closed"
                            " (after close() or a timeout): make a new client")
+
+    def _send(self, request: calls.Request) -> None:
+        self._check_open()
         try:
             protocol.send_message(self.sock, protocol.pack([request.op, *request.args]),
                                   request.fds)
@@ -227,9 +238,7 @@ class Client:
             self._untimed = True
 
     def _receive(self, spin_ns: int = 0) -> tuple[Any, list[int]]:
-        if self.closed:
-            raise BpfError(errno.ENOTCONN, "this client's connection to bpffsd is closed"
-                           " (after close() or a timeout): make a new client")
+        self._check_open()
         try:
             data, fds = protocol.recv_message(self.sock, self.inbox, spin_ns)
         except BlockingIOError:
@@ -239,13 +248,7 @@ class Client:
             if self._untimed and not self.closed:
                 set_recv_timeout(self.sock, self.timeout)
                 self._untimed = False
-        if not data:
-            raise BpfError(errno.ECONNRESET, "bpffsd closed the connection")
-        reply = protocol.unpack(data)
-        if reply[0]:
-            protocol.close_all(fds)
-            raise error_from_reply(reply)
-        return reply[1], fds
+        return reply_result(data, fds)
 
     def start(self, call: calls.Call) -> Callable[[], Any]:
         """Send a one-request call now; returns the function that waits for its reply and

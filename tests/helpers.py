@@ -25,6 +25,10 @@ NOBODY = (65534, 65534)  # uid and gid of nobody:nogroup, the unprivileged calle
 
 
 def fuse_available() -> bool:
+    """Whether tests may mount FUSE. BPFFSD_TEST_HIDE_FUSE=1 answers no, to measure what
+    runs on a machine without /dev/fuse."""
+    if os.environ.get("BPFFSD_TEST_HIDE_FUSE") == "1":
+        return False
     return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
 
@@ -35,9 +39,10 @@ def is_mounted(path: Path) -> bool:
 
 
 class DaemonProcess:
-    """A bpffsd subprocess with its own socket, mount and state directory under `root`."""
+    """A bpffsd subprocess with its own socket, state directory and (mount=True) mount under
+    `root`."""
 
-    def __init__(self, root: Path, mount: bool = True, args: tuple[str, ...] = ()):
+    def __init__(self, root: Path, mount: bool = False, args: tuple[str, ...] = ()):
         self.root = root
         self.socket = root / "control.sock"
         self.mount = root / "bpf" if mount else None

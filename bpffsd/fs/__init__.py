@@ -126,12 +126,12 @@ class Filesystems:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await self._reap_abandoned()
+            await self._reap_abandoned(nursery)
 
     def all_mounts(self) -> list[Mount]:
         return [m for inst in {*self.named.values(), *self.by_ns.values()} for m in inst.mounts]
 
-    async def _reap_abandoned(self) -> None:
+    async def _reap_abandoned(self, nursery: trio.Nursery) -> None:
         """Unmount what we mounted into namespaces no process lives in any more (a container
         that exited). The kernel would have torn those mounts down with the namespace; ours
         keep it alive (the daemon holds its fd to restart a crashed worker, and the worker
@@ -148,7 +148,7 @@ class Filesystems:
                 if mount.ns_ino not in inhabited:
                     log.info("no process is left in the mount namespace of %s: unmounting",
                              mount.describe())
-                    self._nursery.start_soon(mount.stop)  # type: ignore[union-attr]
+                    nursery.start_soon(mount.stop)
 
     # -- instances ----------------------------------------------------------------------------
     def instance(self, name: str | None) -> Instance:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from bpffs import protocol
 from bpffs.vm.errors import BpfError
 
 from .render import PinText
@@ -21,6 +22,29 @@ from .tree import Caller, Dir, Node, Pin, Symlink, Tree
 
 if TYPE_CHECKING:
     from .instance import Instance
+
+# The requests a mount worker sends (worker.py), with their arguments' types as in
+# protocol.OPS: ctx is the FUSE caller [uid, gid, pid, umask], a node is its inode number, a
+# name is bytes. None carries fds. FuseOps has a method of each name.
+OPS: dict[str, tuple[str, ...]] = {
+    "lookup": ("list", "int", "bytes"),  # ctx, parent, name
+    "getattr": ("list", "int"),  # ctx, ino
+    "setattr": ("list", "int", "dict"),  # ctx, ino, {change: value}
+    "readlink": ("list", "int"),
+    "mkdir": ("list", "int", "bytes", "int"),  # ctx, parent, name, mode
+    "unlink": ("list", "int", "bytes"),
+    "rmdir": ("list", "int", "bytes"),
+    "symlink": ("list", "int", "bytes", "bytes"),  # ctx, parent, name, target
+    "rename": ("list", "int", "bytes", "int", "bytes", "int"),  # ..., flags
+    "link": ("list", "int", "int", "bytes"),  # ctx, ino, new parent, new name
+    "open": ("list", "int", "int"),  # ctx, ino, flags
+    "read": ("int", "int", "int"),  # fh, offset, size
+    "release": ("int",),  # fh
+    "readdir": ("int", "int", "int"),  # ino, after (cookie), count
+    "mknod": ("list", "int", "bytes", "int"),  # ctx, parent, name, mode
+    "created": ("int", "bytes", "int"),  # parent, name, errno
+}
+REQUESTS = protocol.Schema(OPS)
 
 
 def attrs(node: Node) -> list[int]:
@@ -61,9 +85,7 @@ class FuseOps:
         return self.instance.tree
 
     def handlers(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in (
-            "lookup", "getattr", "setattr", "readlink", "mkdir", "unlink", "rmdir", "symlink",
-            "rename", "link", "open", "read", "release", "readdir", "mknod", "created")}
+        return {name: getattr(self, name) for name in OPS}
 
     def lookup(self, ctx: list[int], parent: int, name: bytes) -> list[int]:
         return attrs(self.tree.lookup(self.tree.dir(parent), name))

@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -24,8 +25,8 @@ import trio
 from bpffs import protocol
 from bpffs.vm.errors import BpfError
 
-from ..server import error_reply
-from .fuse_ops import FuseOps, PendingPin
+from ..pipeline import Pipeline, Request
+from .fuse_ops import REQUESTS, FuseOps, PendingPin
 from .tree import Caller, Dir, show
 
 if TYPE_CHECKING:
@@ -45,6 +46,13 @@ PIN_THROUGH_MOUNT_TIMEOUT = 5.0
 
 
 class Mount:
+    """One mount, and the Channel (pipeline.py) its worker's requests come by: a worker the
+    daemon started, whose messages are decoded without the control socket's per-user
+    bounds."""
+
+    message_limit = protocol.MESSAGE_MAX
+    objects_max = None  # no object budget (protocol.unpack_request)
+
     def __init__(self, fs: Filesystems, instance: Instance, mountpoint: bytes, ns_fd: int,
                  ns_ino: int, owner: tuple[int, int], options: str = ""):
         self.fs = fs
@@ -66,6 +74,14 @@ class Mount:
 
     def describe(self) -> str:
         return show(self.mountpoint)
+
+    @property
+    def where(self) -> str:
+        return f"in mount {self.describe()}"
+
+    def call(self, request: Request, handler: Callable[..., Any]) -> Any:
+        with self.fs.origin(self):  # its own changes need no invalidation in this mount
+            return handler(*request.args)
 
     # -- lifetime -----------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -136,50 +152,52 @@ class Mount:
         """Serve the worker's requests until it goes; returns its exit status."""
         assert self._rpc is not None and self.process is not None
         rpc = self._rpc  # stop() may clear self._rpc while a reply awaits durability
+        persistence = self.fs.daemon.persistence
+        pipeline = Pipeline(REQUESTS, self.ops.handlers(), persistence)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_invalidations)
-            handlers = self.ops.handlers()
             inbox = protocol.Inbox()  # one reused receive buffer (see Inbox)
-            while True:
-                try:
-                    data, ancdata, flags = inbox.recvmsg(rpc)
-                except BlockingIOError:
-                    try:
-                        await trio.lowlevel.wait_readable(rpc)
-                    except trio.ClosedResourceError:
-                        break
-                    continue
-                except OSError:
-                    break
-                if not data:
-                    break
-                persistence = self.fs.daemon.persistence
-                mark = persistence.mark() if persistence is not None else None
-                reply = self._serve_request(handlers, data, ancdata, flags)
-                if mark is not None:
-                    failure = await persistence.durable(mark)  # shell tools get durability too
-                    if failure is not None:
-                        reply = protocol.error(failure.errno, str(failure))
-                try:
-                    protocol.send_message(rpc, reply)
-                except BlockingIOError:
-                    log.warning("mount worker for %s is not reading replies", self.describe())
-                except OSError:
+            while (message := await self._receive(rpc, inbox)) is not None:
+                outcome = pipeline.serve(self, *message)
+                if outcome.journaled:  # shell tools get durability too
+                    assert persistence is not None
+                    outcome = outcome.durable(await persistence.durable(outcome.mark))
+                if not self._reply(rpc, outcome.reply):
                     break
             nursery.cancel_scope.cancel()
         self.fs.mount_down(self)
         self.ops.release_all()
         return await self.process.wait()
 
-    def _serve_request(self, handlers: dict, data: bytes, ancdata: list, flags: int) -> bytes:
+    @staticmethod
+    async def _receive(rpc: socket.socket, inbox: protocol.Inbox
+                       ) -> tuple[bytes, list, int] | None:
+        """The worker's next request, as recvmsg returns it; None once the worker is gone
+        (or shutdown closed its socket)."""
+        while True:
+            try:
+                message = inbox.recvmsg(rpc)
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(rpc)
+                except trio.ClosedResourceError:
+                    return None
+                continue
+            except OSError:
+                return None
+            return message if message[0] else None
+
+    def _reply(self, rpc: socket.socket, reply: bytes | None) -> bool:
+        """Send the worker a reply (FuseOps handlers always make one); False once it is
+        gone."""
+        assert reply is not None
         try:
-            payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
-            protocol.close_all(fds)
-            op, *args = protocol.unpack(payload)
-            with self.fs.origin(self):
-                return protocol.ok(handlers[op](*args))
-        except Exception as e:  # a BpfError is the caller's; the rest is logged, then EIO
-            return error_reply(e, f"in mount {self.describe()}")
+            protocol.send_message(rpc, reply)
+        except BlockingIOError:
+            log.warning("mount worker for %s is not reading replies", self.describe())
+        except OSError:
+            return False
+        return True
 
     async def _shutdown(self) -> None:
         """Ask the worker to unmount (by closing its notification socket); kill it if it

@@ -34,10 +34,10 @@ import trio
 
 from bpffs import protocol
 from bpffs.daemon import logfmt
+from bpffs.daemon.fs import CLONE_NEWNS
 
 log = logging.getLogger("bpffsd.worker")
 
-CLONE_NEWNS = 0x00020000
 MNT_DETACH = 2
 # How long the kernel may cache entries and attributes. Changes made by other routes are
 # pushed as invalidations, so this only bounds the damage of a lost notification.
@@ -196,17 +196,13 @@ class DaemonLink:
         raise pyfuse3.FUSEError(errno.ETIMEDOUT)
 
     async def _send(self, request: list[Any]) -> None:
-        data, fds, memfd = protocol.frame(protocol.pack(request), [])
-        try:
-            await self.sock.sendmsg([data], protocol.encode_fds(fds))
-        finally:
-            if memfd is not None:
-                os.close(memfd)
+        with protocol.framed(protocol.pack(request)) as message:
+            await self.sock.sendmsg(*message)
         self._owed.append(request)  # sent (a cancelled sendmsg sends nothing)
 
     @staticmethod
     def _reply(data: bytes, ancdata: list, flags: int) -> Any:
-        payload, fds = protocol.open_payload(data, protocol.decode_fds(ancdata, flags))
+        payload, fds = protocol.open_message(data, ancdata, flags)
         protocol.close_all(fds)
         reply = protocol.unpack(payload)
         if reply[0]:

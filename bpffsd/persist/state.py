@@ -301,8 +301,6 @@ class Replayer:
         prog, _ = vm.load_program(prog_type, insns, license=license, resolve_map=maps.__getitem__,
                                   kern_version=kern_version, name=name, privileged=True)
         self._add(old_id, Kind.PROG, prog, uid, pages(BPF_PROG_HEADER + len(insns)))
-        for used in prog.maps:
-            self.store.hold(self.store.of(used))
 
     def _instance(self, name: str) -> None:
         self.daemon.fs.instance(name)

@@ -17,8 +17,8 @@ import os
 import select
 import sys
 import traceback
+from importlib.metadata import PackageNotFoundError, version
 
-from bpffs.daemon import __version__
 from bpffs.vm.errors import BpfError
 
 from ..sync import Client
@@ -33,6 +33,7 @@ LONG_FLAGS = {"json": "json", "pretty": "pretty", "bpffs": "bpffs", "nomount": N
               "debug": None, "mapcompat": None, "version": "version", "help": "help"}
 SHORT_FLAGS = {"j": "json", "p": "pretty", "f": "bpffs", "n": None, "d": None, "m": None,
                "V": "version", "h": "help"}
+DISTRIBUTION = "bpffsd"  # pyproject.toml's name: client and daemon are one distribution
 SIGPIPE_STATUS = 128 + 13  # what a shell reports for bpftool killed by SIGPIPE
 
 
@@ -81,15 +82,14 @@ def parse_options(argv: list[str]) -> tuple[dict, list[str]]:
 def object_usage(obj: str, json_mode: bool) -> None:
     """Print the commands of one object (`bpffs map help`), or the whole tool's; with --json,
     `null` as bpftool."""
-    out = Output()
     if json_mode:
         print("null")
     elif obj == "map":
-        map_cmd.help_(None, Args([]), out, False)  # type: ignore[arg-type]
+        print(map_cmd.USAGE)
     elif obj == "prog":
         from . import prog as prog_cmd
 
-        prog_cmd.help_(None, Args([]), out, False)  # type: ignore[arg-type]
+        print(prog_cmd.USAGE)
     elif obj == "pcap":
         from .pcap import USAGE
 
@@ -144,6 +144,14 @@ def describe(e: OSError) -> str:
     return ": ".join(parts)
 
 
+def installed_version() -> str:
+    """The distribution's version, pyproject.toml's (the daemon reports the same one)."""
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # a checkout used without an install
+        return "unknown"
+
+
 def run(argv: list[str], out: Output) -> int:
     """Parse argv and run the command it names; the exit status."""
     opts, words = parse_options(argv)
@@ -156,8 +164,9 @@ def run(argv: list[str], out: Output) -> int:
         object_usage(obj, out.json)
         return 0
     if obj == "version":
-        out.line(f"bpffs v{__version__}")
-        out.emit({"version": __version__})
+        number = installed_version()
+        out.line(f"bpffs v{number}")
+        out.emit({"version": number})
         return 0
     with Client(opts["socket"]) as client:
         if obj == "map":

@@ -13,7 +13,7 @@ from bpffs.vm.uapi import BPF_ANY, BPF_EXIST, BPF_NOEXIST, MAP_TYPE_NAMES, MapTy
 
 from ..sync import Client
 from .args import Args, match, usage
-from .objects import open_one, show_infos
+from .objects import open_one, pin_one, show_infos
 from .output import Output, hex_bytes, json_bytes
 
 COMMANDS = ["show", "list", "create", "dump", "lookup", "update", "delete", "getnext", "pin",
@@ -32,22 +32,25 @@ def run(client: Client, args: Args, out: Output, show_pins: bool) -> None:
     handler(client, args, out, show_pins)
 
 
+USAGE = ("Usage: bpffs map { show | list }   [MAP]\n"
+         "       bpffs map create     FILE type TYPE key KEY_SIZE value VALUE_SIZE \\\n"
+         "                            entries MAX_ENTRIES name NAME [flags FLAGS]\n"
+         "       bpffs map dump       MAP\n"
+         "       bpffs map update     MAP key DATA value VALUE [UPDATE_FLAGS]\n"
+         "       bpffs map lookup     MAP key DATA\n"
+         "       bpffs map getnext    MAP [key DATA]\n"
+         "       bpffs map delete     MAP key DATA\n"
+         "       bpffs map pin        MAP FILE\n"
+         "       bpffs map event_pipe MAP [cpu N index M]\n"
+         "       MAP := { id MAP_ID | pinned FILE | name MAP_NAME }\n"
+         "       DATA := { [hex] BYTES }\n"
+         "       VALUE := { DATA | PROG (prog_array) }\n"
+         "       UPDATE_FLAGS := { any | exist | noexist }\n"
+         f"       TYPE := {{ {' | '.join(TYPE_BY_NAME)} }}")
+
+
 def help_(client: Client, args: Args, out: Output, show_pins: bool) -> None:
-    print("Usage: bpffs map { show | list }   [MAP]\n"
-          "       bpffs map create     FILE type TYPE key KEY_SIZE value VALUE_SIZE \\\n"
-          "                            entries MAX_ENTRIES name NAME [flags FLAGS]\n"
-          "       bpffs map dump       MAP\n"
-          "       bpffs map update     MAP key DATA value VALUE [UPDATE_FLAGS]\n"
-          "       bpffs map lookup     MAP key DATA\n"
-          "       bpffs map getnext    MAP [key DATA]\n"
-          "       bpffs map delete     MAP key DATA\n"
-          "       bpffs map pin        MAP FILE\n"
-          "       bpffs map event_pipe MAP [cpu N index M]\n"
-          "       MAP := { id MAP_ID | pinned FILE | name MAP_NAME }\n"
-          "       DATA := { [hex] BYTES }\n"
-          "       VALUE := { DATA | PROG (prog_array) }\n"
-          "       UPDATE_FLAGS := { any | exist | noexist }\n"
-          f"       TYPE := {{ {' | '.join(TYPE_BY_NAME)} }}")
+    print(USAGE)
 
 
 def _open(client: Client, args: Args) -> tuple[int, dict]:
@@ -55,13 +58,10 @@ def _open(client: Client, args: Args) -> tuple[int, dict]:
     return fd, client.obj_get_info_by_fd(fd)
 
 
-def _print_info(out: Output, info: dict, show_pins: bool) -> None:
+def _print_info(out: Output, info: dict) -> None:
     out.line(f"{info['id']}: {info['type']}  name {info['name']}  flags {info['flags']:#x}")
     out.line(f"\tkey {info['bytes_key']}B  value {info['bytes_value']}B  max_entries"
              f" {info['max_entries']}  memlock {info['bytes_memlock']}B")
-    if show_pins:
-        for path in info["pinned"]:
-            out.line(f"\tpinned {path}")
 
 
 def show(client: Client, args: Args, out: Output, show_pins: bool) -> None:
@@ -193,14 +193,7 @@ def getnext(client: Client, args: Args, out: Output, show_pins: bool) -> None:
 
 
 def pin(client: Client, args: Args, out: Output, show_pins: bool) -> None:
-    fd, _ = _open(client, args)
-    try:
-        path = args.next("FILE")
-        args.done()
-        client.obj_pin(fd, path)
-    finally:
-        os.close(fd)
-    out.emit(None)
+    pin_one(client, args, out, "map")
 
 
 def possible_cpus() -> int:

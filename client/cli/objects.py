@@ -56,9 +56,22 @@ def open_one(client: Client, kind: str, how: str, value: str) -> int:
     return fds[0]
 
 
+def pin_one(client: Client, args: Args, out: Output, kind: str) -> None:
+    """`map pin` / `prog pin`: MAP|PROG FILE, the object pinned at FILE."""
+    fd = open_one(client, kind, *args.object_ref(kind))
+    try:
+        path = args.next("FILE")
+        args.done()
+        client.obj_pin(fd, path)
+    finally:
+        os.close(fd)
+    out.emit(None)
+
+
 def show_infos(client: Client, args: Args, out: Output, kind: str, show_pins: bool,
-               print_info: Callable[[Output, dict, bool], None]) -> None:
-    """`map show` / `prog show`: the named objects, or every object of `kind`."""
+               print_info: Callable[[Output, dict], None]) -> None:
+    """`map show` / `prog show`: the named objects, or every object of `kind`, each as
+    print_info writes it, then (bpffs -f) the paths it is pinned at."""
     single = bool(args)
     if args:
         fds = open_refs(client, kind, *args.object_ref(kind))
@@ -75,7 +88,10 @@ def show_infos(client: Client, args: Args, out: Output, kind: str, show_pins: bo
         infos.append(client.obj_get_info_by_fd(fd))
         os.close(fd)
     for info in infos:
-        print_info(out, info, show_pins)
+        print_info(out, info)
+        if show_pins:
+            for path in info["pinned"]:
+                out.line(f"\tpinned {path}")
     docs = [{k: v for k, v in i.items() if k != "entries" and (show_pins or k != "pinned")}
             for i in infos]
     out.emit(docs[0] if single and len(docs) == 1 else docs)

@@ -7,12 +7,13 @@ import sys
 import time
 
 from bpffs import vm
+from bpffs.vm.errors import VerifierError
 
 from ..loader.elf import PROG_TYPE_WORDS, read_object
 from ..loader.load import LoadOptions, load_object
 from ..sync import Client
 from .args import Args, usage
-from .objects import open_one, show_infos
+from .objects import open_one, pin_one, show_infos
 from .output import Output, hex_bytes, named
 
 COMMANDS = ["show", "list", "dump", "pin", "run", "load", "loadall", "tracelog", "help"]
@@ -25,22 +26,25 @@ def run(client: Client, args: Args, out: Output, show_pins: bool) -> None:
     handler(client, args, out, show_pins)
 
 
+USAGE = ("Usage: bpffs prog { show | list } [PROG]\n"
+         "       bpffs prog dump xlated PROG [opcodes]\n"
+         "       bpffs prog pin     PROG FILE\n"
+         "       bpffs prog run     PROG data_in FILE [data_out FILE [data_size_out L]]\n"
+         "                          [ctx_in FILE [ctx_out FILE [ctx_size_out M]]] [repeat N]\n"
+         "       bpffs prog load    OBJ PATH [type TYPE] [section NAME] [pinmaps DIR]"
+         " [verbose]\n"
+         "       bpffs prog loadall OBJ DIR [type TYPE] [pinmaps DIR] [verbose]\n"
+         "       bpffs prog tracelog\n"
+         "       PROG := { id PROG_ID | pinned FILE | name PROG_NAME }\n"
+         "       TYPE := { socket | kprobe | classifier | tc | action }\n"
+         "       tc maps are pinned under $TC_BPF_MNT (default: the bpffs mount)")
+
+
 def help_(client: Client, args: Args, out: Output, show_pins: bool) -> None:
-    print("Usage: bpffs prog { show | list } [PROG]\n"
-          "       bpffs prog dump xlated PROG [opcodes]\n"
-          "       bpffs prog pin     PROG FILE\n"
-          "       bpffs prog run     PROG data_in FILE [data_out FILE [data_size_out L]]\n"
-          "                          [ctx_in FILE [ctx_out FILE [ctx_size_out M]]] [repeat N]\n"
-          "       bpffs prog load    OBJ PATH [type TYPE] [section NAME] [pinmaps DIR]"
-          " [verbose]\n"
-          "       bpffs prog loadall OBJ DIR [type TYPE] [pinmaps DIR] [verbose]\n"
-          "       bpffs prog tracelog\n"
-          "       PROG := { id PROG_ID | pinned FILE | name PROG_NAME }\n"
-          "       TYPE := { socket | kprobe | classifier | tc | action }\n"
-          "       tc maps are pinned under $TC_BPF_MNT (default: the bpffs mount)")
+    print(USAGE)
 
 
-def _print_info(out: Output, info: dict, show_pins: bool) -> None:
+def _print_info(out: Output, info: dict) -> None:
     gpl = "  gpl" if info["gpl_compatible"] else ""
     out.line(f"{info['id']}: {info['type']}  name {info['name']}  tag {info['tag']}{gpl}")
     loaded = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(info["loaded_at"]))
@@ -50,9 +54,6 @@ def _print_info(out: Output, info: dict, show_pins: bool) -> None:
     maps = f"  map_ids {','.join(map(str, info['map_ids']))}" if info["map_ids"] else ""
     out.line(f"\txlated {info['bytes_xlated']}B  not jited  memlock {info['bytes_memlock']}B"
              f"{maps}")
-    if show_pins:
-        for path in info["pinned"]:
-            out.line(f"\tpinned {path}")
 
 
 def show(client: Client, args: Args, out: Output, show_pins: bool) -> None:
@@ -81,14 +82,7 @@ def dump(client: Client, args: Args, out: Output, show_pins: bool) -> None:
 
 
 def pin(client: Client, args: Args, out: Output, show_pins: bool) -> None:
-    fd = open_one(client, "prog", *args.object_ref("prog"))
-    try:
-        path = args.next("FILE")
-        args.done()
-        client.obj_pin(fd, path)
-    finally:
-        os.close(fd)
-    out.emit(None)
+    pin_one(client, args, out, "prog")
 
 
 def _read_input(path: str) -> bytes:
@@ -168,9 +162,9 @@ def load(client: Client, args: Args, out: Output, show_pins: bool, every: bool =
         options.sections = [spec.program().section]
     try:
         loaded = load_object(client, spec, options)
-    except OSError as e:
-        if getattr(e, "log", ""):
-            print(e.log.rstrip(), file=sys.stderr)  # type: ignore[attr-defined]
+    except VerifierError as e:
+        if e.log:
+            print(e.log.rstrip(), file=sys.stderr)
         raise
     with loaded:
         try:

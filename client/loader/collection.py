@@ -160,7 +160,8 @@ def load_object(path: str | Path | bytes, *, sections: list[str] | None = None,
     daemon's mount, else /sys/fs/bpf). pin_root: libbpf's pin_root_path for BTF maps with
     pinning LIBBPF_PIN_BY_NAME (default: the mount). log_level 1 keeps each program's
     verifier log in `Program.log`. Raises BpfError naming the map or program that failed
-    (a rejected program's error has the verifier log in `.log`); nothing stays pinned then.
+    (a program the verifier refused: VerifierError, its log in `.log`); nothing stays pinned
+    then.
     """
     client = client or default_client()
     spec = read_object(path if isinstance(path, bytes) else os.fspath(path))

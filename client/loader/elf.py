@@ -130,7 +130,7 @@ class ProgramSpec:
         code = bytearray(self.insns)
         for index, map_name in self.relocations:
             off = index * isa.INSN_SIZE
-            code[off + 1] = (code[off + 1] & 0x0F) | (BPF_PSEUDO_MAP_FD << 4)
+            code[off + 1] = (code[off + 1] & isa.DST_MASK) | (BPF_PSEUDO_MAP_FD << isa.SRC_SHIFT)
             struct.pack_into("<i", code, off + 4, map_fds[map_name])
             struct.pack_into("<i", code, off + 12, 0)
         return bytes(code)

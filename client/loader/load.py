@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bpffs import paths
-from bpffs.vm.errors import BpfError
+from bpffs.vm.errors import BpfError, VerifierError
 from bpffs.vm.uapi import MAP_TYPE_NAMES, MapType, ProgType
 
 from ..sync import Client
@@ -346,20 +346,20 @@ def _load_program(client: Client, spec: ObjectSpec, prog: ProgramSpec, prog_type
         fd = client.prog_load(prog_type, insns, license, spec.kern_version, prog.kernel_name,
                               options.log_level)
     except BpfError as e:
-        # Load again with a log to say why, as libbpf does.
-        log = e.detail or ""
-        if not options.log_level:
+        why = e
+        if not options.log_level:  # load again with a log to say why, as libbpf does
             try:
                 os.close(client.prog_load(prog_type, insns, license, spec.kern_version,
                                           prog.kernel_name, 1))
             except BpfError as again:
-                log = again.detail or ""
+                why = again
         hint = (" (the object has no license section: GPL-only helpers are refused)"
                 if spec.license is None else "")
-        err = BpfError(e.errno, f"{spec.path}: loading program '{prog.name}' (section"
-                       f" '{prog.section}'): {e.strerror}{hint}")
-        err.log = log if isinstance(log, str) else ""  # type: ignore[attr-defined]
-        raise err from None
+        message = (f"{spec.path}: loading program '{prog.name}' (section '{prog.section}'):"
+                   f" {e.strerror}{hint}")
+        if isinstance(why, VerifierError):
+            raise VerifierError(e.errno, message, why.log) from None
+        raise BpfError(e.errno, message) from None
     loaded.programs[prog.name] = fd
     if fd.log:
         loaded.logs[prog.name] = fd.log

@@ -25,14 +25,15 @@ def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cli_env(daemon: DaemonProcess, bin_dir: Path) -> dict[str, str]:
-    """The environment of a user of the module's daemon: its socket, tc pins on its mount."""
-    return {**daemon.env, "TC_BPF_MNT": str(daemon.mount),
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """The environment of a user of the test's daemon: its socket, tc pins on its mount (a
+    test marked fuse)."""
+    mount = {"TC_BPF_MNT": str(daemon.mount)} if daemon.mount else {}
+    return {**daemon.env, **mount, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def bpffs(cli_env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
     """bpffs(*words, input=None, timeout=60) -> the finished `bpffs` subprocess."""
     def run(*words: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:

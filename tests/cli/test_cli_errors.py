@@ -122,6 +122,7 @@ def write_pcap(path: Path) -> None:
                      + bytes(8) + len(frame).to_bytes(4, "little") * 2 + frame)
 
 
+@pytest.mark.fuse
 def test_every_error_is_one_line_never_a_traceback(bpffs: Run, objects: dict[str, str],
                                                    tmp_path: Path) -> None:
     write_pcap(tmp_path / "in.pcap")
@@ -139,6 +140,7 @@ def test_every_error_is_one_line_never_a_traceback(bpffs: Run, objects: dict[str
                 assert done.stderr.count("Error: ") == 1, what
 
 
+@pytest.mark.fuse
 def test_numbers_are_range_checked_as_the_kernels_fields(bpffs: Run, bpf_dir: Path) -> None:
     """u32 attr fields (ids, sizes, max_entries, flags, repeat): a message that names the
     field, EINVAL's status, nothing sent to the daemon."""
@@ -154,6 +156,7 @@ def test_numbers_are_range_checked_as_the_kernels_fields(bpffs: Run, bpf_dir: Pa
     assert not (bpf_dir / "x").exists()
 
 
+@pytest.mark.fuse
 def test_files_are_named_in_errors(bpffs: Run, objects: dict[str, str], tmp_path: Path) -> None:
     p = objects["prog"]
     missing = tmp_path / "nosuch.pcap"
@@ -174,6 +177,7 @@ def test_files_are_named_in_errors(bpffs: Run, objects: dict[str, str], tmp_path
     assert done.stderr == "Error: ENOENT: /nonexistent/x: No such file or directory\n"
 
 
+@pytest.mark.fuse
 def test_event_pipe_refuses_a_cpu_that_does_not_exist(bpffs: Run,
                                                       objects: dict[str, str]) -> None:
     """It used to wait forever for samples from CPU 99."""
@@ -222,6 +226,7 @@ def closed_early(argv: list[str], env: dict[str, str] | None = None) -> tuple[in
     return proc.wait(timeout=60), err
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("json_mode", [False, True])
 def test_closed_pipe_exits_quietly(client: Client, cli_env: dict[str, str], bpf_dir: Path,
                                    json_mode: bool) -> None:

@@ -36,6 +36,7 @@ PLACES = [
 ]
 
 
+@pytest.mark.fuse
 def test_options_anywhere(bpffs: Run, bpf_dir: Path) -> None:
     pin = str(bpf_dir / "flows")
     make_flows(bpffs, pin)
@@ -52,6 +53,7 @@ def test_options_anywhere(bpffs: Run, bpf_dir: Path) -> None:
     assert f"\tpinned {pin}" in show.stdout.splitlines()
 
 
+@pytest.mark.fuse
 def test_double_dash_ends_the_options(bpffs: Run, bpf_dir: Path) -> None:
     pin = str(bpf_dir / "flows")
     make_flows(bpffs, pin)
@@ -75,6 +77,7 @@ def test_unknown_option_before_the_object_is_an_error(bpffs: Run) -> None:
     assert done.stderr == "Error: EINVAL: unknown option --frobnicate\n"
 
 
+@pytest.mark.fuse
 @needs_bpftool
 @pytest.mark.kernel
 def test_trailing_json_as_bpftool(bpffs: Run, bpf_dir: Path, kernel_bpffs: Path) -> None:
@@ -146,9 +149,10 @@ def test_help_as_bpftool() -> None:
     assert bpftool("-j", "map", "help").stdout == "null\n"
 
 
+@pytest.mark.fuse
 def test_status_wording(bpffs: Run, start_daemon, tmp_path: Path) -> None:
     """An instance with no mount is `not mounted`, never `mounted at not mounted`."""
-    d = start_daemon(mount=False)
+    d = start_daemon()
     sock = ("--socket", str(d.socket))
     directory = tmp_path / "m"
     directory.mkdir()

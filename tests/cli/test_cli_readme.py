@@ -55,6 +55,7 @@ def test_the_readme_has_the_examples() -> None:
     assert len(snippets("python")) == 1
 
 
+@pytest.mark.fuse
 @pytest.mark.slow
 def test_readme_commands_run_as_written(daemon: DaemonProcess, cli_env: dict[str, str],
                                         tmp_path: Path) -> None:

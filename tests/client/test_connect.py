@@ -63,7 +63,7 @@ async def test_async_client_errors_are_clear(tmp_path: Path) -> None:
 @pytest.fixture
 def stopped(start_daemon) -> Iterator:
     """stopped() -> a context in which the daemon is SIGSTOPped (SIGCONT after)."""
-    d = start_daemon(mount=False)
+    d = start_daemon()
 
     class Stop:
         def __enter__(self) -> None:
@@ -131,7 +131,7 @@ def test_a_full_backlog_is_waited_for_not_refused(start_daemon) -> None:
     """A daemon busy for a moment lets its listen backlog fill (here: stopped, with a full
     backlog). A new client waits for room up to its timeout, as a plain blocking connect
     does; it used to fail at once with EAGAIN (a non-blocking unix connect's answer)."""
-    d = start_daemon(mount=False)
+    d = start_daemon()
     os.kill(d.proc.pid, signal.SIGSTOP)
     filler = []
     waker = threading.Timer(0.5, os.kill, (d.proc.pid, signal.SIGCONT))
@@ -180,7 +180,7 @@ def test_no_timeout_waits(stopped) -> None:
 def test_trace_read_waits_past_the_timeout(start_daemon) -> None:
     """trace_read waits for a program's output (the trace_pipe's read): no timeout applies,
     and the timeout is back for the next call."""
-    d = start_daemon(mount=False)
+    d = start_daemon()
     lines: list = []
     with Client(str(d.socket), timeout=0.3) as reader, Client(str(d.socket)) as runner:
         thread = threading.Thread(target=lambda: lines.extend(reader.trace_read(0)))
@@ -218,7 +218,7 @@ def _which_daemon() -> tuple[int, str]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a uid 65534 process")
 def test_a_user_without_a_daemon_finds_the_system_daemon(start_daemon, shared_root: Path,
                                                          monkeypatch) -> None:
-    system = start_daemon(mount=False, root=shared_root / "system")
+    system = start_daemon(root=shared_root / "system")
     runtime = shared_root / "runtime"  # the user's XDG_RUNTIME_DIR, no daemon of theirs yet
     runtime.mkdir()
     os.chown(runtime, *NOBODY)
@@ -230,7 +230,7 @@ def test_a_user_without_a_daemon_finds_the_system_daemon(start_daemon, shared_ro
     # Once the user runs their own daemon, that one comes first.
     # (It runs as root here, its directory linked into the runtime dir: the daemon refuses a
     # state directory inside one another user owns.)
-    own = start_daemon(mount=False, root=shared_root / "own")
+    own = start_daemon(root=shared_root / "own")
     (runtime / "bpffsd").symlink_to(own.root)
     pid, path = in_child(_which_daemon, user=NOBODY)
     assert (pid, path) == (own.proc.pid, str(runtime / "bpffsd" / "control.sock"))

@@ -20,6 +20,7 @@ ETH_IPV4 = bytes(12) + b"\x08\x00" + b"\x45" + bytes(40)
 ETH_OTHER = bytes(12) + b"\x88\xcc" + bytes(30)
 
 
+@pytest.mark.fuse
 def test_load_object_gives_maps_and_programs_by_name(client: Client, bpf_dir: Path,
                                                      examples: dict[str, Path]) -> None:
     with load_object(examples["tc_classifier"], prog_type=ProgType.SCHED_CLS,
@@ -53,6 +54,7 @@ def test_load_object_gives_maps_and_programs_by_name(client: Client, bpf_dir: Pa
         Program.pinned(str(bpf_dir / "maps/proto_stats"), client=client)
 
 
+@pytest.mark.fuse
 def test_load_object_errors(client: Client, bpf_dir: Path, examples: dict[str, Path],
                             tmp_path: Path) -> None:
     with pytest.raises(BpfError, match="prog_type=") as info:
@@ -73,12 +75,13 @@ def test_the_loader_is_public_and_lazy() -> None:
     assert bpffs.client.load_object is load_object
 
 
+@pytest.mark.fuse
 def test_tc_pins_go_to_the_connected_daemons_mount(start_daemon, examples: dict[str, Path],
                                                    monkeypatch) -> None:
     """No TC_BPF_MNT, no mount=: tc's PIN_GLOBAL_NS and libbpf's pin-by-name maps go to the
     connected daemon's mount (not /sys/fs/bpf), as tc finds its bpffs in /proc/mounts."""
     monkeypatch.delenv("TC_BPF_MNT", raising=False)
-    d = start_daemon()
+    d = start_daemon(mount=True)
     assert d.mount is not None and str(d.mount) != "/sys/fs/bpf"
     assert str(d.mount) in bpffsd_mounts()
     monkeypatch.setenv("BPFFS_SOCKET", str(d.socket))  # the default client: this daemon

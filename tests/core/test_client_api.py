@@ -43,6 +43,7 @@ def k(i: int) -> bytes:
 
 
 # -- libbpf-named calls on the default connection ------------------------------------------------
+@pytest.mark.fuse
 def test_libbpf_calls(use_daemon, bpf_dir: Path) -> None:
     fd = libbpf.map_create(MapType.HASH, 4, 8, 4, name="flows")
     libbpf.map_update_elem(fd, k(1), bytes(8), BPF_NOEXIST)
@@ -56,7 +57,9 @@ def test_libbpf_calls(use_daemon, bpf_dir: Path) -> None:
     info = libbpf.obj_get_info_by_fd(again)
     assert (info["name"], info["type"], info["pinned"]) == ("flows", "hash",
                                                             [str(bpf_dir / "flows")])
-    assert libbpf.map_get_fd_by_id(libbpf.map_get_next_id(info["id"] - 1)) >= 0
+    by_id = libbpf.map_get_fd_by_id(libbpf.map_get_next_id(info["id"] - 1))
+    assert libbpf.obj_get_info_by_fd(by_id)["id"] == info["id"], "the same map, found by id"
+    libbpf.close(by_id)
     libbpf.map_delete_elem(again, k(1))
     with raises_errno(errno.ENOENT):
         libbpf.map_lookup_elem(again, k(1))
@@ -91,6 +94,7 @@ def test_no_daemon_is_a_clear_error(tmp_path: Path) -> None:
 
 
 # -- Map ------------------------------------------------------------------------------------------
+@pytest.mark.fuse
 def test_map_is_a_mutable_mapping(client, bpf_dir: Path) -> None:
     with Map.create(MapType.HASH, 4, 8, 8, name="counts", key=int, value=int,
                     client=client) as m:
@@ -332,6 +336,7 @@ def session(tool, pin: str) -> list[tuple]:
     return results
 
 
+@pytest.mark.fuse
 def test_cli_map_session(daemon, bpf_dir: Path) -> None:
     pin = str(bpf_dir / "flows")
     cli(daemon, "map", "create", pin, "type", "hash", "key", "4", "value", "8", "entries", "16",
@@ -348,6 +353,7 @@ def test_cli_map_session(daemon, bpf_dir: Path) -> None:
     assert show[1] == "\tkey 4B  value 8B  max_entries 16  memlock 4096B"
 
 
+@pytest.mark.fuse
 def test_cli_errors_are_one_line_and_the_errno_status(daemon, bpf_dir: Path) -> None:
     bad = cli(daemon, "map", "create", str(bpf_dir / "x"), "type", "hash", "key", "0", "value",
               "8", "entries", "16", ok=False)
@@ -363,6 +369,7 @@ needs_bpftool = pytest.mark.skipif(shutil.which("bpftool") is None,
                                    reason="bpftool is not installed (install.sh installs it)")
 
 
+@pytest.mark.fuse
 @pytest.mark.kernel
 @needs_bpftool
 def test_cli_output_is_bpftools(daemon, bpf_dir: Path, kernel_bpffs: Path) -> None:
@@ -393,6 +400,7 @@ def test_cli_output_is_bpftools(daemon, bpf_dir: Path, kernel_bpffs: Path) -> No
     assert shown["bpftool plain"] == shown["bpffs plain"]
 
 
+@pytest.mark.fuse
 def test_cli_names_maps_by_id_name_or_pin(daemon, bpf_dir: Path) -> None:
     """`map pin`, `map show` (one, all, with -f pins), `getnext` and updates through each way
     of naming a map, plain and JSON."""

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import fuse_available
 
 from bpffs import paths
 
@@ -24,7 +23,6 @@ STAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d bpffs
 RUNNING = re.compile(r"^bpffsd: running \(pid (\d+)\)")
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
-needs_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3")
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -103,7 +101,7 @@ def test_an_explicit_mount_over_a_kernel_bpffs_is_refused(kernel_bpffs: Path,
 
 
 @needs_root
-@needs_fuse
+@pytest.mark.fuse
 def test_shadow_kernel_bpffs_covers_it_when_asked(kernel_bpffs: Path, tmp_path: Path,
                                                   detached: list[int]) -> None:
     pid, _ = start_detached(detached, "--mount", str(kernel_bpffs), "--shadow-kernel-bpffs",
@@ -130,7 +128,7 @@ grep ' fuse.bpffsd ' /proc/self/mountinfo | cut -d' ' -f5 | sed 's/^/left at /' 
 
 
 @needs_root
-@needs_fuse
+@pytest.mark.fuse
 @pytest.mark.parametrize("where, mount", [("host", paths.SYSTEM_ALT_MOUNT),
                                           ("container", paths.SYSTEM_MOUNT)])
 def test_the_default_mount(where: str, mount: str) -> None:

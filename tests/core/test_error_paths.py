@@ -92,6 +92,7 @@ def _o_path(path: Path | str, flags: int = 0) -> int:
 
 
 # -- obj_pin ------------------------------------------------------------------------------------
+@pytest.mark.fuse
 def test_pin_onto_an_existing_name_is_eexist(client: Client, map_fd: int, bpf_dir: Path) -> None:
     client.obj_pin(map_fd, str(bpf_dir / "m"))
     expect(errno.EEXIST, lambda: client.obj_pin(map_fd, str(bpf_dir / "m")))
@@ -101,15 +102,18 @@ def test_pin_off_the_mount_is_eperm(client: Client, map_fd: int, tmp_path: Path)
     expect(errno.EPERM, lambda: client.obj_pin(map_fd, str(tmp_path / "m")), "not on a bpffs")
 
 
+@pytest.mark.fuse
 def test_pin_with_a_dotted_name_is_eperm(client: Client, map_fd: int, bpf_dir: Path) -> None:
     expect(errno.EPERM, lambda: client.obj_pin(map_fd, str(bpf_dir / "a.b")), "'.'")
 
 
+@pytest.mark.fuse
 def test_pin_into_a_missing_directory_is_enoent(client: Client, map_fd: int,
                                                 bpf_dir: Path) -> None:
     expect(errno.ENOENT, lambda: client.obj_pin(map_fd, str(bpf_dir / "no" / "m")))
 
 
+@pytest.mark.fuse
 def test_pin_whose_parent_is_a_pin_is_enotdir(raw: Raw, client: Client, map_fd: int,
                                               bpf_dir: Path) -> None:
     client.obj_pin(map_fd, str(bpf_dir / "m"))
@@ -120,6 +124,7 @@ def test_pin_whose_parent_is_a_pin_is_enotdir(raw: Raw, client: Client, map_fd: 
         os.close(parent)
 
 
+@pytest.mark.fuse
 def test_pin_of_an_unbound_handle_is_ebadf(raw: Raw, bpf_dir: Path) -> None:
     parent = _o_path(bpf_dir, os.O_DIRECTORY)
     try:
@@ -134,6 +139,7 @@ def test_pin_without_its_directory_fd_is_ebadf(raw: Raw, map_fd: int) -> None:
 
 
 # -- obj_get ------------------------------------------------------------------------------------
+@pytest.mark.fuse
 def test_get_of_a_directory_is_eacces(client: Client, bpf_dir: Path) -> None:
     expect(errno.EACCES, lambda: client.obj_get(str(bpf_dir)), "not a pinned object")
 
@@ -143,6 +149,7 @@ def test_get_off_the_mount_is_eacces(client: Client, tmp_path: Path) -> None:
     expect(errno.EACCES, lambda: client.obj_get(str(tmp_path / "f")), "not on a bpffs")
 
 
+@pytest.mark.fuse
 def test_get_with_both_rdonly_and_wronly_is_einval(client: Client, map_fd: int,
                                                    bpf_dir: Path) -> None:
     client.obj_pin(map_fd, str(bpf_dir / "m"))
@@ -156,6 +163,7 @@ def test_get_without_its_path_fd_is_ebadf(raw: Raw) -> None:
 # -- as another user ------------------------------------------------------------------------------
 
 
+@pytest.mark.fuse
 def test_get_of_another_users_0600_pin_is_eacces(public_daemon: DaemonProcess) -> None:
     assert public_daemon.mount is not None
     pin = str(public_daemon.mount / "root_only")
@@ -171,6 +179,7 @@ def test_get_of_another_users_0600_pin_is_eacces(public_daemon: DaemonProcess) -
     expect(errno.EACCES, lambda: in_child(get, user=NOBODY), "permission denied")
 
 
+@pytest.mark.fuse
 def test_pin_into_another_users_directory_is_eacces(public_daemon: DaemonProcess) -> None:
     assert public_daemon.mount is not None
     (public_daemon.mount / "roots").mkdir(mode=0o755)
@@ -184,6 +193,7 @@ def test_pin_into_another_users_directory_is_eacces(public_daemon: DaemonProcess
 
 
 # -- mount --------------------------------------------------------------------------------------
+@pytest.mark.fuse
 def test_mount_of_a_second_instance_in_one_namespace_is_ebusy(client: Client,
                                                               tmp_path: Path) -> None:
     """The module daemon's default instance already shows in this mount namespace."""

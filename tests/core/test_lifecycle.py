@@ -23,9 +23,10 @@ from bpffs.daemon.main import main as daemon_main
 from bpffs.vm.uapi import MapType
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_shuts_down_cleanly(start_daemon, sig: signal.Signals) -> None:
-    d = start_daemon()
+    d = start_daemon(mount=True)
     with d.client() as client:
         client.map_create(MapType.HASH, 4, 4, 1)  # an object and a connection still open
         d.kill(sig)
@@ -45,7 +46,7 @@ def notify_socket(path: Path) -> socket.socket:
 def test_sd_notify_ready_and_stopping(start_daemon, tmp_path: Path, monkeypatch) -> None:
     sock = notify_socket(tmp_path / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
-    d = start_daemon(mount=False)
+    d = start_daemon()
     ready = sock.recv(4096).decode().split("\n")
     assert ready[0] == "READY=1" and ready[1] == f"STATUS=serving on {d.socket}"
     # READY=1 comes only once the socket accepts requests
@@ -62,7 +63,7 @@ def test_sd_notify_to_an_abstract_socket(start_daemon, monkeypatch) -> None:
     sock.bind("\0" + name)
     sock.settimeout(30)
     monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-    start_daemon(mount=False)
+    start_daemon()
     assert sock.recv(4096).startswith(b"READY=1\n")
     sock.close()
 
@@ -123,7 +124,7 @@ def test_a_stale_socket_is_replaced(start_daemon, tmp_path: Path) -> None:
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     dead.bind(str(root / "control.sock"))  # a crashed daemon's socket: nobody listens
     dead.close()
-    d = start_daemon(mount=False, root=root)
+    d = start_daemon(root=root)
     with d.client() as client:
         assert client.status()["pid"] == d.proc.pid
 
@@ -134,7 +135,7 @@ def run_daemon(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_live_socket_is_not_taken_over(start_daemon) -> None:
-    d = start_daemon(mount=False)
+    d = start_daemon()
     second = run_daemon("--socket", str(d.socket))
     assert second.returncode == 1
     assert f"a bpffsd already serves {d.socket}" in second.stderr

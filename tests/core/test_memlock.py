@@ -138,7 +138,7 @@ def test_the_running_kernel_no_longer_charges_memlock() -> None:
 
 
 def test_the_daemon_memory_limit_is_enomem(start_daemon) -> None:
-    d = start_daemon(mount=False, args=("--memory-limit", str(16 * PAGE_SIZE)))
+    d = start_daemon(args=("--memory-limit", str(16 * PAGE_SIZE)))
     with d.client() as client:
         first = big_array(client)
         with pytest.raises(OSError) as info:

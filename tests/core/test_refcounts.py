@@ -143,6 +143,7 @@ def test_the_holders_writes_are_visible_to_the_sender(daemon, client, baseline) 
         os.close(fd)
 
 
+@pytest.mark.fuse
 def test_a_pin_keeps_the_object_alive_until_unlinked(client, bpf_dir, baseline) -> None:
     fd, mid = new_map(client)
     pin = bpf_dir / "m"
@@ -156,6 +157,7 @@ def test_a_pin_keeps_the_object_alive_until_unlinked(client, bpf_dir, baseline) 
     assert mid not in live_ids(client, "map")
 
 
+@pytest.mark.fuse
 def test_hard_links_are_one_reference_each(client, bpf_dir, baseline) -> None:
     fd, mid = new_map(client)
     client.obj_pin(fd, str(bpf_dir / "a"))
@@ -188,6 +190,7 @@ def test_a_program_holds_its_maps(client, baseline) -> None:
     assert mid not in live_ids(client, "map")
 
 
+@pytest.mark.fuse
 def test_a_pinned_program_alone_keeps_its_maps(client, bpf_dir, baseline) -> None:
     """No fd and no pin of the map left: the pinned program's reference holds it, and
     unlinking the program's pin frees both."""
@@ -248,6 +251,7 @@ def test_a_cycle_with_only_internal_references_left_is_freed(client, baseline) -
     assert pid not in live_ids(client, "prog") and aid not in live_ids(client, "map")
 
 
+@pytest.mark.fuse
 def test_a_pinned_prog_array_keeps_its_slots(client, bpf_dir, baseline) -> None:
     array = client.map_create(MapType.PROG_ARRAY, 4, 4, 1)
     prog = client.prog_load(ProgType.SOCKET_FILTER, tail_calls_into(array))

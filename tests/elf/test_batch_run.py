@@ -18,6 +18,8 @@ from bpffs.client.loader import read_object
 from bpffs.client.loader.load import LoadOptions, load_object
 from bpffs.vm.uapi import ProgType
 
+pytestmark = pytest.mark.fuse
+
 # A tc program that touches everything a run can change, depending on one byte of the packet.
 META = """
 SEC("classifier") int meta(struct __sk_buff *skb) {

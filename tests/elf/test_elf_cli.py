@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import DaemonProcess
 
 from bpffs.client import Client
+
+pytestmark = pytest.mark.fuse
 
 CLI = "import sys; from bpffs.client.cli import main; sys.exit(main(sys.argv[1:]))"
 

@@ -16,7 +16,7 @@ from bpffs.client.loader.load import LoadOptions, load_object
 from bpffs.vm import kernel
 from bpffs.vm.uapi import MapType, ProgType
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
 PACKETS = [
     bytes(12) + b"\x08\x06" + bytes(28),  # ARP

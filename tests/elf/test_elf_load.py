@@ -17,7 +17,10 @@ from bpffs.client import Client
 from bpffs.client.libbpf import read_perf_sample
 from bpffs.client.loader import read_object
 from bpffs.client.loader.load import LoadOptions, load_object
+from bpffs.vm.errors import VerifierError
 from bpffs.vm.uapi import ProgType
+
+pytestmark = pytest.mark.fuse
 
 ETH_ARP = bytes(12) + b"\x08\x06" + bytes(28)
 ETH_IPV4 = bytes(12) + b"\x08\x00" + b"\x45" + bytes(40)
@@ -180,10 +183,10 @@ SEC("classifier") int f(struct __sk_buff *skb) {
 }
 char _license[] SEC("license") = "GPL";
 """)
-    with pytest.raises(OSError, match="loading program 'f'") as e:
+    with pytest.raises(VerifierError, match="loading program 'f'") as e:
         load_object(client, read_object(obj), tc(bpf_dir))
     assert e.value.errno == errno.EACCES
-    assert "invalid mem access" in e.value.log  # type: ignore[attr-defined]
+    assert "invalid mem access" in e.value.log
     assert tree(bpf_dir) == set()
 
 

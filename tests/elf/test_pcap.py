@@ -20,6 +20,8 @@ from bpffs.client import Client
 from bpffs.client.loader import read_object
 from bpffs.client.loader.load import LoadOptions, load_object
 
+pytestmark = pytest.mark.fuse
+
 CLI = "import sys; from bpffs.client.cli import main; sys.exit(main(sys.argv[1:]))"
 ARP = bytes(12) + b"\x08\x06" + bytes(28)
 IPV4 = bytes(12) + b"\x08\x00" + b"\x45" + bytes(45)

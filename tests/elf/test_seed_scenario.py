@@ -12,9 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import DaemonProcess
 
 from bpffs.client import Client
+
+pytestmark = pytest.mark.fuse
 
 # One tc invocation: load a section of the object, run packets through it, exit.
 LOADER = """

@@ -16,6 +16,8 @@ from fs_helpers import errno_of, new_map, pin_new_map, wait_for
 
 from bpffs.client import Client
 
+pytestmark = pytest.mark.fuse
+
 
 @pytest.mark.parametrize("name,expected", [
     (b"with.dot", errno.EPERM), (b"a" * 256, errno.ENAMETOOLONG), (b"..", errno.EEXIST),
@@ -123,7 +125,7 @@ def test_changes_right_after_an_external_unmount_do_not_hurt_the_daemon(start_da
                                                                           ) -> None:
     """`umount -l` of a second mount, then at once a pin whose cache invalidation goes to that
     mount's exiting worker (it used to kill the daemon with EPIPE)."""
-    d = start_daemon()
+    d = start_daemon(mount=True)
     second = tmp_path / "second"
     second.mkdir()
     with d.client() as c:
@@ -144,7 +146,7 @@ def test_cat_of_a_pinned_map_shows_its_elements(bpf_dir: Path, client) -> None:
 
 
 def test_a_busy_mount_is_detached_lazily_on_daemon_stop(start_daemon) -> None:
-    d = start_daemon()
+    d = start_daemon(mount=True)
     with d.client() as c:
         pin_new_map(c, d.mount / "m")
     holder = os.open(d.mount / "m", os.O_PATH)  # keeps the mount busy across the stop

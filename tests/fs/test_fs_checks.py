@@ -7,10 +7,13 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 from fs_helpers import wait_for
 
 from bpffs.daemon.fs import mount_namespace_of
 from bpffs.daemon.fs.worker import RPC_TIMEOUT_ENV
+
+pytestmark = pytest.mark.fuse
 
 
 def test_only_a_mount_namespace_fd_is_taken_for_one(daemon, tmp_path: Path) -> None:
@@ -33,7 +36,7 @@ def test_only_a_mount_namespace_fd_is_taken_for_one(daemon, tmp_path: Path) -> N
 def _worker_warning(start_daemon, monkeypatch, root: Path) -> tuple[str, str]:
     """Start a daemon whose mount worker warns once at start; its log and the warning."""
     monkeypatch.setenv(RPC_TIMEOUT_ENV, "soon")  # not a number: the worker says it ignores it
-    d = start_daemon(root=root)
+    d = start_daemon(mount=True, root=root)
     line = wait_for(lambda: next((line for line in d.log_text().splitlines()
                                   if f"ignoring {RPC_TIMEOUT_ENV}" in line), None),
                     "the mount worker's warning")

@@ -19,6 +19,8 @@ from fs_helpers import cli, wait_for
 from bpffs.client import Client
 from bpffs.daemon.fs.worker import READDIR_CHUNK
 
+pytestmark = pytest.mark.fuse
+
 MANY = 2 * READDIR_CHUNK + 500  # three daemon chunks, about a hundred kernel pages
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -29,10 +31,10 @@ D_NAME_OFFSET = 19  # struct dirent (glibc, 64-bit): d_ino 8, d_off 8, d_reclen 
 
 
 @pytest.fixture(scope="module")
-def big_dir(daemon, tmp_path_factory) -> Path:
-    directory = daemon.mount / "big"
+def big_dir(mounted_daemon, tmp_path_factory) -> Path:
+    directory = mounted_daemon.mount / "big"
     directory.mkdir()
-    with Client(str(daemon.socket)) as client:
+    with Client(str(mounted_daemon.socket)) as client:
         fd = client.map_create(1, 4, 4, 1)
         for k in range(MANY):
             client.obj_pin(fd, str(directory / f"m{k}"))

@@ -19,7 +19,7 @@ from bpffs.client import Client
 from bpffs.vm import kernel
 from bpffs.vm.uapi import MapType
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
 RDONLY, WRONLY = 1 << 3, 1 << 4
 LONG = "x" * 255

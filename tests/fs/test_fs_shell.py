@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 from fs_helpers import UNPRIVILEGED, as_user, client_call, errno_of, in_child, pin_as, pin_new_map
-from helpers import DaemonProcess, fuse_available, raises_errno
+from helpers import DaemonProcess, raises_errno
 
 from bpffs.vm import kernel
 from bpffs.vm.uapi import MapType
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.fuse]
 
 KERNEL_ONLY_FILES = ("maps.debug", "progs.debug")
 
@@ -150,7 +150,7 @@ def test_shell_transcript_matches_the_kernel(kernel_bpffs: Path, start_daemon) -
     fd = kernel.map_create(MapType.HASH, 4, 8, 16)
     kernel.obj_pin(fd, str(kernel_bpffs / "m"))
     os.close(fd)
-    ours = start_daemon()
+    ours = start_daemon(mount=True)
     with ours.client() as client:
         pin_new_map(client, ours.mount / "m")
     # The listing of a fresh kernel bpffs counts maps.debug/progs.debug: drop them, as above.
@@ -180,9 +180,7 @@ def public() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def daemon(public: Path) -> Iterator[DaemonProcess]:
     """This module's daemon, mounted where other users can reach it."""
-    if not fuse_available():
-        pytest.skip("needs /dev/fuse and fusermount3")
-    d = DaemonProcess(public / "ours").start()
+    d = DaemonProcess(public / "ours", mount=True).start()
     (public / "ours").chmod(0o755)
     yield d
     assert d.stop() == 0, d.log_text()

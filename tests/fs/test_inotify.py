@@ -24,6 +24,8 @@ from bpffs.daemon.fs.mount import PIN_THROUGH_MOUNT_TIMEOUT
 from bpffs.vm import kernel
 from bpffs.vm.uapi import MapType
 
+pytestmark = pytest.mark.fuse
+
 IN_CREATE, IN_DELETE, IN_NONBLOCK, IN_CLOEXEC = 0x100, 0x200, 0o4000, 0o2000000
 IN_ISDIR = 0x40000000
 EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
@@ -140,7 +142,7 @@ def test_a_pin_is_made_even_when_the_mount_cannot(start_daemon) -> None:
     """issue 12, filesystem: the route through the mount is for inotify only. With the mount
     worker stopped (SIGSTOP), obj_pin still pins, after PIN_THROUGH_MOUNT_TIMEOUT, without
     the event; the worker's late mknod is then refused and changes nothing."""
-    d = start_daemon()
+    d = start_daemon(mount=True)
     assert d.mount is not None
     worker = _worker_of(d.mount)
     with d.client() as c:

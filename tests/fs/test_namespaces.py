@@ -24,6 +24,8 @@ from bpffs.client import Client
 from bpffs.vm import asm
 from bpffs.vm.uapi import ProgType
 
+pytestmark = pytest.mark.fuse
+
 MNT = "/mnt/bpf"
 
 
@@ -157,7 +159,7 @@ def test_a_container_with_its_own_user_and_pid_namespaces(public_root, start_dae
     """The recipe for a rootless-style container: its root is host uid 100000. The kernel
     maps ids across the FUSE mount, so the container sees its own files as root's and the
     host's as nobody's; the daemon sees the container's root as the unprivileged uid 100000."""
-    daemon = start_daemon(root=public_root / "d")
+    daemon = start_daemon(mount=True, root=public_root / "d")
     with Container(daemon.env, uid_base=CONTAINER_ROOT) as c, daemon.client() as client:
         c.mount(daemon, MNT)
         assert c.run("id", "-u").stdout.strip() == "0"

@@ -34,6 +34,7 @@ def pinned(bpf_dir: Path, client: Client) -> Path:
     return bpf_dir / "m"
 
 
+@pytest.mark.fuse
 def test_mv_to_another_filesystem_copies_the_text_and_unlinks_the_pin(
         pinned: Path, tmp_path: Path, client: Client) -> None:
     """issue 12, filesystem: documented in the README (deliberate difference). rename(2)
@@ -46,6 +47,7 @@ def test_mv_to_another_filesystem_copies_the_text_and_unlinks_the_pin(
         client.obj_get(str(pinned))
 
 
+@pytest.mark.fuse
 def test_mv_within_the_mount_moves_the_pin(pinned: Path, client: Client) -> None:
     """A rename, as on the kernel: the object keeps its pin under the new name."""
     (pinned.parent / "sub").mkdir()
@@ -54,6 +56,7 @@ def test_mv_within_the_mount_moves_the_pin(pinned: Path, client: Client) -> None
     assert client.map_lookup_elem(fd, KEY) == VALUE
 
 
+@pytest.mark.fuse
 def test_cp_copies_the_text_and_tar_stores_an_empty_file(pinned: Path, tmp_path: Path) -> None:
     """As documented: cp reads to the end (the text), tar trusts st_size (0)."""
     assert _sh("cp", "-r", str(pinned.parent), str(tmp_path / "copy")).returncode == 0

@@ -51,6 +51,7 @@ def test_no_pyfuse3_in_the_client_venv(client_venv: Path, daemon: DaemonProcess)
     assert result.stdout.split() == ["None", "False", "True"]
 
 
+@pytest.mark.fuse
 def test_cli_from_the_client_venv_drives_a_daemon(client_venv: Path,
                                                   daemon: DaemonProcess) -> None:
     assert daemon.mount is not None

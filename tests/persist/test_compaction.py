@@ -18,6 +18,7 @@ def key(n: int) -> bytes:
     return n.to_bytes(4, "little")
 
 
+@pytest.mark.fuse
 def test_a_failed_compaction_loses_nothing_acknowledged_and_is_retried(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The state directory on a 512 KiB tmpfs, compactions every 64 KiB of journal: the disk
@@ -30,7 +31,7 @@ def test_a_failed_compaction_loses_nothing_acknowledged_and_is_retried(
                       capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here")
     monkeypatch.setenv("BPFFSD_COMPACT_BYTES", str(64 << 10))
-    d = DaemonProcess(tmp_path / "d", args=("--state-dir", str(state / "s")))
+    d = DaemonProcess(tmp_path / "d", mount=True, args=("--state-dir", str(state / "s")))
     acknowledged: dict[int, bytes] = {}
     failed = 0
     try:

@@ -51,9 +51,10 @@ def counter_program(map_fd: int) -> bytes:
         asm.mov64_imm(R1, 1), asm.atomic(8, 0, R0, R1, 0), asm.mov64_imm(R0, 0), asm.exit())
 
 
+@pytest.mark.fuse
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_tree_maps_and_programs_survive_a_restart(start_daemon, how: str) -> None:
-    d = start_daemon()
+    d = start_daemon(mount=True)
     b = d.mount
     with d.client() as c:
         (b / "dir").mkdir(mode=0o750)
@@ -113,8 +114,9 @@ def test_tree_maps_and_programs_survive_a_restart(start_daemon, how: str) -> Non
         assert len(maps) == 3  # counts, arr, jumps: the unpinned map did not persist
 
 
+@pytest.mark.fuse
 def test_an_acknowledged_update_survives_sigkill(start_daemon) -> None:
-    d = start_daemon()
+    d = start_daemon(mount=True)
     with d.client() as c:
         m = c.map_create(MapType.ARRAY, 4, 8, 64)
         c.obj_pin(m, str(d.mount / "a"))
@@ -127,8 +129,9 @@ def test_an_acknowledged_update_survives_sigkill(start_daemon) -> None:
                 for n in range(64)] == [n * 3 for n in range(64)]
 
 
+@pytest.mark.fuse
 def test_program_writes_persist_within_the_interval(start_daemon) -> None:
-    d = start_daemon()
+    d = start_daemon(mount=True)
     with d.client() as c:
         m = c.map_create(MapType.HASH, 4, 8, 4)
         c.obj_pin(m, str(d.mount / "m"))
@@ -147,8 +150,9 @@ def _journal(d: DaemonProcess) -> Path:
     return journal
 
 
+@pytest.mark.fuse
 def test_a_torn_journal_tail_is_dropped(start_daemon) -> None:
-    d = start_daemon()
+    d = start_daemon(mount=True)
     with d.client() as c:
         m = c.map_create(MapType.HASH, 4, 4, 4)
         c.obj_pin(m, str(d.mount / "m"))
@@ -165,8 +169,9 @@ def test_a_torn_journal_tail_is_dropped(start_daemon) -> None:
         assert "torn record" in " ".join(restored["truncated"])
 
 
+@pytest.mark.fuse
 def test_a_corrupt_record_stops_the_replay_there(start_daemon) -> None:
-    d = start_daemon()
+    d = start_daemon(mount=True)
     with d.client() as c:
         m = c.map_create(MapType.HASH, 4, 4, 4)
         c.obj_pin(m, str(d.mount / "m"))
@@ -196,6 +201,7 @@ def restart_after_kill(d: DaemonProcess) -> DaemonProcess:
     return d.start()
 
 
+@pytest.mark.fuse
 def test_a_full_state_disk_fails_updates_clearly_and_keeps_what_was_acknowledged(
         tmp_path) -> None:
     state = tmp_path / "tiny"
@@ -203,7 +209,7 @@ def test_a_full_state_disk_fails_updates_clearly_and_keeps_what_was_acknowledged
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)],
                       capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here")
-    d = DaemonProcess(tmp_path / "d", args=("--state-dir", str(state / "s")))
+    d = DaemonProcess(tmp_path / "d", mount=True, args=("--state-dir", str(state / "s")))
     acknowledged = []
     try:
         d.start()
@@ -231,11 +237,12 @@ def test_a_full_state_disk_fails_updates_clearly_and_keeps_what_was_acknowledged
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
+@pytest.mark.fuse
 def test_an_object_unpinned_and_pinned_again_while_held_by_an_fd_survives(start_daemon) -> None:
     """The journal names objects by id: one unpinned while an fd holds it is not freed (no
     "free" record), so pinning it again (and writing it in between) replays onto the same
     object; one closed and freed is gone for the replay too."""
-    d = start_daemon()
+    d = start_daemon(mount=True)
     with d.client() as c:
         m = c.map_create(MapType.HASH, 4, 4, 4)
         c.obj_pin(m, str(d.mount / "a"))

@@ -62,7 +62,7 @@ FLOOD = 1000
 def test_a_flood_of_malformed_messages_does_not_flood_the_log(start_daemon) -> None:
     """issue 13, finding 8: every malformed message logged a WARNING (16k lines in 5
     minutes). Now a uid gets WARN_BURST lines an interval, then they are only counted."""
-    daemon = start_daemon(mount=False)
+    daemon = start_daemon()
     lines_before = len(daemon.log_text().splitlines())
     for _ in range(FLOOD):
         assert send_raw(daemon, b"\x92\xa5hel", greet=False) is None  # truncated msgpack
@@ -94,7 +94,7 @@ def test_warnings_resume_with_a_count_of_those_not_logged(caplog: pytest.LogCapt
 def test_trace_read_is_root_only(public_root: Path, start_daemon) -> None:
     """issue 13, finding 8: any user could read root's bpf_trace_printk output; the
     kernel's trace_pipe is root-only. Now trace_read by others is EPERM."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
 
     def read_as_nobody() -> object:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:

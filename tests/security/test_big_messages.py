@@ -70,7 +70,7 @@ def test_a_huge_msgpack_array_drops_the_connection_unread(public_root: Path,
     was decoded whole (2.4 s of event loop, 1.7 GB), answered EINVAL, and the connection
     stayed for the next one. Here 20M zeros (160 MB decoded before): msgpack's
     max_array_len stops it at its header, and the connection is dropped."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
     rss = rss_mb(daemon)
     payload = b"\xdd" + ZEROS.to_bytes(4, "big") + bytes(ZEROS)
     first, then, _elapsed = in_child(_send_memfd, str(daemon.socket), payload, user=NOBODY)
@@ -83,7 +83,7 @@ def test_a_message_over_the_users_limit_is_not_read(public_root: Path, start_dae
     """red-team review, finding 3 (size): a non-root user's message may be 32 MiB
     (--max-message-bytes), not 256 MiB: a bigger memfd is refused by its size, unread, and
     the connection dropped. Root keeps the 256 MiB limit."""
-    daemon = start_daemon(root=public_root / "d", mount=False,
+    daemon = start_daemon(root=public_root / "d",
                           args=("--max-message-bytes", str(4 << 20)))
     first, then, _ = in_child(_send_memfd, str(daemon.socket), (4 << 20) + 1, user=NOBODY)
     assert (first, then) == (DROPPED, DROPPED), (first, then)
@@ -103,7 +103,7 @@ def test_many_small_containers_are_bounded(public_root: Path, start_daemon) -> N
     every length bound was decoded whole (64 MB, ~0.1 s) and answered EINVAL; now the large
     message's object budget (2^18 for non-root) stops it early and the connection is
     dropped."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
     payload = b"\x92\xa6status\xdd" + EMPTY_MAPS.to_bytes(4, "big") + b"\x80" * EMPTY_MAPS
     first, then, elapsed = in_child(_send_memfd, str(daemon.socket), payload, user=NOBODY)
     assert (first, then) == (DROPPED, DROPPED), (first, then)
@@ -125,7 +125,7 @@ def _update_and_delete_in_batches(path: str) -> tuple[int, int, int]:
 def test_real_big_requests_of_a_user_still_work(public_root: Path, start_daemon) -> None:
     """The bounds are sized from real requests: a non-root user's 2 MB map_update_batch (a
     memfd message), the 2 MB lookup reply and a one-request delete of every key all work."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
     assert in_child(_update_and_delete_in_batches, str(daemon.socket),
                     user=NOBODY) == (8192, 8192, 8192)
 
@@ -153,7 +153,7 @@ def test_deep_nesting_drops_the_connection(public_root: Path, start_daemon) -> N
     RecursionError. No request nests more than a few levels: beyond
     protocol.REQUEST_DEPTH_MAX (8) the message is a protocol violation and the connection
     is dropped."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
     nested: object = 0
     for _ in range(500):
         nested = [nested]

@@ -81,7 +81,7 @@ def test_memlock_is_not_escaped_by_connecting_from_a_dead_child(public_root: Pat
     lock 1 MiB maps until --memory-limit was full. Now the limit is the connector's, read at
     accept (64 KiB here), or, if the daemon could not read it, the connection is refused:
     either way EPERM, and no map."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
     hello, created = in_child(_big_map_via_dead_connector, str(daemon.socket), None, None,
                               user=NOBODY)
     assert hello[0] == errno.EPERM or created[0] == errno.EPERM, (hello, created)
@@ -93,7 +93,7 @@ def test_a_connection_whose_connector_is_gone_at_accept_is_refused(public_root: 
     child connects and exits, so it accepts a connection whose process no longer exists. It
     used to serve it with its own memlock limit; now the hello is answered EPERM, saying
     why, and the connection is closed."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
     assert daemon.proc is not None
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
@@ -183,7 +183,7 @@ def test_the_peer_is_captured_at_accept_and_kept(public_root: Path) -> None:
 def test_an_honest_caller_keeps_its_limit(public_root: Path, start_daemon) -> None:
     """The connection of a live process is charged its own RLIMIT_MEMLOCK (a 64 KiB caller
     cannot lock 1 MiB) and can lock what fits."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
 
     def honest(path: str) -> tuple[int, int]:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (MEMLOCK, MEMLOCK))

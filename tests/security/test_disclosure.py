@@ -7,6 +7,7 @@ import errno
 import os
 from pathlib import Path
 
+import pytest
 from helpers import NOBODY, in_child
 
 from bpffs.client import Client, calls
@@ -14,13 +15,14 @@ from bpffs.vm import asm
 from bpffs.vm.uapi import MapType, ObjFlag, ProgType
 
 
+@pytest.mark.fuse
 def test_pinned_paths_below_a_private_directory_stay_private(public_root: Path,
                                                              start_daemon) -> None:
     """Red-team review, finding 9: root pinned one map in a 0700 directory and at a public
     0644 pin; uid 65534, holding the public pin read-only, saw the private path in obj_info's
     `pinned` although listing that directory is EACCES. Now `pinned` names only paths the
     caller could look up; root still sees every one."""
-    daemon = start_daemon(root=public_root / "d")
+    daemon = start_daemon(mount=True, root=public_root / "d")
     assert daemon.mount is not None
     private = daemon.mount / "private"
     private.mkdir(mode=0o700)
@@ -46,7 +48,7 @@ def test_map_fds_that_are_not_integers_are_einval(public_root: Path, start_daemo
     "internal error: TypeError" and a traceback in the log for every request (6,000
     tracebacks from 3,000 requests). Now it is EINVAL (the fixture fails the test if the
     daemon logged a traceback)."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
     insns = asm.program(asm.mov64_imm(0, 0), asm.exit())
 
     def load(map_fds: dict) -> calls.Call:

@@ -117,7 +117,10 @@ def test_closing_the_fd_during_a_batch_changes_nothing(public_daemon) -> None:
         time.sleep(BATCH_UNDER_WAY)  # closed before the batch starts, the fd is EBADF
         os.close(fd)
         assert pending() == BATCH_ELEMENTS
-        assert c.map_create(MapType.HASH, 4, 4, 1) > 0, "the daemon still serves"
+        after = c.map_create(MapType.HASH, 4, 4, 1)  # the daemon still serves requests
+        c.map_update_elem(after, bytes(4), b"live")
+        assert c.map_lookup_elem(after, bytes(4)) == b"live"
+        os.close(after)
 
 
 def test_a_batch_above_the_request_limit_is_e2big(public_daemon) -> None:
@@ -135,7 +138,7 @@ def test_a_batch_above_the_request_limit_is_e2big(public_daemon) -> None:
 # -- prog_test_run ----------------------------------------------------------------------------
 REPEAT = 3_000_000  # ~1 s of repetitions of a tiny program here, one request
 # ~0.35 s to compile here, ~40% of it in the builtin compile(), which holds the GIL even in a
-# worker thread (so that part still delays the loop; see vm/compiler.py).
+# worker thread (so that part still delays the loop; see vm/compiler/).
 COMPILED_INSNS = 16_000
 
 
@@ -203,6 +206,7 @@ DUMP_ELEMENTS = 100_000  # ~3.6 MB of text, ~0.3 s to render whole; within 8 MiB
 OPEN_FILES = 10
 
 
+@pytest.mark.fuse
 def test_opening_a_big_pinned_map_renders_nothing_whole(public_daemon) -> None:
     """issue 13, finding 5: each open() of a pinned big map rendered its whole dump on the
     event loop (1 s and 13 MB a open, kept while open). The text is now made as it is read
@@ -244,13 +248,14 @@ def test_opening_a_big_pinned_map_renders_nothing_whole(public_daemon) -> None:
 MOUNT_TIMEOUT = 1.0  # seconds (BPFFSD_MOUNT_TIMEOUT) for the test's daemon; 30 by default
 
 
+@pytest.mark.fuse
 def test_a_stopped_daemon_times_out_filesystem_calls(start_daemon, monkeypatch) -> None:
     """issue 13, low item: while the daemon was stopped (SIGSTOP), `ls` of the mount blocked
     with no timeout (in D state). The mount worker now answers a request the daemon leaves
     unanswered for RPC_TIMEOUT seconds with ETIMEDOUT, and the late replies that follow
     SIGCONT are dropped, not taken as the answers to later requests."""
     monkeypatch.setenv(RPC_TIMEOUT_ENV, str(MOUNT_TIMEOUT))
-    d = start_daemon()
+    d = start_daemon(mount=True)
     assert d.mount is not None and d.proc is not None
     (d.mount / "before").mkdir()
     os.kill(d.proc.pid, signal.SIGSTOP)

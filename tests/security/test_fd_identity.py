@@ -120,6 +120,7 @@ class Raw:
         return protocol.unpack(reply)
 
 
+@pytest.mark.fuse
 @pytest.mark.slow
 def test_fds_on_our_own_mount_sent_to_the_daemon_cannot_deadlock_it(
         public_daemon: DaemonProcess) -> None:

@@ -42,6 +42,7 @@ def _pin_big_array_and_pread_far(socket_path: str, pin: str) -> bytes:
         os.close(f)
 
 
+@pytest.mark.fuse
 def test_a_read_far_into_a_big_pin_does_not_stall_or_grow_the_daemon(public_root: Path,
                                                                       start_daemon) -> None:
     """red-team review, finding 1: uid 65534 pinned its own 900k-element array in the mount's
@@ -49,7 +50,7 @@ def test_a_read_far_into_a_big_pin_does_not_stall_or_grow_the_daemon(public_root
     map in one synchronous call (2.5 s with every client waiting; RSS 29 -> 198 MB). A read
     now renders for READ_BUDGET at most and the worker asks again; what lies before the
     offset is dropped as it is rendered. The reader still sees the right bytes (EOF there)."""
-    d = start_daemon(root=public_root / "d")
+    d = start_daemon(mount=True, root=public_root / "d")
     assert d.mount is not None
     pin = str(d.mount / "far")
     before = peak_rss(d)
@@ -61,12 +62,13 @@ def test_a_read_far_into_a_big_pin_does_not_stall_or_grow_the_daemon(public_root
     assert grew < 32 << 20, f"the daemon's peak RSS grew by {grew >> 20} MiB"
 
 
+@pytest.mark.fuse
 def test_a_read_at_any_offset_returns_the_texts_bytes_there(public_root: Path,
                                                              start_daemon) -> None:
     """red-team review, finding 1: with the rendering bounded per request, a read at an
     offset (pread, `dd skip=`, `tail -c` on a seekable file) still returns exactly the bytes
     a read from the start finds there, across many requests, forward and back."""
-    d = start_daemon(root=public_root / "d")
+    d = start_daemon(mount=True, root=public_root / "d")
     assert d.mount is not None
     pin = d.mount / "m"
     with d.client() as c:
@@ -133,11 +135,12 @@ def _empty_prog_array_read(socket_path: str, pin: str) -> tuple[int, bytes]:
         return entries, f.read()
 
 
+@pytest.mark.fuse
 def test_reading_a_huge_empty_fd_array_pin_holds_nothing_up(public_root: Path,
                                                            start_daemon) -> None:
     """red-team review, finding 2: the same attack end to end, as uid 65534 (a 1M-slot
     PROG_ARRAY fits its 8 MiB of memlock)."""
-    d = start_daemon(root=public_root / "d")
+    d = start_daemon(mount=True, root=public_root / "d")
     assert d.mount is not None
     entries, text = under_probe(d, lambda: in_child(
         _empty_prog_array_read, str(d.socket), str(d.mount / "pa"), user=NOBODY),
@@ -198,6 +201,7 @@ def _pin_one(socket_path: str, pin: str) -> int:
     return 0
 
 
+@pytest.mark.fuse
 def test_entries_a_user_makes_in_the_tree_are_limited(public_root: Path, start_daemon) -> None:
     """red-team review, finding 3: uid 65534 made symlinks with 4,000-byte targets (and
     directories, hard links) in the world-writable mount root at ~1,130/s, ~4.3 KB of the
@@ -207,7 +211,7 @@ def test_entries_a_user_makes_in_the_tree_are_limited(public_root: Path, start_d
     a restart; root is never refused."""
     args = ("--max-fs-nodes-per-uid", str(NODE_LIMIT),
             "--max-symlink-bytes-per-uid", str(SYMLINK_BYTES))
-    d = start_daemon(root=public_root / "d", args=args)
+    d = start_daemon(mount=True, root=public_root / "d", args=args)
     assert d.mount is not None
     mount = str(d.mount)
     assert in_child(_fill_with_dirs, mount, user=NOBODY) == (NODE_LIMIT, errno.EDQUOT)
@@ -223,7 +227,7 @@ def test_entries_a_user_makes_in_the_tree_are_limited(public_root: Path, start_d
 
     d.stop()
     d.cleanup_mount()
-    d = start_daemon(root=public_root / "d", args=args)  # counted again from the state
+    d = start_daemon(mount=True, root=public_root / "d", args=args)  # counted again from the state
     assert in_child(_more_dirs, mount, "h", user=NOBODY) == (0, errno.EDQUOT)
     assert len(os.listdir(d.mount / "mine")) == NODE_LIMIT - 1
 

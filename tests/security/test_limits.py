@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from attack import daemon_fds, under_probe
 from helpers import NOBODY, DaemonProcess, become, in_child
 
@@ -124,12 +125,14 @@ def _hoard_obj_gets(socket_path: str, pin: str) -> Iterator[tuple[int, int | Non
     yield (len(held), *failure)
 
 
+@pytest.mark.fuse
 def test_obj_get_of_ones_own_pin_is_charged_to_the_caller(public_root: Path,
                                                           start_daemon) -> None:
     """issue 13, finding 4 (obj_get route): repeated obj_get of one's own pin made object fds
     charged to nobody, until the daemon's 20,000 fds were gone and root's map_create failed
     with EMFILE. Now each is charged to the caller's uid: EMFILE at --max-fds-per-uid."""
-    daemon = start_daemon(root=public_root / "d", args=("--max-fds-per-uid", str(FD_LIMIT)))
+    daemon = start_daemon(mount=True, root=public_root / "d",
+                          args=("--max-fds-per-uid", str(FD_LIMIT)))
     assert daemon.mount is not None
     baseline = settled_fds(daemon)
     attacker = Attacker(_hoard_obj_gets, str(daemon.socket), str(daemon.mount / "hoard"))
@@ -223,7 +226,7 @@ def test_a_flood_of_connections_does_not_stall_other_clients(public_root: Path,
     for 0.5 s, as the daemon accepted a whole backlog and read /proc for each before anyone
     else ran. Now the limit is checked from SO_PEERCRED alone at accept, one accept per pass
     of the run loop."""
-    daemon = start_daemon(root=public_root / "d", mount=False,
+    daemon = start_daemon(root=public_root / "d",
                           args=("--max-connections-per-uid", str(CONN_LIMIT)))
     made = under_probe(daemon, lambda: in_child(_flood, str(daemon.socket), user=NOBODY),
                        f"{FLOOD} connections at once")
@@ -303,12 +306,13 @@ def _hoard_until_refused(socket_path: str, pin: str) -> Iterator[tuple[int, int 
     yield (len(held), None, "")
 
 
+@pytest.mark.fuse
 def test_other_users_leave_root_a_reserve_of_the_daemons_fds(public_root: Path,
                                                              start_daemon) -> None:
     """issue 13, finding 4: per-uid limits alone let enough users together take every fd.
     Non-root users stop short of the daemon's RLIMIT_NOFILE by --root-reserve (at most half
     of it), so root's map_create still works."""
-    daemon = start_daemon(root=public_root / "d")
+    daemon = start_daemon(mount=True, root=public_root / "d")
     assert daemon.mount is not None and daemon.proc is not None
     resource.prlimit(daemon.proc.pid, resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
     baseline = settled_fds(daemon)

@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from helpers import DaemonProcess, raises_errno
 
 from bpffs.client import Client
@@ -55,12 +56,13 @@ def state_files(d: DaemonProcess) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.state_dir.iterdir())}
 
 
+@pytest.mark.fuse
 def test_a_replacement_of_a_freed_map_survives_sigkill(start_daemon) -> None:
     """Issue 13, finding 3: delete a pinned ~2.8 MiB map, pin a same-size replacement, kill -9
     with --memory-limit 4 MiB: the replacement was lost (the replay charged the freed map
     too). The journal's records free it where the live run did, and the limit is checked on
     what survives the replay."""
-    d = start_daemon(args=("--memory-limit", str(4 * MIB)))
+    d = start_daemon(mount=True, args=("--memory-limit", str(4 * MIB)))
     with d.client() as c:
         fd = big_map(c, 700, b"a")
         c.obj_pin(fd, str(d.mount / "old"))
@@ -82,10 +84,11 @@ def test_a_replacement_of_a_freed_map_survives_sigkill(start_daemon) -> None:
     assert os.listdir(d.mount) == ["new"]
 
 
+@pytest.mark.fuse
 def test_many_create_free_cycles_restore_the_last_map(start_daemon) -> None:
     """Issue 13, finding 3: ten 2.8 MiB maps pinned and freed in turn under a 4 MiB limit (28
     MiB created in all, as the journal tells it): the last one is restored."""
-    d = start_daemon(args=("--memory-limit", str(4 * MIB)))
+    d = start_daemon(mount=True, args=("--memory-limit", str(4 * MIB)))
     with d.client() as c:
         for n in range(10):
             fd = big_map(c, 700, bytes([65 + n]))
@@ -105,13 +108,14 @@ def test_many_create_free_cycles_restore_the_last_map(start_daemon) -> None:
         assert c.status()["persistence"]["held"] is None
 
 
+@pytest.mark.fuse
 def test_a_restore_that_cannot_place_a_pin_keeps_the_state_and_says_so(start_daemon) -> None:
     """Issue 13, finding 3: a restore that cannot place an acknowledged object (here: a
     restart with a lower --memory-limit than the state needs) must not compact it away. The
     snapshot and journal stay byte for byte, `bpffs status` names the object and why, this
     run's changes are refused as not durable (EROFS), and a restart with enough memory brings
     everything back."""
-    d = start_daemon(args=("--memory-limit", str(4 * MIB)))
+    d = start_daemon(mount=True, args=("--memory-limit", str(4 * MIB)))
     with d.client() as c:
         for name, fill in (("first", b"1"), ("second", b"2")):
             fd = big_map(c, 400, fill)
@@ -158,11 +162,12 @@ def test_a_restore_that_cannot_place_a_pin_keeps_the_state_and_says_so(start_dae
     assert "could not place map 'big'" in d.log_text()
 
 
+@pytest.mark.fuse
 def test_a_record_that_fails_to_replay_holds_the_state(start_daemon, tmp_path: Path) -> None:
     """Issue 13, finding 3: any acknowledged record the replay cannot apply (here a program
     whose map record names a map type this daemon refuses) keeps the state directory as it
     is instead of compacting the object away."""
-    d = start_daemon()
+    d = start_daemon(mount=True)
     with d.client() as c:
         fd = c.map_create(MapType.HASH, 4, 4, 4, name="kept")
         c.obj_pin(fd, str(d.mount / "kept"))

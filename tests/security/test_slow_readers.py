@@ -93,7 +93,7 @@ def test_a_connection_holds_at_most_one_unread_large_reply(public_root: Path,
     them pinning 1.86 GB of shmem. Now the connection's next request waits until the client
     has received the last large reply: one copy at most (here 1 MB, not 60), and every
     request is still answered once the client reads."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
     unread, sizes = in_child(_pipeline_unread, str(daemon.socket), user=NOBODY)
     assert min(sizes) > protocol.INLINE_MAX, "the replies must travel in memfds"
     assert unread <= 1, f"{unread} large replies ({unread * sizes[0] >> 20} MiB) held unread"
@@ -137,7 +137,7 @@ def test_a_users_unread_replies_are_capped(public_root: Path, start_daemon) -> N
     --max-reply-bytes-per-uid (plus the one let through when under it): further requests
     are refused with EAGAIN before they run (a lookup_and_delete loses nothing), saying
     which limit. Every request is answered; root is served meanwhile."""
-    daemon = start_daemon(root=public_root / "d", mount=False,
+    daemon = start_daemon(root=public_root / "d",
                           args=("--max-reply-bytes-per-uid", str(REPLY_LIMIT)))
     unread, answered, refusals = in_child(_many_connections_unread, str(daemon.socket),
                                           user=NOBODY)
@@ -157,7 +157,7 @@ def test_a_client_that_reads_its_replies_never_waits(public_root: Path,
                                                     start_daemon) -> None:
     """The ordinary client (request, reply, request) is not slowed by the bound: the next
     request finds the last reply received and is read at once."""
-    daemon = start_daemon(root=public_root / "d", mount=False)
+    daemon = start_daemon(root=public_root / "d")
     with Client(str(daemon.socket)) as client:
         fd = client.map_create(MapType.ARRAY, 4, VALUE, ENTRIES)
         client.map_lookup_batch(fd, ENTRIES)

@@ -117,6 +117,7 @@ def test_a_symlinked_state_file_is_not_read_or_written(tmp_path: Path, name: str
     assert os.path.islink(state / name) and sorted(os.listdir(state)) == [name]
 
 
+@pytest.mark.fuse
 def test_symlinks_at_the_names_compaction_writes_are_replaced(start_daemon,
                                                               tmp_path: Path) -> None:
     """Issue 13, finding 6: symlinks planted at the names a compaction creates (the next
@@ -129,7 +130,7 @@ def test_symlinks_at_the_names_compaction_writes_are_replaced(start_daemon,
                for name in ("journal-1", "snapshot.tmp")}
     for name, target in targets.items():
         os.symlink(target, state / name)
-    d = start_daemon(root=root)
+    d = start_daemon(mount=True, root=root)
     with d.client() as c:
         fd = c.map_create(MapType.HASH, 4, 4, 4)
         c.map_update_elem(fd, b"key1", b"val1")
@@ -149,7 +150,7 @@ def test_symlinks_at_the_names_compaction_writes_are_replaced(start_daemon,
 def test_a_good_state_dir_is_created_private(tmp_path: Path, start_daemon) -> None:
     """The daemon creates a missing state dir (and its parents) itself: 0700, its own."""
     root = tmp_path / "d0"
-    d = start_daemon(root=root, mount=False)
+    d = start_daemon(root=root)
     st = d.state_dir.stat()
     assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700)
     assert d.stop() == 0

@@ -97,8 +97,12 @@ def checkout(dest: Path) -> Path:
                           "--exclude-standard"], check=True, capture_output=True).stdout
     for name in out.decode().split("\0"):
         src = REPO / name
-        if name and src.is_file() and not src.is_symlink():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        if not name or not (src.is_symlink() or src.is_file()):
+            continue
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():  # bpffs/daemon -> ../bpffsd and its siblings
+            (dest / name).symlink_to(os.readlink(src))
+        else:
             shutil.copy2(src, dest / name)
     return dest
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 
-from ..errors import BpfError
+from ..errors import VerifierError
 from ..helpers import HELPERS
 from ..insn import (
     Flow,
@@ -23,12 +23,11 @@ from ..uapi import Helper
 KNOWN_JMPS = ISA_4_4_JMPS | {Jmp.JLT, Jmp.JLE, Jmp.JSLT, Jmp.JSLE}
 
 
-class Rejected(BpfError):
+class Rejected(VerifierError):
     """A program the verifier refuses; `.log` holds the verifier log up to the refusal."""
 
     def __init__(self, err: int, message: str, log: list[str]):
-        super().__init__(err, message)
-        self.log = "\n".join([*log, message]) + "\n"
+        super().__init__(err, message, "\n".join([*log, message]) + "\n")
 
 
 def check_cfg(prog_type: int, insns: list[Insn], flow: Flow, gpl: bool, allow_loops: bool,
