@@ -1,6 +1,7 @@
 """`bpffs`: the command-line tool, in bpftool's grammar.
 
     bpffs [OPTIONS] { map | prog | pcap | mount | status | version | help } COMMAND ...
+    bpffs [--socket PATH] exec [--] CMD [ARGS...]   (an unmodified BPF tool against bpffsd)
     OPTIONS := { -j|--json | -p|--pretty | -f|--bpffs | -n|--nomount | --socket PATH |
                  -h|--help | -V|--version }
 
@@ -24,6 +25,8 @@ from bpffs.vm.errors import BpfError
 from ..sync import Client
 from . import map as map_cmd
 from .args import Args, is_prefix, usage
+from .exec import exec_words
+from .exec import run as run_exec
 from .output import Output, exit_status
 from .system import MOUNT_USAGE, STATUS_USAGE, mount, status
 
@@ -190,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     """The console script. Whatever happens, the user sees one `Error: ...` line and a status,
     never a traceback (BPFFS_DEBUG=1 shows it for internal errors)."""
     argv = sys.argv[1:] if argv is None else argv
+    request = exec_words(argv)  # before option parsing: CMD's own -j/-p stay CMD's
+    if request is not None:
+        return run_exec(request[1], request[0])
     # Until the options are parsed, JSON mode is guessed the same way for errors in parsing.
     out = Output(json_mode=any(w in ("-j", "--json") for w in argv),
                  pretty=any(w in ("-p", "--pretty") for w in argv))

@@ -1,6 +1,7 @@
 """Every opcode number is named once: in vm/isa.py (opcodes, their fields, atomic operations)
-or vm/uapi.py (pseudo source registers). Anywhere else in the product code (vm/, client/,
-bpffsd/, bpffs/) a raw number standing for an instruction fact is a second copy that can drift.
+or vm/uapi.py (pseudo source registers); classic BPF's in client/seccomp/abi.py. Anywhere else
+in the product code (vm/, client/, bpffsd/, bpffs/) a raw number standing for an instruction
+fact is a second copy that can drift.
 
 The rule, checked on the syntax tree of every module (comments and strings are not code):
 1. No hex literal whose value is an opcode or atomic operation isa.py names as a whole
@@ -26,7 +27,9 @@ from bpffs.vm.isa import CALL, EXIT, JA, JA32, LD_IMM64, MOV64_X, Atomic
 
 REPO = Path(__file__).resolve().parents[2]
 SCANNED = ("vm", "client", "bpffsd", "bpffs")
-TABLES = {REPO / "vm" / "isa.py", REPO / "vm" / "uapi.py"}
+# The tables: eBPF's, and classic BPF's (the seccomp filter's instruction set, whose encodings
+# overlap eBPF's: its BPF_RET|BPF_K is 0x06, eBPF's JA32).
+TABLES = {REPO / "vm" / "isa.py", REPO / "vm" / "uapi.py", REPO / "client" / "seccomp" / "abi.py"}
 WHOLE_OPCODES = frozenset({LD_IMM64, CALL, EXIT, JA, JA32, MOV64_X, Atomic.XCHG,
                            Atomic.CMPXCHG})
 FIELD_NAMES = frozenset({"opcode", "code", "op", "jop", "cls", "source", "src"})

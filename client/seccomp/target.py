@@ -1,0 +1,240 @@
+"""One supervised thread, as the handlers see it: its memory, its fds and its paths.
+
+Every read of the target's memory may be stale by the time it is used (a signal handler can
+reuse the stack), so the handlers call `check()` (SECCOMP_IOCTL_NOTIF_ID_VALID) between reading
+and acting, and `write` checks again right before it writes. Memory goes through a
+/proc/TID/mem fd opened once per thread and validated with ID_VALID after opening (so it names
+that thread's mm, not a recycled TID's). After an execve the old fd reads nothing: a one-byte
+probe at the notification's instruction pointer, which is mapped in the current image, tells a
+stale fd from a bad pointer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from . import abi
+from .notify import Listener, Notification, syscall
+
+
+class Fault(Exception):
+    """The target named memory that cannot be read or written: the kernel answers EFAULT."""
+
+
+class Gone(Exception):
+    """The notification is no longer valid (the target was killed or interrupted): no answer
+    is sent, and nothing read from its memory may be acted on."""
+
+
+class Threads:
+    """Per-thread handles shared by the notifications of one listener: /proc/TID/mem fds,
+    pidfds and thread-group ids. A cache: entries are dropped when found stale."""
+
+    LIMIT = 512  # cached threads; beyond this the caches start again (threads come and go)
+
+    def __init__(self) -> None:
+        self.mem: dict[int, int] = {}
+        self.pidfds: dict[int, int] = {}
+        self.tgids: dict[int, int] = {}
+
+    def forget(self, tid: int) -> None:
+        for table in (self.mem, self.pidfds):
+            fd = table.pop(tid, None)
+            if fd is not None:
+                os.close(fd)
+        self.tgids.pop(tid, None)
+
+    def close(self) -> None:
+        for tid in list({*self.mem, *self.pidfds}):
+            self.forget(tid)
+
+    def trim(self) -> None:
+        if len(self.mem) + len(self.pidfds) > self.LIMIT:
+            self.close()
+
+
+class Target:
+    """The caller of one notification."""
+
+    def __init__(self, listener: Listener, notif: Notification, threads: Threads):
+        self.listener = listener
+        self.notif = notif
+        self.tid = notif.pid
+        self.threads = threads
+        self._mem_fd: int | None = None
+
+    def _unreachable(self, what: str, e: OSError | None = None) -> OSError:
+        """The error for a caller we cannot reach (its memory or fds): Gone when the
+        notification went away meanwhile, else EPERM (a caller outside our pid namespace, or
+        one that made itself non-dumpable). Never silence: a caller not answered hangs."""
+        self.check()
+        reason = e.strerror if e is not None else "not visible in our pid namespace"
+        return OSError(errno.EPERM, f"cannot reach the caller's {what}: {reason}")
+
+    # -- validity -------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise Gone unless the caller still waits for this notification."""
+        if not self.listener.id_valid(self.notif.id):
+            raise Gone
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _mem(self) -> int:
+        if self._mem_fd is not None:
+            return self._mem_fd
+        fd = self.threads.mem.get(self.tid)
+        if fd is not None:
+            try:
+                if len(os.pread(fd, 1, self.notif.ip)) == 1:
+                    self._mem_fd = fd  # probed once per notification
+                    return fd
+            except OSError:
+                pass
+            self.threads.forget(self.tid)  # the thread exec'd (or the TID was reused)
+        self.threads.trim()
+        if self.tid == 0:
+            raise self._unreachable("memory")
+        try:
+            fd = os.open(f"/proc/{self.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._unreachable("memory", e) from None
+        try:
+            self.check()  # the fd is the caller's only if the notification outlived the open
+        except Gone:
+            os.close(fd)
+            raise
+        self.threads.mem[self.tid] = self._mem_fd = fd
+        return fd
+
+    def read(self, addr: int, size: int) -> bytes:
+        """size bytes at addr, or Fault (NULL, unmapped, or not a user address)."""
+        if size == 0:
+            return b""
+        if addr == 0 or addr + size > abi.USER_ADDRESS_END:
+            raise Fault
+        try:
+            data = os.pread(self._mem(), size, addr)
+        except OSError:
+            raise Fault from None
+        if len(data) != size:
+            raise Fault
+        return data
+
+    def read_string(self, addr: int, limit: int = abi.PATH_MAX) -> bytes:
+        """A NUL-terminated string, page by page (a string ending just before an unmapped page
+        is not a fault, as strncpy_from_user); ENAMETOOLONG when no NUL comes within limit."""
+        out = b""
+        while len(out) < limit:
+            chunk = min(4096 - addr % 4096, limit - len(out))
+            data = self.read(addr, chunk)
+            nul = data.find(b"\0")
+            if nul >= 0:
+                return out + data[:nul]
+            out += data
+            addr += chunk
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Write into a buffer the target's own attr named, after checking it still waits.
+        (/proc/TID/mem writes through read-only mappings where copy_to_user would EFAULT.)"""
+        if not data:
+            return
+        if addr == 0 or addr + len(data) > abi.USER_ADDRESS_END:
+            raise Fault
+        self.check()
+        try:
+            n = os.pwrite(self._mem(), data, addr)
+        except OSError:
+            raise Fault from None
+        if n != len(data):
+            raise Fault
+
+    def same_credentials(self) -> bool:
+        """Whether the caller still has the user and group `bpffs exec` was started with. The
+        supervisor acts with those (it is their bpffsd client); a caller that dropped them
+        (no_new_privs lets it only drop) must not act with them through us. /proc/TID is
+        owned by the task's effective ids (root's when it made itself non-dumpable)."""
+        try:
+            st = os.stat(f"/proc/{self.tid}")
+        except OSError as e:
+            raise self._unreachable("credentials", e) from None
+        return (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+
+    # -- fds and paths --------------------------------------------------------------------------
+    def _pidfd(self) -> int:
+        fd = self.threads.pidfds.get(self.tid)
+        if fd is None:
+            if self.tid == 0:
+                raise self._unreachable("fds")
+            try:
+                try:
+                    fd = syscall(abi.Nr.pidfd_open, self.tid, abi.PIDFD_THREAD)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    fd = syscall(abi.Nr.pidfd_open, self.tgid, 0)  # before 6.9: the leader
+            except OSError as e:
+                raise self._unreachable("fds", e) from None
+            try:
+                self.check()
+            except Gone:
+                os.close(fd)
+                raise
+            self.threads.pidfds[self.tid] = fd
+        return fd
+
+    def getfd(self, number: int) -> int:
+        """A dup of the target's fd `number` (ours to close): EBADF when it has none."""
+        if not 0 <= number <= 0x7FFFFFFF:
+            raise OSError(errno.EBADF, f"fd {number} is not open")
+        for attempt in (0, 1):
+            try:
+                return syscall(abi.Nr.pidfd_getfd, self._pidfd(), number, 0)
+            except OSError as e:
+                if e.errno == errno.ESRCH and not attempt:
+                    self.threads.forget(self.tid)  # a cached pidfd of a dead thread
+                    continue
+                if e.errno in (errno.ESRCH, errno.EPERM):
+                    raise self._unreachable("fds", e) from None
+                raise
+        raise AssertionError("unreachable")
+
+    @property
+    def tgid(self) -> int:
+        """The caller's process (for /proc/PID/... paths naming it)."""
+        tgid = self.threads.tgids.get(self.tid)
+        if tgid is None:
+            try:
+                with open(f"/proc/{self.tid}/status", "rb") as f:
+                    tgid = next((int(line.split()[1]) for line in f
+                                 if line.startswith(b"Tgid:")), self.tid)
+            except OSError as e:
+                raise self._unreachable("process", e) from None
+            self.threads.tgids[self.tid] = tgid
+        return tgid
+
+    def resolve(self, path: bytes, dirfd: int = abi.AT_FDCWD, follow: bool = True) -> int:
+        """An O_PATH fd for the caller's path, resolved in its own root and cwd (or dirfd):
+        absolute paths from /proc/TID/root with RESOLVE_IN_ROOT, so '..' and absolute
+        symlinks stay inside a container's root. Caveat: an absolute symlink met on a
+        relative walk resolves against our root."""
+        if not path:
+            raise OSError(errno.ENOENT, "empty path")
+        resolve = 0
+        if path.startswith(b"/"):
+            base, resolve = os.open(f"/proc/{self.tid}/root", abi.O_PATH | os.O_CLOEXEC), \
+                abi.RESOLVE_IN_ROOT
+        elif dirfd == abi.AT_FDCWD:
+            base = os.open(f"/proc/{self.tid}/cwd", abi.O_PATH | os.O_CLOEXEC)
+        else:
+            base = self.getfd(dirfd)
+        flags = abi.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+        how = ctypes.create_string_buffer(abi.OPEN_HOW.pack(flags, 0, resolve))
+        name = ctypes.create_string_buffer(path)
+        try:
+            return syscall(abi.Nr.openat2, base, ctypes.addressof(name), ctypes.addressof(how),
+                           abi.OPEN_HOW.size)
+        finally:
+            os.close(base)
+
