@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -32,6 +33,10 @@ from .trace import TraceRing
 
 log = logging.getLogger(__name__)
 
+SECCOMP_AGENT = [sys.executable, "-m", "bpffs.client.seccomp.agent"]
+SECCOMP_AGENT_RESTART_PAUSE = 0.5  # seconds before restarting an agent that died ...
+SECCOMP_AGENT_MAX_PAUSE = 60.0  # ... doubled up to this while it dies this soon after start
+
 try:
     VERSION = version("bpffsd")  # pyproject.toml's, the one source (`bpffs version` reads it)
 except PackageNotFoundError:  # a checkout used without an install
@@ -46,6 +51,7 @@ class Config:
     memory_limit: int | None = 1 << 30
     persist_interval: float = 0.1  # seconds within which program-made map writes persist
     limits: LimitConfig = field(default_factory=LimitConfig)  # per-uid limits (limits.py)
+    seccomp_agent: str | None = None  # the runtimes' listenerPath; None: no agent
 
 
 class Daemon:
@@ -177,6 +183,8 @@ class Daemon:
                 await nursery.start(self.fs.run)
                 if self.config.mountpoint:
                     await self.fs.mount_default(self.config.mountpoint)
+                if self.config.seccomp_agent:
+                    nursery.start_soon(self.run_seccomp_agent, self.config.seccomp_agent)
                 self.ready.set()
                 sdnotify.notify("READY=1", f"STATUS=serving on {self.config.socket_path}")
                 log.info("bpffsd %s ready on %s", VERSION, self.config.socket_path)
@@ -185,6 +193,32 @@ class Daemon:
             sdnotify.notify("STOPPING=1")
             listener.close()
             self._unlink_socket()
+
+    async def run_seccomp_agent(self, path: str) -> None:
+        """Keep the seccomp agent running: a worker process, since it is a client of ours (it
+        acts with each container caller's credentials) and the daemon loads no client code.
+        One that dies is restarted; containers it served lose their supervisor (bpf() is
+        ENOSYS for them), containers started later are served."""
+        argv = [*SECCOMP_AGENT, "--listen", path, "--socket", self.config.socket_path]
+        pause = SECCOMP_AGENT_RESTART_PAUSE
+        while True:
+            started = trio.current_time()
+            process = await trio.lowlevel.open_process(
+                argv + (["-v"] if log.isEnabledFor(logging.INFO) else []))
+            try:
+                code = await process.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    if process.returncode is None:
+                        process.terminate()
+                        await process.wait()
+            # one that keeps failing at start is retried less and less often
+            quick = trio.current_time() - started < SECCOMP_AGENT_MAX_PAUSE
+            pause = min(pause * 2, SECCOMP_AGENT_MAX_PAUSE) if quick \
+                else SECCOMP_AGENT_RESTART_PAUSE
+            log.warning("the seccomp agent on %s exited with %s; restarting in %g s", path,
+                        code, pause)
+            await trio.sleep(pause)
 
     def _listen(self) -> socket.socket:
         activated = sdnotify.listen_fds()

@@ -96,6 +96,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-symlink-bytes-per-uid", type=int, metavar="BYTES",
                    default=limits.MAX_SYMLINK_BYTES_PER_UID,
                    help="bytes of bpffs symlink targets one user may make (default %(default)s)")
+    p.add_argument("--seccomp-agent", metavar="PATH",
+                   help="serve container runtimes' seccomp notify on this socket (the"
+                   " profile's listenerPath): bpf() in their containers comes to bpffsd")
     p.add_argument("--detach", action="store_true",
                    help="run in the background; return once the daemon is ready")
     p.add_argument("--log-file", metavar="FILE",
@@ -337,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         check_directory(os.path.dirname(os.path.abspath(args.socket)),
                         "cannot create the control socket in")
         check_socket_path(args.socket)
+        if args.seccomp_agent:
+            check_socket_path(args.seccomp_agent)
         check_not_serving(args.socket)
         if state_dir is not None:
             check_state_dir(state_dir)
@@ -348,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bpffsd: {e}", file=sys.stderr)
         return 1
     config = Config(socket_path=args.socket, mountpoint=mountpoint, state_dir=state_dir,
-                    memory_limit=args.memory_limit, persist_interval=args.persist_interval)
+                    memory_limit=args.memory_limit, persist_interval=args.persist_interval,
+                    seccomp_agent=args.seccomp_agent and os.path.abspath(args.seccomp_agent))
     config.limits = limits.LimitConfig(
         max_connections_per_uid=args.max_connections_per_uid,
         max_fds_per_uid=args.max_fds_per_uid, max_parked_per_uid=args.max_parked_per_uid,

@@ -15,6 +15,9 @@ answered as the kernel's bpffs would answer them. Modules, one concept each:
     handlers    one function per bpf command, and the dispatch of every intercepted syscall
     files       statfs, readlink and fdinfo of object fds, mount -t bpf: what tools check
     supervisor  fork + filter + exec, and the loop
+    agent       the OCI seccomp agent: runc/crun hand it containers' listeners, each caller
+                served over a bpffsd connection made with its own ids (`bpffsd
+                --seccomp-agent PATH` runs it)
 
 What a tool sees differently from the kernel (each deliberate; compared with bpftool 7.1,
 libbpf 1.1 and cilium/ebpf 0.9.1 on Linux 6.18):
@@ -37,7 +40,10 @@ libbpf 1.1 and cilium/ebpf 0.9.1 on Linux 6.18):
     under `bpffs exec`; no_new_privs is set, so setuid programs run without privileges;
   * the supervisor acts with the credentials `bpffs exec` was started with (the daemon's
     rules apply to that user); a caller that has become another user or group since gets
-    EPERM from bpf(). Capabilities a caller drops while keeping its ids are not noticed;
+    EPERM from bpf(). A root caller without the capabilities (effective, in our user
+    namespace) that the kernel asks for a command gets EPERM (EACCES for a pin the mode bits
+    close to it without CAP_DAC_OVERRIDE), though bpffsd would serve root: handlers.py's
+    PRIVILEGED_COMMANDS; the verifier still applies root's bounds to its programs;
   * fdinfo is emulated for opens without O_CLOEXEC (fopen "r", as bpftool reads it); x86_64
     only; when CMD exits, descendants it left running lose the supervisor (their bpf() is
     ENOSYS from then on).

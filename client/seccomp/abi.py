@@ -19,6 +19,11 @@ class Nr(IntEnum):
     readlink = 89
     statfs = 137
     fstatfs = 138
+    setgroups = 116  # the raw syscalls change the calling thread's credentials only
+    setresuid = 117
+    setresgid = 119
+    setfsuid = 122
+    setfsgid = 123
     mount = 165
     openat = 257
     readlinkat = 267
@@ -50,6 +55,8 @@ SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
 SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101
 SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
 SECCOMP_IOCTL_NOTIF_ADDFD = 0x40182103
+SECCOMP_IOCTL_NOTIF_SET_FLAGS = 0x40082104  # 6.6; its argument is the flags themselves
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
 
 # struct seccomp_notif {u64 id; u32 pid; u32 flags; struct seccomp_data {s32 nr; u32 arch;
 # u64 instruction_pointer; u64 args[6]}}; seccomp_notif_resp {u64 id; s64 val; s32 error;
@@ -57,6 +64,7 @@ SECCOMP_IOCTL_NOTIF_ADDFD = 0x40182103
 NOTIF = struct.Struct("=QIIiIQ6Q")
 NOTIF_RESP = struct.Struct("=QqiI")
 NOTIF_ADDFD = struct.Struct("=QIIII")
+U64 = struct.Struct("=Q")  # ID_VALID's id, pidfd_info's mask: u64 arguments read by pointer
 NOTIF_SIZES = struct.Struct("=HHH")  # seccomp_notif_sizes {u16 notif, notif_resp, data}
 SOCK_FPROG = struct.Struct("=HxxxxxxQ")  # struct sock_fprog {u16 len; sock_filter *filter}
 SOCK_FILTER = struct.Struct("=HBBI")  # struct sock_filter {u16 code; u8 jt, jf; u32 k}
@@ -81,6 +89,20 @@ O_PATH = 0o10000000
 RESOLVE_IN_ROOT = 0x10
 OPEN_HOW = struct.Struct("=QQQ")  # struct open_how {u64 flags, mode, resolve}
 PIDFD_THREAD = os.O_EXCL  # 6.9: a pidfd naming a thread (a notification's pid is a TID)
+# ioctl(pidfd, PIDFD_GET_INFO) (6.13): struct pidfd_info {u64 mask, cgroupid; u32 pid, tgid,
+# ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid; s32 exit_code}, ids in our namespace
+PIDFD_GET_INFO = 0xC040FF0B  # _IOWR(0xFF, 11, 64 bytes)
+PIDFD_INFO = struct.Struct("=QQ12I")
+PIDFD_INFO_CREDS = 1 << 1
+PIDFD_INFO_EUID = 7  # index of euid (then egid) in PIDFD_INFO's fields
+
+# capabilities (linux/capability.h): what the kernel's bpf() asks of a caller
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
 PATH_MAX = 4096
 # no user mapping lies above this (x86_64 with 5-level paging: 1 << 56); higher addresses are
 # the kernel's, EFAULT for copy_from_user, and beyond pread's signed offset anyway
@@ -122,3 +144,12 @@ BATCH_MAX_BYTES = 64 << 20  # keys and values of one batch call read at most (E2
 HASH_BATCH_CURSOR_SIZE = 4  # a hash map's in_batch/out_batch: the kernel's u32 bucket
 BATCH_CURSORS = 1024  # hash walk cursors the supervisor remembers
 ENOTSUPP = 524  # the kernel-internal errno bpf() returns for a batch command a map lacks
+
+# the OCI seccomp agent (agent.py)
+OCI_SECCOMP_FD_NAME = "seccompFd"  # the listener's name in the runtime's "fds" list
+OCI_STATE_MAX = 1 << 20  # bytes of container state JSON read from a runtime
+OCI_FDS_MAX = 16  # fds accepted with it (runc sends one)
+OCI_RECEIVE_TIMEOUT = 5.0  # seconds a runtime has to send it
+AGENT_BACKLOG = 64
+AGENT_CONNECTIONS = 64  # bpffsd connections per container, one per credential set, at most
+

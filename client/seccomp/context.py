@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import socket
 import stat
 import struct
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from bpffs.client.sync import Client
 from bpffs.vm.errors import BpfError
 
 from . import abi
+from .target import Privileges
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -58,6 +61,7 @@ class Caller(Protocol):
     def getfd(self, number: int) -> int: ...
     def resolve(self, path: bytes, dirfd: int = ..., follow: bool = ...) -> int: ...
     def same_credentials(self) -> bool: ...
+    def privileges(self) -> Privileges: ...
 
 
 @dataclass
@@ -128,6 +132,18 @@ def bpffsd_mount_devices() -> set[int]:
 
 
 # -- the caller's object fds --------------------------------------------------------------------
+_SOCKFS_DEV: list[int] = []
+
+
+def _sockfs_dev() -> int:
+    """st_dev of every socket (sockfs is one superblock). A socket file's O_PATH fd is also
+    S_ISSOCK, but on its own filesystem, where its inode number could be an object's."""
+    if not _SOCKFS_DEV:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            _SOCKFS_DEV.append(os.fstat(s.fileno()).st_dev)
+    return _SOCKFS_DEV[0]
+
+
 @contextmanager
 def object_fd(t: Caller, ctx: Context, number: int, kind: str | None = None,
               closed: int = errno.EBADF) -> Iterator[tuple[int, dict]]:
@@ -141,10 +157,14 @@ def object_fd(t: Caller, ctx: Context, number: int, kind: str | None = None,
             raise
         raise BpfError(closed, f"fd {number} is not open") from None
     try:
-        if not stat.S_ISSOCK(os.fstat(mine).st_mode):
+        st = os.fstat(mine)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_dev != _sockfs_dev():
+            if fcntl.fcntl(mine, fcntl.F_GETFL) & abi.O_PATH:  # fdget() skips O_PATH fds
+                raise BpfError(closed, f"fd {number} is an O_PATH fd")
             raise BpfError(errno.EINVAL, f"fd {number} is not a bpf object")
-        try:
-            _, info = ctx.run(calls.bind(ctx.client.session, mine))
+        try:  # calls.bind's cache, looked up with this fstat (bind would make a second)
+            info = ctx.client.session.bound.get(st.st_ino) or \
+                ctx.run(calls.bind(ctx.client.session, mine))[1]
         except BpfError as e:
             if e.errno not in (errno.EBADF, errno.EINVAL):
                 raise  # the daemon's trouble (a lost connection), not the caller's fd

@@ -22,7 +22,7 @@ from typing import Any
 
 from bpffs.client import calls
 from bpffs.vm.errors import BatchError, BpfError, VerifierError
-from bpffs.vm.uapi import BPF_COMPLEXITY_LIMIT_INSNS, PAGE_SIZE, Cmd, MapType, ObjFlag
+from bpffs.vm.uapi import BPF_COMPLEXITY_LIMIT_INSNS, PAGE_SIZE, Cmd, MapType, ObjFlag, ProgType
 
 from . import abi, files
 from .attr import (
@@ -62,9 +62,50 @@ def _umask(tid: int) -> int:
         pass
     return 0o022
 
+# -- privileges ---------------------------------------------------------------------------------
+# bpffsd grants what the kernel reserves for capable callers to root (Peer.privileged, its
+# stand-in for capable(CAP_SYS_ADMIN)), and it sees only our connection's uid. So a caller
+# served over a root connection that has dropped capabilities (capsh --drop, setpriv
+# --bounding-set=-all, a container without CAP_SYS_ADMIN) is held here to what the kernel
+# asks of it: each entry is a list of capability sets, the caller needing one of each set.
+# bpffsd checks its own rule after ours, so a non-root connection stays unprivileged.
+PRIVILEGED_COMMANDS: dict[int, tuple[tuple[int, ...], ...]] = {
+    Cmd.MAP_GET_NEXT_ID: ((abi.CAP_SYS_ADMIN,),),
+    Cmd.PROG_GET_NEXT_ID: ((abi.CAP_SYS_ADMIN,),),
+    Cmd.MAP_GET_FD_BY_ID: ((abi.CAP_SYS_ADMIN,),),
+    Cmd.PROG_GET_FD_BY_ID: ((abi.CAP_SYS_ADMIN,),),
+    # bpffsd's rule (the kernel runs any program its caller holds)
+    Cmd.PROG_TEST_RUN: ((abi.CAP_SYS_ADMIN,),),
+}
+_BPF = (abi.CAP_BPF, abi.CAP_SYS_ADMIN)
+# program types bpffsd loads for any caller: socket filters (bpffsd/syscall.py's
+# UNPRIVILEGED_PROG_TYPES); the others need what bpf_prog_load asks for them
+PROG_TYPE_CAPABILITIES: dict[int, tuple[tuple[int, ...], ...]] = {
+    ProgType.KPROBE: (_BPF, (abi.CAP_PERFMON, abi.CAP_SYS_ADMIN)),
+    ProgType.SCHED_CLS: (_BPF, (abi.CAP_NET_ADMIN, abi.CAP_SYS_ADMIN)),
+    ProgType.SCHED_ACT: (_BPF, (abi.CAP_NET_ADMIN, abi.CAP_SYS_ADMIN)),
+}
+
+
+def _require(t: Caller, needs: tuple[tuple[int, ...], ...], what: str) -> None:
+    privileges = t.privileges()
+    if not all(privileges.capable(*one_of) for one_of in needs):
+        raise BpfError(errno.EPERM, f"{what} needs capabilities the caller does not have")
+
+
+def _may(t: Caller, fd: int, want: int) -> None:
+    """EACCES where the kernel refuses a root caller without CAP_DAC_OVERRIDE access to a pin
+    or directory that bpffsd, seeing a root connection, would let it use (for any other
+    caller bpffsd's own check, with the same ids, decides)."""
+    privileges = t.privileges()
+    if privileges.fsuid == 0 and not privileges.permits(os.fstat(fd), want):
+        raise BpfError(errno.EACCES, "permission denied (the caller has no CAP_DAC_OVERRIDE)")
+
+
 # -- bpf(2) -------------------------------------------------------------------------------------
 def sys_bpf(t: Caller, args: tuple[int, ...], ctx: Context) -> Outcome:
-    """bpf(cmd, attr, size): the attr read with the kernel's rules, then the command."""
+    """bpf(cmd, attr, size): the attr read with the kernel's rules, then the command (EPERM
+    first for a privileged command whose caller lacks the capabilities, as in the kernel)."""
     cmd, addr, size = args[0] & 0xFFFFFFFF, args[1], args[2] & 0xFFFFFFFF
     if not t.same_credentials():
         raise BpfError(errno.EPERM, "the caller changed its user or group since bpffs exec")
@@ -72,6 +113,9 @@ def sys_bpf(t: Caller, args: tuple[int, ...], ctx: Context) -> Outcome:
     handler = BPF.get(cmd)
     if handler is None:
         return Reply(error=errno.EINVAL)  # a kernel without the command
+    needs = PRIVILEGED_COMMANDS.get(cmd)
+    if needs is not None:
+        _require(t, needs, Cmd(cmd).name)
     return handler(t, attr, ctx)
 
 
@@ -178,6 +222,9 @@ def prog_load(t: Caller, a: Attr, ctx: Context) -> Outcome:
                        " and CO-RE relocations are not supported")
     if bool(a["log_level"]) != bool(a["log_buf"]):
         raise BpfError(errno.EINVAL, "log_level and log_buf go together")
+    needs = PROG_TYPE_CAPABILITIES.get(a.num("prog_type"))
+    if needs is not None:
+        _require(t, needs, f"loading a {ProgType(a.num('prog_type')).name} program")
     insns = t.read(a.num("insns"), count * abi.BPF_INSN_SIZE)
     license = _bounded_string(t, a.num("license"), abi.LICENSE_MAX).decode("latin-1")
     name = obj_name(a["prog_name"])  # type: ignore[arg-type]
@@ -225,6 +272,8 @@ def obj_get(t: Caller, a: Attr, ctx: Context) -> Outcome:
     pfd = t.resolve(path, dirfd)
     try:
         flags = a.num("file_flags") & (ObjFlag.RDONLY | ObjFlag.WRONLY)
+        _may(t, pfd, {ObjFlag.RDONLY: os.R_OK, ObjFlag.WRONLY: os.W_OK}.get(
+            flags, os.R_OK | os.W_OK))
         return Inject(ctx.client.obj_get(f"/proc/self/fd/{pfd}", flags))
     finally:
         os.close(pfd)
@@ -251,6 +300,8 @@ def obj_pin(t: Caller, a: Attr, ctx: Context) -> Outcome:
                 exists = os.path.lexists(b"/proc/self/fd/%d/%s" % (pfd, name))
                 raise BpfError(errno.EEXIST if exists or name in (b"", b".", b"..")
                                else errno.ENOENT, "a pin path names a directory")
+            if not os.path.lexists(b"/proc/self/fd/%d/%s" % (pfd, name)):  # else EEXIST
+                _may(t, pfd, os.W_OK | os.X_OK)
             ctx.run(_obj_pin_call(ctx.client.session, fd, pfd, name, _umask(t.tid)))
         finally:
             os.close(pfd)

@@ -1,5 +1,5 @@
-"""seccomp user notification through ctypes: install a filter, then RECV / SEND / ID_VALID /
-ADDFD on its listener.
+"""seccomp user notification: install a filter (ctypes), then RECV / SEND / ID_VALID / ADDFD on
+its listener (fcntl.ioctl).
 
 The kernel's structs are sized with SECCOMP_GET_NOTIF_SIZES, not with our headers: a newer
 kernel may grow them, and RECV wants a zeroed buffer of its own size (EINVAL otherwise).
@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import abi
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-_libc.ioctl.restype = ctypes.c_int
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
+# syscall(2) with n long arguments, one prototype per arity: converting the arguments
+# (c_long objects made per call) was a third of an empty call's ~1.7 us
+_SYSCALLS = [ctypes.CFUNCTYPE(ctypes.c_long, *[ctypes.c_long] * (n + 1), use_errno=True)(
+    ("syscall", _libc)) for n in range(7)]
 
 
 def syscall(nr: int, *args: int) -> int:
     """A raw syscall; OSError with its errno on failure."""
-    r = _libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    r = _SYSCALLS[len(args)](nr, *args)
     if r < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -67,10 +71,10 @@ def install_filter(program: bytes) -> int:
     raise AssertionError("unreachable")
 
 
-@dataclass(frozen=True)
-class Notification:
+class Notification(NamedTuple):
     """One intercepted syscall: its id, the calling thread (a TID in our pid namespace), the
-    syscall and its six arguments as unsigned 64-bit values."""
+    syscall and its six arguments as unsigned 64-bit values. (A tuple: made per notification,
+    it costs a third of a frozen dataclass.)"""
 
     id: int
     pid: int
@@ -81,15 +85,30 @@ class Notification:
 
 
 class Listener:
-    """The supervisor's side of a seccomp filter."""
+    """The supervisor's side of a seccomp filter. The ioctls go through fcntl.ioctl on
+    preallocated bytearrays: half of a ctypes call's ~1.2 us, five times per notification."""
 
     def __init__(self, fd: int):
         self.fd = fd
         sizes = notif_sizes()
-        self._req = ctypes.create_string_buffer(max(sizes.notif, abi.NOTIF.size))
-        self._resp = ctypes.create_string_buffer(max(sizes.resp, abi.NOTIF_RESP.size))
-        self._addfd = ctypes.create_string_buffer(abi.NOTIF_ADDFD.size)
-        self._id = ctypes.c_uint64()
+        self._req = bytearray(max(sizes.notif, abi.NOTIF.size))
+        self._zero = bytes(len(self._req))  # RECV wants a zeroed struct (EINVAL otherwise)
+        self._resp = bytearray(max(sizes.resp, abi.NOTIF_RESP.size))
+        self._addfd = bytearray(abi.NOTIF_ADDFD.size)
+        self._id = bytearray(abi.U64.size)
+        self.sync_wake_up = self._set_sync_wake_up()
+
+    def _set_sync_wake_up(self) -> bool:
+        """Ask the kernel (6.6+) to hand the CPU over at each RECV and SEND, as between the two
+        ends of a synchronous call: the target waits for us and we for it, so waking either on
+        another, idle CPU only adds that CPU's wake-up. Measured on the 2-core VM: a CONTINUEd
+        call 60 -> 17 us, an intercepted lookup 121 -> 73 us. Older kernels: EINVAL, ignored."""
+        try:
+            fcntl.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+                        abi.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
         """Closing the last listener fails every pending and later notified call with ENOSYS."""
@@ -99,30 +118,35 @@ class Listener:
 
     def recv(self) -> Notification | None:
         """The next notification; None when its caller was interrupted or killed meanwhile."""
-        ctypes.memset(self._req, 0, len(self._req))
-        if _libc.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_RECV, self._req) != 0:
-            e = ctypes.get_errno()
-            if e in (errno.ENOENT, errno.EINTR):
+        self._req[:] = self._zero
+        try:
+            fcntl.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_RECV, self._req, True)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EINTR):
                 return None
-            raise OSError(e, f"SECCOMP_IOCTL_NOTIF_RECV: {os.strerror(e)}")
-        nid, pid, _flags, nr, arch, ip, *args = abi.NOTIF.unpack_from(self._req.raw)
+            raise OSError(e.errno, f"SECCOMP_IOCTL_NOTIF_RECV: {e.strerror}") from None
+        nid, pid, _flags, nr, arch, ip, *args = abi.NOTIF.unpack_from(self._req)
         return Notification(nid, pid, nr, arch, ip, tuple(args))
 
     def id_valid(self, nid: int) -> bool:
         """Whether the caller still waits for this notification: checked after every read of
         its memory, before acting on what was read (the kernel's TOCTOU rule)."""
-        self._id.value = nid
-        return _libc.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_ID_VALID,
-                           ctypes.byref(self._id)) == 0
+        abi.U64.pack_into(self._id, 0, nid)
+        try:
+            fcntl.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_ID_VALID, self._id, False)
+        except OSError:
+            return False
+        return True
 
     def send(self, nid: int, val: int = 0, error: int = 0, flags: int = 0) -> bool:
         """Answer: val, or -error (a positive errno). False when the caller is gone."""
         abi.NOTIF_RESP.pack_into(self._resp, 0, nid, val, -error if error else 0, flags)
-        if _libc.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_SEND, self._resp) != 0:
-            e = ctypes.get_errno()
-            if e == errno.ENOENT:
+        try:
+            fcntl.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_SEND, self._resp, False)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
                 return False
-            raise OSError(e, f"SECCOMP_IOCTL_NOTIF_SEND: {os.strerror(e)}")
+            raise OSError(e.errno, f"SECCOMP_IOCTL_NOTIF_SEND: {e.strerror}") from None
         return True
 
     def send_continue(self, nid: int) -> bool:
@@ -135,10 +159,9 @@ class Listener:
         (no fd lands in a caller that went away). None when the caller is gone."""
         abi.NOTIF_ADDFD.pack_into(self._addfd, 0, nid, abi.SECCOMP_ADDFD_FLAG_SEND, fd, 0,
                                   os.O_CLOEXEC if cloexec else 0)
-        r = _libc.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_ADDFD, self._addfd)
-        if r < 0:
-            e = ctypes.get_errno()
-            if e == errno.ENOENT:
+        try:
+            return fcntl.ioctl(self.fd, abi.SECCOMP_IOCTL_NOTIF_ADDFD, self._addfd, True)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
                 return None
-            raise OSError(e, f"SECCOMP_IOCTL_NOTIF_ADDFD: {os.strerror(e)}")
-        return r
+            raise OSError(e.errno, f"SECCOMP_IOCTL_NOTIF_ADDFD: {e.strerror}") from None

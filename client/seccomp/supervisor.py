@@ -24,7 +24,7 @@ from bpffs.client.sync import Client
 
 from . import filter as seccomp_filter
 from . import handlers
-from .notify import Listener, install_filter
+from .notify import Listener, Notification, install_filter
 from .target import Gone, Target, Threads
 
 EXEC_FAILED = 127  # the shell's status for a command that was not found
@@ -68,6 +68,8 @@ def spawn(argv: list[str], program: bytes) -> tuple[int, int]:
 class Supervisor:
     """Serves one listener with one bpffsd connection."""
 
+    target_class: type[Target] = Target  # the seccomp agent's callers act as themselves
+
     def __init__(self, listener: Listener, client: Client, stats: bool = False):
         self.listener = listener
         self.ctx = handlers.Context(client)
@@ -81,8 +83,8 @@ class Supervisor:
         start = time.perf_counter_ns()
         outcome: handlers.Outcome | None = None
         try:
-            target = Target(self.listener, notif, self.threads)
-            outcome = handlers.handle(target, notif.nr, notif.args, self.ctx)
+            target = self.target_class(self.listener, notif, self.threads)
+            outcome = self.outcome(target, notif)
         except Gone:
             return
         except Exception as e:  # a bug here must not take the target down with it
@@ -96,6 +98,11 @@ class Supervisor:
                 self.stats[_label(notif.nr, notif.args, outcome)].append(
                     (time.perf_counter_ns() - start) / 1000)
         self.answer(notif.id, outcome)
+
+    def outcome(self, target: Target, notif: Notification) -> handlers.Outcome:
+        """The answer to one notification, served over the one connection (the seccomp agent
+        picks a connection made with each caller's own credentials)."""
+        return handlers.handle(target, notif.nr, notif.args, self.ctx)
 
     def answer(self, nid: int, outcome: handlers.Outcome) -> None:
         if isinstance(outcome, handlers.Inject):

@@ -4,16 +4,21 @@ Every read of the target's memory may be stale by the time it is used (a signal 
 reuse the stack), so the handlers call `check()` (SECCOMP_IOCTL_NOTIF_ID_VALID) between reading
 and acting, and `write` checks again right before it writes. Memory goes through a
 /proc/TID/mem fd opened once per thread and validated with ID_VALID after opening (so it names
-that thread's mm, not a recycled TID's). After an execve the old fd reads nothing: a one-byte
-probe at the notification's instruction pointer, which is mapped in the current image, tells a
-stale fd from a bad pointer.
+that thread's mm, not a recycled TID's). After an execve (or once the TID names another
+thread) the old fd reads and writes nothing, never another image's bytes: so a cached fd is used
+as it is, and only when an access through it fails does a one-byte probe at the notification's
+instruction pointer (mapped in the current image) tell a stale fd, opened again, from a bad
+pointer. (Probing before every use cost a syscall per notification.)
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import stat
+from dataclasses import dataclass
 
 from . import abi
 from .notify import Listener, Notification, syscall
@@ -38,6 +43,10 @@ class Threads:
         self.mem: dict[int, int] = {}
         self.pidfds: dict[int, int] = {}
         self.tgids: dict[int, int] = {}
+        self.pidfd_info = True  # PIDFD_GET_INFO works (6.13+) until the kernel says otherwise
+        self.info_buf = bytearray(abi.PIDFD_INFO.size)
+        own = os.stat("/proc/self/ns/user")
+        self.user_ns = (own.st_dev, own.st_ino)
 
     def forget(self, tid: int) -> None:
         for table in (self.mem, self.pidfds):
@@ -55,6 +64,38 @@ class Threads:
             self.close()
 
 
+@dataclass(frozen=True)
+class Privileges:
+    """What the kernel's permission checks look at in a caller: its effective capabilities
+    (none outside our user namespace: they do not count in ours, where bpffsd's root is) and
+    its filesystem ids."""
+
+    caps: int
+    fsuid: int
+    fsgid: int
+    groups: frozenset[int]
+
+    def capable(self, *any_of: int) -> bool:
+        return any(self.caps >> cap & 1 for cap in any_of)
+
+    def permits(self, st: os.stat_result, want: int) -> bool:
+        """generic_permission() on a file with st (want: os.R_OK | W_OK | X_OK bits)."""
+        if self.capable(abi.CAP_DAC_OVERRIDE) and (not want & os.X_OK or stat.S_ISDIR(
+                st.st_mode) or st.st_mode & 0o111):
+            return True
+        if self.fsuid == st.st_uid:
+            bits = st.st_mode >> 6
+        elif self.fsgid == st.st_gid or st.st_gid in self.groups:
+            bits = st.st_mode >> 3
+        else:
+            bits = st.st_mode
+        if bits & want == want:
+            return True
+        # CAP_DAC_READ_SEARCH: read any file, read and search any directory
+        return self.capable(abi.CAP_DAC_READ_SEARCH) and not want & os.W_OK and (
+            stat.S_ISDIR(st.st_mode) or not want & os.X_OK)
+
+
 class Target:
     """The caller of one notification."""
 
@@ -64,6 +105,8 @@ class Target:
         self.tid = notif.pid
         self.threads = threads
         self._mem_fd: int | None = None
+        self._mem_probed = False
+        self._privileges: Privileges | None = None
 
     def _unreachable(self, what: str, e: OSError | None = None) -> OSError:
         """The error for a caller we cannot reach (its memory or fds): Gone when the
@@ -85,13 +128,28 @@ class Target:
             return self._mem_fd
         fd = self.threads.mem.get(self.tid)
         if fd is not None:
-            try:
-                if len(os.pread(fd, 1, self.notif.ip)) == 1:
-                    self._mem_fd = fd  # probed once per notification
-                    return fd
-            except OSError:
-                pass
-            self.threads.forget(self.tid)  # the thread exec'd (or the TID was reused)
+            self._mem_fd = fd
+            self._mem_probed = False  # a cached fd: probed if an access through it fails
+            return fd
+        return self._open_mem()
+
+    def _stale(self) -> bool:
+        """After a failed access through a cached fd: whether the fd is stale (then it is
+        opened again, and the access retried), rather than the address bad."""
+        if self._mem_probed:
+            return False
+        self._mem_probed = True
+        try:
+            if len(os.pread(self._mem(), 1, self.notif.ip)) == 1:
+                return False
+        except OSError:
+            pass
+        self.threads.forget(self.tid)  # the thread exec'd (or the TID was reused)
+        self._mem_fd = None  # closed by forget
+        self._open_mem()
+        return True
+
+    def _open_mem(self) -> int:
         self.threads.trim()
         if self.tid == 0:
             raise self._unreachable("memory")
@@ -105,6 +163,7 @@ class Target:
             os.close(fd)
             raise
         self.threads.mem[self.tid] = self._mem_fd = fd
+        self._mem_probed = True  # opened for this notification: it is the caller's
         return fd
 
     def read(self, addr: int, size: int) -> bytes:
@@ -113,13 +172,15 @@ class Target:
             return b""
         if addr == 0 or addr + size > abi.USER_ADDRESS_END:
             raise Fault
-        try:
-            data = os.pread(self._mem(), size, addr)
-        except OSError:
-            raise Fault from None
-        if len(data) != size:
-            raise Fault
-        return data
+        while True:
+            try:
+                data = os.pread(self._mem(), size, addr)
+            except OSError:
+                data = b""
+            if len(data) == size:
+                return data
+            if not self._stale():
+                raise Fault
 
     def read_string(self, addr: int, limit: int = abi.PATH_MAX) -> bytes:
         """A NUL-terminated string, page by page (a string ending just before an unmapped page
@@ -143,23 +204,71 @@ class Target:
         if addr == 0 or addr + len(data) > abi.USER_ADDRESS_END:
             raise Fault
         self.check()
-        try:
-            n = os.pwrite(self._mem(), data, addr)
-        except OSError:
-            raise Fault from None
-        if n != len(data):
-            raise Fault
+        while True:
+            try:
+                n = os.pwrite(self._mem(), data, addr)
+            except OSError:
+                n = 0
+            if n == len(data):
+                return
+            if not self._stale():
+                raise Fault
 
     def same_credentials(self) -> bool:
         """Whether the caller still has the user and group `bpffs exec` was started with. The
         supervisor acts with those (it is their bpffsd client); a caller that dropped them
-        (no_new_privs lets it only drop) must not act with them through us. /proc/TID is
-        owned by the task's effective ids (root's when it made itself non-dumpable)."""
+        (no_new_privs lets it only drop) must not act with them through us."""
+        return self._effective_ids() == (os.geteuid(), os.getegid())
+
+    def _effective_ids(self) -> tuple[int, int]:
+        """(euid, egid): PIDFD_GET_INFO on the thread's cached pidfd (one ioctl, and exact for
+        a non-dumpable caller too), else the owner of /proc/TID, which is the task's effective
+        ids (root's when it made itself non-dumpable)."""
+        buf = self.threads.info_buf
+        for attempt in (0, 1):
+            if not self.threads.pidfd_info:
+                break
+            abi.U64.pack_into(buf, 0, abi.PIDFD_INFO_CREDS)  # the mask asked for
+            try:
+                fcntl.ioctl(self._pidfd(), abi.PIDFD_GET_INFO, buf, True)
+            except OSError as e:
+                if e.errno == errno.ESRCH and not attempt:
+                    self.threads.forget(self.tid)  # a cached pidfd of a dead thread
+                    continue
+                if e.errno in (errno.EINVAL, errno.ENOTTY):
+                    self.threads.pidfd_info = False  # before 6.13
+                    break
+                raise self._unreachable("credentials", e) from None
+            info = abi.PIDFD_INFO.unpack_from(buf)
+            return info[abi.PIDFD_INFO_EUID], info[abi.PIDFD_INFO_EUID + 1]
         try:
             st = os.stat(f"/proc/{self.tid}")
         except OSError as e:
             raise self._unreachable("credentials", e) from None
-        return (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+        return st.st_uid, st.st_gid
+
+    def privileges(self) -> Privileges:
+        """The caller's capabilities and filesystem ids, read from /proc/TID/status while it
+        waits for us (a thread's credentials change only by its own calls, so they are what
+        its bpf() would be checked with), then validated: the TID was not reused meanwhile."""
+        if self._privileges is not None:
+            return self._privileges
+        fields: dict[bytes, bytes] = {}
+        try:
+            with open(f"/proc/{self.tid}/status", "rb") as f:
+                for line in f:
+                    key, _, value = line.partition(b":")
+                    if key in (b"Uid", b"Gid", b"Groups", b"CapEff"):
+                        fields[key] = value
+            ns = os.stat(f"/proc/{self.tid}/ns/user")
+        except OSError as e:
+            raise self._unreachable("credentials", e) from None
+        self.check()
+        ours = (ns.st_dev, ns.st_ino) == self.threads.user_ns
+        self._privileges = Privileges(
+            int(fields[b"CapEff"], 16) if ours else 0, int(fields[b"Uid"].split()[3]),
+            int(fields[b"Gid"].split()[3]), frozenset(map(int, fields[b"Groups"].split())))
+        return self._privileges
 
     # -- fds and paths --------------------------------------------------------------------------
     def _pidfd(self) -> int:

@@ -4,11 +4,10 @@ the module's daemon, and the same tools run plainly on a kernel bpffs as the ora
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 from helpers import DaemonProcess
-from seccomp_helpers import REPO, Run, bpftool_path, seccomp_unavailable
+from seccomp_helpers import BPFFS_EXEC, REPO, Run, bpftool_path, seccomp_unavailable
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +28,9 @@ def bpftool(seccomp_ok: None) -> str:
 @pytest.fixture
 def under_exec(daemon: DaemonProcess, seccomp_ok: None) -> Run:
     """under_exec(*argv, timeout=60) -> argv run by `bpffs exec` against the module's daemon
-    (this checkout's CLI, run as `python3 -m bpffs.client.cli.exec`)."""
+    (this checkout's CLI)."""
     def run(*argv: str, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "bpffs.client.cli.exec", "--socket", str(daemon.socket),
-               "--", *argv]
+        cmd = [*BPFFS_EXEC, "--socket", str(daemon.socket), "--", *argv]
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                               **kwargs)
     return run

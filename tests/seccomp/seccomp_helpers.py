@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 # seccomp: NEW_LISTENER 5.0, ADDFD 5.9, ADDFD_FLAG_SEND 5.14
 MIN_KERNEL = (5, 14)
+# `bpffs exec` from this checkout. Not `-m bpffs.client.cli.exec`: the cli package imports
+# its exec module, and runpy then warns on stderr, which the comparisons with the kernel see.
+BPFFS_EXEC = [sys.executable, "-c",
+              "import sys; from bpffs.client.cli.exec import main; sys.exit(main())"]
 
 
 def _kernel_version() -> tuple[int, int]:

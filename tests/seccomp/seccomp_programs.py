@@ -32,29 +32,8 @@ int count_pkt(struct __sk_buff *skb)
 char LICENSE[] SEC("license") = "GPL";
 """
 
-PINNED_PROG = """
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} counts SEC(".maps");
-SEC("socket")
-int count_pkt(struct __sk_buff *skb)
-{
-	__u32 key = skb->len & 15;
-	__u64 one = 1, *v = bpf_map_lookup_elem(&counts, &key);
-	if (v)
-		__sync_fetch_and_add(v, 1);
-	else
-		bpf_map_update_elem(&counts, &key, &one, BPF_ANY);
-	return 0;
-}
-char LICENSE[] SEC("license") = "GPL";
-"""
+PINNED_PROG = PROG.replace("__type(value, __u64);\n",
+                           "__type(value, __u64);\n\t__uint(pinning, LIBBPF_PIN_BY_NAME);\n")
 
 
 def build_bpf_object(source: str, where: Path) -> Path:

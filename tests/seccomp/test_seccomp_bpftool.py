@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from helpers import DaemonProcess
-from seccomp_helpers import REPO, Run, normalise
+from seccomp_helpers import BPFFS_EXEC, REPO, Run, normalise
 from seccomp_programs import PROG, build_bpf_object
 
 from bpffs.vm.uapi import MapType
@@ -155,14 +154,13 @@ def test_exit_status_and_missing_command(under_exec: Run) -> None:
 def test_no_daemon_is_an_error_before_the_command_runs(tmp_path: Path, seccomp_ok: None
                                                       ) -> None:
     marker = tmp_path / "ran"
-    done = subprocess.run([sys.executable, "-m", "bpffs.client.cli.exec", "--socket",
-                           str(tmp_path / "none.sock"), "--", "touch", str(marker)],
+    done = subprocess.run([*BPFFS_EXEC, "--socket", str(tmp_path / "none.sock"), "--",
+                           "touch", str(marker)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 255
     assert "cannot reach bpffsd" in done.stderr
     assert not marker.exists()
-    usage = subprocess.run([sys.executable, "-m", "bpffs.client.cli.exec"], cwd=REPO,
-                           capture_output=True, text=True, timeout=60)
+    usage = subprocess.run(BPFFS_EXEC, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "Usage: bpffs exec" in usage.stderr
 
 
