@@ -48,7 +48,7 @@ UNPRIVILEGED_PROG_TYPES = {ProgType.SOCKET_FILTER}
 T = TypeVar("T")
 _RDONLY, _WRONLY = int(ObjFlag.RDONLY), int(ObjFlag.WRONLY)  # plain ints: hot path
 # A long request (map batch, test run, test-run batch) runs in slices of about SLICE_SECONDS,
-# letting other clients run between slices (the loop's latency goal is 50 ms; issue 13). It
+# letting other clients run between slices (the loop's latency goal is 50 ms). It
 # looks at the clock every MAP_BATCH_STEP elements, every BATCH_STEP packets, every repetition.
 SLICE_SECONDS = 0.005
 MAP_BATCH_STEP = 128
