@@ -9,7 +9,6 @@ import logging
 import os
 import socket
 import stat
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -30,12 +29,14 @@ from .server import Connection, Server
 from .store import BpfObject, Store
 from .syscall import Syscalls
 from .trace import TraceRing
+from .workers import module_command, worker_env
 
 log = logging.getLogger(__name__)
 
-SECCOMP_AGENT = [sys.executable, "-m", "bpffs.client.seccomp.agent"]
+SECCOMP_AGENT = module_command("bpffs.client.seccomp.agent")
 SECCOMP_AGENT_RESTART_PAUSE = 0.5  # seconds before restarting an agent that died ...
-SECCOMP_AGENT_MAX_PAUSE = 60.0  # ... doubled up to this while it dies this soon after start
+SECCOMP_AGENT_MAX_PAUSE = 60.0  # ... doubled up to this while it keeps dying ...
+SECCOMP_AGENT_QUICK_DEATH = 60.0  # ... within this many seconds of its start
 
 try:
     VERSION = version("bpffsd")  # pyproject.toml's, the one source (`bpffs version` reads it)
@@ -204,7 +205,7 @@ class Daemon:
         while True:
             started = trio.current_time()
             process = await trio.lowlevel.open_process(
-                argv + (["-v"] if log.isEnabledFor(logging.INFO) else []))
+                argv + (["-v"] if log.isEnabledFor(logging.INFO) else []), env=worker_env())
             try:
                 code = await process.wait()
             finally:
@@ -213,7 +214,7 @@ class Daemon:
                         process.terminate()
                         await process.wait()
             # one that keeps failing at start is retried less and less often
-            quick = trio.current_time() - started < SECCOMP_AGENT_MAX_PAUSE
+            quick = trio.current_time() - started < SECCOMP_AGENT_QUICK_DEATH
             pause = min(pause * 2, SECCOMP_AGENT_MAX_PAUSE) if quick \
                 else SECCOMP_AGENT_RESTART_PAUSE
             log.warning("the seccomp agent on %s exited with %s; restarting in %g s", path,

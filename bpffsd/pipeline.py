@@ -211,9 +211,14 @@ class Pending:
 
     def fail(self, e: Exception) -> Outcome:
         """e as the reply, the handler never started or not finished."""
+        self.release()
+        return self.pipeline.failure(self.channel, e, self.mark)
+
+    def release(self) -> None:
+        """Close the handler and the request's fds, whatever came of it (a cancellation
+        while it waited to run included); closing again is harmless."""
         self.handler.close()
         self.request.close()
-        return self.pipeline.failure(self.channel, e, self.mark)
 
     def hung_up(self) -> Outcome:
         """Nobody to reply to."""

@@ -451,6 +451,7 @@ class Server:
                 if not lock.locked() and not lock.statistics().tasks_waiting:
                     self._large.pop(uid, None)
         finally:
+            pending.release()  # cancelled while waiting for the lock, say (daemon shutdown)
             self.limits.parked.uncharge(uid)
 
     async def _finish(self, conn: Connection, pending: Pending) -> Outcome:

@@ -14,7 +14,6 @@ import logging
 import os
 import select
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from bpffs import protocol
 from bpffs.vm.errors import BpfError
 
 from ..pipeline import Pipeline, Request
+from ..workers import module_command, worker_env
 from .fuse_ops import REQUESTS, FuseOps, PendingPin
 from .tree import Caller, Dir, show
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER = [sys.executable, "-m", "bpffs.daemon.fs.worker"]
+WORKER = module_command("bpffs.daemon.fs.worker")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 MAX_RESTARTS = 5  # within RESTART_WINDOW seconds; then the mount is given up
@@ -127,7 +127,8 @@ class Mount:
                  str(notify_child.fileno()), "--ns-fd", str(self.ns_fd), "--owner-uid",
                  str(self.owner[0]), "--owner-gid", str(self.owner[1]), "--options",
                  self.options, os.fsdecode(self.mountpoint)],
-                pass_fds=(rpc_child.fileno(), notify_child.fileno(), self.ns_fd))
+                pass_fds=(rpc_child.fileno(), notify_child.fileno(), self.ns_fd),
+                env=worker_env())
         finally:
             rpc_child.close()
             notify_child.close()
