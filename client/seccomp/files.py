@@ -30,12 +30,12 @@ def _statfs_reply(t: Caller, ctx: Context, fd: int, buf: int) -> Outcome:
 
 def sys_statfs(t: Caller, args: tuple[int, ...], ctx: Context) -> Outcome:
     path = t.read_string(args[0])
-    t.check()
     try:
         fd = t.resolve(path)
     except OSError:
         return CONTINUE  # the kernel says why, as it would
     try:
+        t.check()  # root and cwd were the waiting caller's (its TID was not reused)
         return _statfs_reply(t, ctx, fd, args[1])
     finally:
         os.close(fd)
@@ -153,12 +153,12 @@ def sys_mount(t: Caller, args: tuple[int, ...], ctx: Context) -> Outcome:
     if fstype != b"bpf":
         return CONTINUE
     target = t.read_string(args[1])
-    t.check()
     try:
         fd = t.resolve(target)
     except OSError:
         return CONTINUE
     try:
+        t.check()  # root and cwd were the waiting caller's (its TID was not reused)
         return Reply() if ctx.on_bpffsd(fd) else CONTINUE
     finally:
         os.close(fd)

@@ -268,9 +268,9 @@ def obj_get(t: Caller, a: Attr, ctx: Context) -> Outcome:
     if a["bpf_fd"]:
         raise BpfError(errno.EINVAL, "bpf_fd must be 0 for BPF_OBJ_GET")
     path, dirfd = _path(t, a)
-    t.check()
     pfd = t.resolve(path, dirfd)
     try:
+        t.check()  # the path, root and cwd were the waiting caller's (its TID was not reused)
         flags = a.num("file_flags") & (ObjFlag.RDONLY | ObjFlag.WRONLY)
         _may(t, pfd, {ObjFlag.RDONLY: os.R_OK, ObjFlag.WRONLY: os.W_OK}.get(
             flags, os.R_OK | os.W_OK))
@@ -296,13 +296,15 @@ def obj_pin(t: Caller, a: Attr, ctx: Context) -> Outcome:
     with object_fd(t, ctx, a.num("bpf_fd")) as (fd, _info):
         pfd = t.resolve(parent or b".", dirfd)
         try:
+            umask = _umask(t.tid)
+            t.check()  # root, cwd and umask were the waiting caller's (its TID was not reused)
             if name in (b"", b".", b"..") or path.endswith(b"/"):
                 exists = os.path.lexists(b"/proc/self/fd/%d/%s" % (pfd, name))
                 raise BpfError(errno.EEXIST if exists or name in (b"", b".", b"..")
                                else errno.ENOENT, "a pin path names a directory")
             if not os.path.lexists(b"/proc/self/fd/%d/%s" % (pfd, name)):  # else EEXIST
                 _may(t, pfd, os.W_OK | os.X_OK)
-            ctx.run(_obj_pin_call(ctx.client.session, fd, pfd, name, _umask(t.tid)))
+            ctx.run(_obj_pin_call(ctx.client.session, fd, pfd, name, umask))
         finally:
             os.close(pfd)
     return Reply()

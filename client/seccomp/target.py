@@ -3,12 +3,22 @@
 Every read of the target's memory may be stale by the time it is used (a signal handler can
 reuse the stack), so the handlers call `check()` (SECCOMP_IOCTL_NOTIF_ID_VALID) between reading
 and acting, and `write` checks again right before it writes. Memory goes through a
-/proc/TID/mem fd opened once per thread and validated with ID_VALID after opening (so it names
-that thread's mm, not a recycled TID's). After an execve (or once the TID names another
-thread) the old fd reads and writes nothing, never another image's bytes: so a cached fd is used
-as it is, and only when an access through it fails does a one-byte probe at the notification's
-instruction pointer (mapped in the current image) tell a stale fd, opened again, from a bad
-pointer. (Probing before every use cost a syscall per notification.)
+/proc/TID/mem fd opened once per thread, beside a PIDFD_THREAD pidfd of that thread, and
+validated with ID_VALID after both opens (so both name the caller, not a recycled TID).
+
+A cached entry is keyed by TID, but a TID is a thread's only while it lives: once it exits,
+the TID may name a thread of another process, while the old mem fd still maps the old
+process's memory as long as that process lives (its other threads keep the mm). So before a
+notification uses any cached entry (mem fd, pidfd, tgid) a zero-timeout poll on the cached
+thread pidfd (one syscall) tells whether that thread exited: then every entry of the TID is
+dropped and opened again. No race: the caller holds the TID, so a thread that held it before
+has exited by the time we poll.
+(Before 6.9 there are no thread pidfds, and nothing is reused across notifications.)
+
+After an execve the old fd reads and writes nothing, never the new image's bytes: so a cached
+fd of a live thread is used as it is, and only when an access through it fails does a one-byte
+probe at the notification's instruction pointer (mapped in the current image) tell a stale fd,
+opened again, from a bad pointer. (Probing before every use cost a syscall per notification.)
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import select
 import stat
 from dataclasses import dataclass
 
@@ -35,7 +46,9 @@ class Gone(Exception):
 
 class Threads:
     """Per-thread handles shared by the notifications of one listener: /proc/TID/mem fds,
-    pidfds and thread-group ids. A cache: entries are dropped when found stale."""
+    pidfds and thread-group ids. A cache keyed by TID: an entry is used only after `valid`
+    says its thread still lives (a TID is reused once its thread exits), and dropped when
+    found stale."""
 
     LIMIT = 512  # cached threads; beyond this the caches start again (threads come and go)
 
@@ -44,6 +57,7 @@ class Threads:
         self.pidfds: dict[int, int] = {}
         self.tgids: dict[int, int] = {}
         self.pidfd_info = True  # PIDFD_GET_INFO works (6.13+) until the kernel says otherwise
+        self.pidfd_thread = True  # PIDFD_THREAD works (6.9+) until the kernel says otherwise
         self.info_buf = bytearray(abi.PIDFD_INFO.size)
         own = os.stat("/proc/self/ns/user")
         self.user_ns = (own.st_dev, own.st_ino)
@@ -55,8 +69,24 @@ class Threads:
                 os.close(fd)
         self.tgids.pop(tid, None)
 
+    def valid(self, tid: int) -> bool:
+        """Whether tid's cached entries (if any) are still its current thread's; if not they
+        are dropped. The thread pidfd cached beside them is polled: readable once the thread
+        it names exited, after which the TID may be another process's thread."""
+        pidfd = self.pidfds.get(tid)
+        if pidfd is None:
+            if tid not in self.mem and tid not in self.tgids:
+                return True  # nothing cached
+        elif self.pidfd_thread:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            if not poller.poll(0):
+                return True  # the thread that held the TID when cached still lives
+        self.forget(tid)  # exited, a process pidfd (before 6.9), or entries without a pidfd
+        return False
+
     def close(self) -> None:
-        for tid in list({*self.mem, *self.pidfds}):
+        for tid in list({*self.mem, *self.pidfds, *self.tgids}):
             self.forget(tid)
 
     def trim(self) -> None:
@@ -107,6 +137,15 @@ class Target:
         self._mem_fd: int | None = None
         self._mem_probed = False
         self._privileges: Privileges | None = None
+        self._validated = False
+
+    def _cached(self) -> None:
+        """Before the first use of a cached entry in this notification: drop the TID's
+        entries if the thread they were made for exited (then the TID may be this caller's
+        while the old entries name another process)."""
+        if not self._validated:
+            self._validated = True
+            self.threads.valid(self.tid)
 
     def _unreachable(self, what: str, e: OSError | None = None) -> OSError:
         """The error for a caller we cannot reach (its memory or fds): Gone when the
@@ -126,6 +165,7 @@ class Target:
     def _mem(self) -> int:
         if self._mem_fd is not None:
             return self._mem_fd
+        self._cached()
         fd = self.threads.mem.get(self.tid)
         if fd is not None:
             self._mem_fd = fd
@@ -153,6 +193,7 @@ class Target:
         self.threads.trim()
         if self.tid == 0:
             raise self._unreachable("memory")
+        self._pidfd()  # cached beside the mem fd: it tells when the thread exits (valid)
         try:
             fd = os.open(f"/proc/{self.tid}/mem", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -272,16 +313,21 @@ class Target:
 
     # -- fds and paths --------------------------------------------------------------------------
     def _pidfd(self) -> int:
+        self._cached()
         fd = self.threads.pidfds.get(self.tid)
         if fd is None:
             if self.tid == 0:
                 raise self._unreachable("fds")
             try:
-                try:
-                    fd = syscall(abi.Nr.pidfd_open, self.tid, abi.PIDFD_THREAD)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
+                fd = None
+                if self.threads.pidfd_thread:
+                    try:
+                        fd = syscall(abi.Nr.pidfd_open, self.tid, abi.PIDFD_THREAD)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                        self.threads.pidfd_thread = False
+                if fd is None:
                     fd = syscall(abi.Nr.pidfd_open, self.tgid, 0)  # before 6.9: the leader
             except OSError as e:
                 raise self._unreachable("fds", e) from None
@@ -312,6 +358,7 @@ class Target:
     @property
     def tgid(self) -> int:
         """The caller's process (for /proc/PID/... paths naming it)."""
+        self._cached()
         tgid = self.threads.tgids.get(self.tid)
         if tgid is None:
             try:
@@ -320,6 +367,11 @@ class Target:
                                  if line.startswith(b"Tgid:")), self.tid)
             except OSError as e:
                 raise self._unreachable("process", e) from None
+            if self.threads.pidfd_thread and self.tid not in self.threads.pidfds:
+                try:
+                    self._pidfd()  # beside the tgid: it tells when the thread exits (valid)
+                except OSError:
+                    return tgid  # not cached: valid would drop a tgid without a pidfd
             self.threads.tgids[self.tid] = tgid
         return tgid
 
