@@ -104,6 +104,7 @@ CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
 PATH_MAX = 4096
+INT_MAX = 0x7FFFFFFF  # an fd number, a readlink(2) bufsiz: C int arguments
 # no user mapping lies above this (x86_64 with 5-level paging: 1 << 56); higher addresses are
 # the kernel's, EFAULT for copy_from_user, and beyond pread's signed offset anyway
 USER_ADDRESS_END = 1 << 57
@@ -152,4 +153,6 @@ OCI_FDS_MAX = 16  # fds accepted with it (runc sends one)
 OCI_RECEIVE_TIMEOUT = 5.0  # seconds a runtime has to send it
 AGENT_BACKLOG = 64
 AGENT_CONNECTIONS = 64  # bpffsd connections per container, one per credential set, at most
+AGENT_ACCEPT_PAUSE = 0.1  # seconds between accepts that fail (EMFILE: until a container ends)
+ID_UNCHANGED = 0xFFFFFFFF  # (uid_t)-1: setres*id and setfs*id leave such an id as it is
 

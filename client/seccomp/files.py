@@ -81,7 +81,7 @@ def _readlink(t: Caller, ctx: Context, path_addr: int, buf: int, size: int) -> O
     found = _own_object(t, ctx, path, b"fd")
     if found is None or found[1].get("kind") not in ("map", "prog"):
         return CONTINUE
-    if size <= 0 or size > 0x7FFFFFFF:
+    if size <= 0 or size > abi.INT_MAX:
         return Reply(error=errno.EINVAL)
     text = abi.ANON_INODE_MAP if found[1]["kind"] == "map" else abi.ANON_INODE_PROG
     text = text[:size]  # readlink(2): truncated, no NUL

@@ -1,11 +1,11 @@
 """The supervisor: start a command under the filter and answer its notifications.
 
-The supervisor is an ordinary bpffsd client (one control connection, the calling user's
-credentials, which are exactly the target's: the same user started both), so the daemon needs
-no change. One thread serves one listener: a notification is read, handed to handlers.handle,
-and answered (SEND, SEND with CONTINUE, or ADDFD with SEND for a new fd, which is then closed
-here: the target holds the only copy, so close and exit drop the reference as they would a
-kernel fd).
+The supervisor is an ordinary bpffsd client (under `bpffs exec`, one control connection with
+the calling user's credentials, which are exactly the target's: the same user started both;
+the seccomp agent connects as each caller instead), so the daemon needs no change. One thread
+serves one listener: a notification is read, handed to handlers.handle, and answered (SEND,
+SEND with CONTINUE, or ADDFD with SEND for a new fd, which is then closed here: the target
+holds the only copy, so close and exit drop the reference as they would a kernel fd).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class Supervisor:
     """Serves one listener with one bpffsd connection."""
 
     target_class: type[Target] = Target  # the seccomp agent's callers act as themselves
+    name = "bpffs exec"  # who speaks in error messages (the agent: its container's name)
 
     def __init__(self, listener: Listener, client: Client, stats: bool = False):
         self.listener = listener
@@ -90,7 +91,7 @@ class Supervisor:
         except Exception as e:  # a bug here must not take the target down with it
             if os.environ.get("BPFFS_DEBUG"):
                 traceback.print_exc()
-            print(f"bpffs exec: internal error serving syscall {notif.nr}:"
+            print(f"{self.name}: internal error serving syscall {notif.nr}:"
                   f" {type(e).__name__}: {e}", file=sys.stderr)
             outcome = handlers.Reply(error=INTERNAL_ERROR)
         finally:

@@ -31,6 +31,8 @@ import select
 import stat
 from dataclasses import dataclass
 
+from bpffs.vm.uapi import PAGE_SIZE
+
 from . import abi
 from .notify import Listener, Notification, syscall
 
@@ -228,7 +230,7 @@ class Target:
         is not a fault, as strncpy_from_user); ENAMETOOLONG when no NUL comes within limit."""
         out = b""
         while len(out) < limit:
-            chunk = min(4096 - addr % 4096, limit - len(out))
+            chunk = min(PAGE_SIZE - addr % PAGE_SIZE, limit - len(out))
             data = self.read(addr, chunk)
             nul = data.find(b"\0")
             if nul >= 0:
@@ -341,7 +343,7 @@ class Target:
 
     def getfd(self, number: int) -> int:
         """A dup of the target's fd `number` (ours to close): EBADF when it has none."""
-        if not 0 <= number <= 0x7FFFFFFF:
+        if not 0 <= number <= abi.INT_MAX:
             raise OSError(errno.EBADF, f"fd {number} is not open")
         for attempt in (0, 1):
             try:
