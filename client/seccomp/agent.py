@@ -28,12 +28,14 @@ import errno
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
 import stat
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,16 +58,21 @@ Identity = tuple[int, int, tuple[int, ...]]  # what bpffsd sees of a caller: eui
 # -- credentials --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Credentials:
-    """A thread's (real, effective, saved) uids and gids and its supplementary groups."""
+    """A thread's (real, effective, saved) uids and gids, its supplementary groups, and its
+    file-system uid and gid (what the kernel walks paths and checks files with: the euid and
+    egid unless the thread called setfsuid/setfsgid)."""
 
     uids: tuple[int, int, int]
     gids: tuple[int, int, int]
     groups: tuple[int, ...]
+    fsuid: int
+    fsgid: int
 
     @classmethod
     def of_thread(cls, tid: int) -> Credentials:
         """From /proc/TID/status: ids as seen from our user namespace (a container's root in
-        a user namespace is the host uid it maps to)."""
+        a user namespace is the host uid it maps to). Uid: and Gid: list real, effective,
+        saved and file-system ids."""
         fields: dict[bytes, list[int]] = {}
         with open(f"/proc/{tid}/status", "rb") as f:
             for line in f:
@@ -74,20 +81,29 @@ class Credentials:
                     fields[key] = [int(x) for x in rest.split()]
         uid, gid = fields[b"Uid"], fields[b"Gid"]
         return cls((uid[0], uid[1], uid[2]), (gid[0], gid[1], gid[2]),
-                   tuple(sorted(fields.get(b"Groups", []))))
+                   tuple(sorted(fields.get(b"Groups", []))), uid[3], gid[3])
 
     @classmethod
     def own(cls) -> Credentials:
-        """The calling thread's."""
-        return cls(os.getresuid(), os.getresgid(), tuple(sorted(os.getgroups())))
+        """The calling thread's (setfs*id of ID_UNCHANGED only reads the current one)."""
+        return cls(os.getresuid(), os.getresgid(), tuple(sorted(os.getgroups())),
+                   syscall(abi.Nr.setfsuid, abi.ID_UNCHANGED),
+                   syscall(abi.Nr.setfsgid, abi.ID_UNCHANGED))
 
     @property
     def effective(self) -> Identity:
-        """What bpffsd and file permissions see: euid, egid, groups."""
+        """What bpffsd sees of a connection (SO_PEERCRED, SO_PEERGROUPS): euid, egid, groups."""
         return self.uids[1], self.gids[1], self.groups
 
+    @property
+    def files(self) -> Identity:
+        """What paths are walked and files checked with: fsuid, fsgid, groups."""
+        return self.fsuid, self.fsgid, self.groups
+
     def __str__(self) -> str:
-        return f"uid {self.uids[1]} gid {self.gids[1]}"
+        fs = "" if (self.fsuid, self.fsgid) == (self.uids[1], self.gids[1]) \
+            else f" (file-system uid {self.fsuid} gid {self.fsgid})"
+        return f"uid {self.uids[1]} gid {self.gids[1]}{fs}"
 
 
 def _set_groups(groups: tuple[int, ...]) -> None:
@@ -99,7 +115,8 @@ def _set_fs_ids(uid: int, gid: int) -> None:
     """setfsuid/setfsgid report no error: the ids are read back (-1 changes nothing)."""
     syscall(abi.Nr.setfsgid, gid)
     syscall(abi.Nr.setfsuid, uid)
-    if (syscall(abi.Nr.setfsuid, 0xFFFFFFFF), syscall(abi.Nr.setfsgid, 0xFFFFFFFF)) != (uid, gid):
+    if (syscall(abi.Nr.setfsuid, abi.ID_UNCHANGED),
+            syscall(abi.Nr.setfsgid, abi.ID_UNCHANGED)) != (uid, gid):
         raise OSError(errno.EPERM, f"cannot take file-system ids {uid}:{gid}")
 
 
@@ -117,7 +134,8 @@ def acting_as(creds: Credentials, files_only: bool = False) -> Iterator[None]:
     other powers, CAP_SYS_PTRACE to reach /proc/TID/root among them. A thread that cannot
     take the agent's ids back ends the agent: it must never serve anyone with a caller's."""
     own = Credentials.own()
-    if creds.effective == own.effective:
+    theirs, ours = (creds.files, own.files) if files_only else (creds.effective, own.effective)
+    if theirs == ours:  # a caller that setfsuid'd away from its euid is walked as its fsuid
         yield
         return
     caps = _effective_caps()
@@ -127,7 +145,7 @@ def acting_as(creds: Credentials, files_only: bool = False) -> Iterator[None]:
     try:
         _set_groups(creds.groups)
         if files_only:
-            _set_fs_ids(creds.uids[1], creds.gids[1])
+            _set_fs_ids(creds.fsuid, creds.fsgid)
         else:  # the saved uid stays 0: the way back to root
             syscall(abi.Nr.setresgid, *creds.gids)
             syscall(abi.Nr.setresuid, creds.uids[0], creds.uids[1], 0)
@@ -135,7 +153,7 @@ def acting_as(creds: Credentials, files_only: bool = False) -> Iterator[None]:
     finally:
         try:  # uids first: root's capabilities come back with them
             if files_only:
-                _set_fs_ids(own.uids[1], own.gids[1])
+                _set_fs_ids(own.fsuid, own.fsgid)
             else:
                 syscall(abi.Nr.setresuid, *own.uids)
                 syscall(abi.Nr.setresgid, *own.gids)
@@ -239,12 +257,13 @@ def receive(conn: socket.socket) -> tuple[int, dict[str, Any]]:
     the runtime's hang-up), the fds with it. ValueError when it named no seccompFd; every
     other fd received is closed."""
     conn.settimeout(abi.OCI_RECEIVE_TIMEOUT)  # a silent peer must not stall the others
-    data, fds, state = b"", [], None
+    data, fds, state, flags = b"", [], None, 0
     try:
         while state is None and len(data) < abi.OCI_STATE_MAX:
-            chunk, more, _, _ = socket.recv_fds(conn, abi.OCI_STATE_MAX - len(data),
-                                                abi.OCI_FDS_MAX)
+            chunk, more, more_flags, _ = socket.recv_fds(conn, abi.OCI_STATE_MAX - len(data),
+                                                         abi.OCI_FDS_MAX)
             fds += more
+            flags |= more_flags
             data += chunk
             try:
                 state = json.loads(data)
@@ -257,7 +276,10 @@ def receive(conn: socket.socket) -> tuple[int, dict[str, Any]]:
             os.close(fd)
         if isinstance(e, OSError):
             raise
-        raise ValueError(f"no {abi.OCI_SECCOMP_FD_NAME} in the runtime's message") from None
+        cut = " (the kernel dropped fds: more than we take, or the agent is out of fds)" \
+            if flags & socket.MSG_CTRUNC else ""
+        raise ValueError(f"no {abi.OCI_SECCOMP_FD_NAME} in the runtime's message{cut}"
+                         ) from None
     for fd in fds:
         if fd != listener:
             os.close(fd)
@@ -270,14 +292,19 @@ def container_name(state: dict[str, Any]) -> str:
 
 
 def supervise(listener: int, state: dict[str, Any], socket_path: str | None) -> None:
-    """Serve one container until its tasks are gone (a thread's body)."""
+    """Serve one container until its tasks are gone (a thread's body). The listener is ours
+    to close until the supervisor holds it: one nobody reads would leave the container's
+    notified calls hanging for ever, where a closed one fails them with ENOSYS."""
     name = container_name(state)
+    sup: ContainerSupervisor | None = None
     try:
         sup = ContainerSupervisor(Listener(listener), socket_path, name)
-    except OSError as e:  # bpffsd unreachable: closing the listener makes bpf() ENOSYS
-        log.error("container %s: not supervised: %s", name, e)
-        os.close(listener)
+    except Exception as e:  # bpffsd unreachable, or its hello answered with nonsense
+        log.error("container %s: not supervised: %s: %s", name, type(e).__name__, e)
         return
+    finally:
+        if sup is None:
+            os.close(listener)
     log.info("container %s: supervising", name)
     try:
         sup.serve()
@@ -302,17 +329,50 @@ def listen(path: str) -> socket.socket:
 
 
 def serve(server: socket.socket, socket_path: str | None) -> None:
-    """Accept runtimes for ever, one serving thread per container."""
+    """Accept runtimes for ever, one serving thread per container. An accept that fails
+    (EMFILE while the containers hold all our fds, ECONNABORTED) is retried after a pause,
+    logged once until one succeeds: ending the agent would end every container's
+    supervision. The runtime waiting in the backlog is served once fds are free again."""
+    failing: int | None = None  # the errno of the failures logged, until an accept succeeds
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except OSError as e:
+            if e.errno != failing:
+                failing = e.errno
+                log.error("cannot accept a runtime's connection: %s (retrying every %g s)",
+                          e.strerror or e, abi.AGENT_ACCEPT_PAUSE)
+            time.sleep(abi.AGENT_ACCEPT_PAUSE)
+            continue
+        if failing is not None:
+            failing = None
+            log.warning("accepting runtimes' connections again")
         with conn:
             try:
                 listener, state = receive(conn)
             except (OSError, ValueError) as e:
                 log.warning("a runtime's message was refused: %s", e)
                 continue
-        threading.Thread(target=supervise, args=(listener, state, socket_path),
-                         name=f"container {container_name(state)}", daemon=True).start()
+        name = container_name(state)
+        try:
+            threading.Thread(target=supervise, args=(listener, state, socket_path),
+                             name=f"container {name}", daemon=True).start()
+        except RuntimeError as e:  # no thread to be had: ENOSYS for it, not a hang
+            log.error("container %s: not supervised: %s", name, e)
+            os.close(listener)
+
+
+def raise_fd_limit() -> None:
+    """RLIMIT_NOFILE's soft limit up to the hard one: each container costs us fds (its
+    listener, a bpffsd connection per credential set, up to Threads.LIMIT cached pidfds and
+    mem fds), and the usual soft limit of 1024 is soon reached."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as e:  # a hard limit of RLIM_INFINITY is above nr_open
+        log.warning("cannot raise the open files limit from %d: %s", soft, e)
 
 
 # -- the profile --------------------------------------------------------------------------------
@@ -350,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--listen PATH or --profile PATH is required")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="bpffs seccomp agent: %(message)s")
+    raise_fd_limit()
     try:
         Client(args.socket).close()  # fail now, not at the first container
     except OSError as e:
