@@ -8,8 +8,12 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
+
+from bpffs.client.seccomp.abi import Nr
+from bpffs.vm.uapi import Cmd
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -19,6 +23,24 @@ MIN_KERNEL = (5, 14)
 # its exec module, and runpy then warns on stderr, which the comparisons with the kernel see.
 BPFFS_EXEC = [sys.executable, "-c",
               "import sys; from bpffs.client.cli.exec import main; sys.exit(main())"]
+
+
+# The start of every small ctypes target: raw bpf() through libc.syscall, as a static or Go
+# binary makes it (no libbpf in the way), and obj_get(path) -> fd (or -1, errno in libc).
+RAW_BPF = textwrap.dedent(f"""
+    import ctypes, json, os, struct, sys, threading
+    NR_BPF = {Nr.bpf}
+    MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, OBJ_GET = \\
+        {Cmd.MAP_CREATE}, {Cmd.MAP_LOOKUP_ELEM}, {Cmd.MAP_UPDATE_ELEM}, {Cmd.OBJ_GET}
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.syscall.argtypes = [ctypes.c_long] * 4
+
+    def obj_get(path):
+        pin = ctypes.create_string_buffer(path.encode() + b"\\0")
+        attr = ctypes.create_string_buffer(struct.pack("<QII", ctypes.addressof(pin), 0, 0))
+        return libc.syscall(NR_BPF, OBJ_GET, ctypes.addressof(attr), 16)
+""")
 
 
 def _kernel_version() -> tuple[int, int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from helpers import DaemonProcess
-from seccomp_helpers import BPFFS_EXEC, HERE, REPO, Run, normalise
+from seccomp_helpers import BPFFS_EXEC, HERE, RAW_BPF, REPO, Run, normalise
 
 from bpffs.client.seccomp import abi, handlers
 from bpffs.client.seccomp import filter as seccomp_filter
@@ -270,12 +270,7 @@ def test_foreign_fds_as_map_fd_get_the_kernels_errno(under_exec: Run, plain: Run
 
 
 # -- 4. a target killed between the notification and the answer -------------------------------
-CHURN_CALLS = textwrap.dedent("""
-    import ctypes, json, os, struct, sys, threading
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.syscall.argtypes = [ctypes.c_long] * 4
-
+CHURN_CALLS = RAW_BPF + textwrap.dedent("""
     def churn(stop, out):
         create = ctypes.create_string_buffer(struct.pack("<IIIII", 2, 4, 4, 1, 0), 48)
         key = ctypes.create_string_buffer(4)
@@ -283,14 +278,14 @@ CHURN_CALLS = textwrap.dedent("""
         attr = ctypes.create_string_buffer(32)
         rounds, after = 0, 0
         while after < 20:
-            fd = libc.syscall(321, 0, ctypes.addressof(create), 48)
+            fd = libc.syscall(NR_BPF, MAP_CREATE, ctypes.addressof(create), 48)
             if fd < 0:
                 out.append(("create", ctypes.get_errno()))
                 return
             struct.pack_into("<I4xQQQ", attr, 0, fd, ctypes.addressof(key),
                              ctypes.addressof(val), 0)
-            if libc.syscall(321, 2, ctypes.addressof(attr), 32) != 0 or \\
-                    libc.syscall(321, 1, ctypes.addressof(attr), 32) != 0:
+            if libc.syscall(NR_BPF, MAP_UPDATE_ELEM, ctypes.addressof(attr), 32) != 0 or \\
+                    libc.syscall(NR_BPF, MAP_LOOKUP_ELEM, ctypes.addressof(attr), 32) != 0:
                 out.append(("use", ctypes.get_errno()))
             os.close(fd)
             rounds += 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import DaemonProcess
-from seccomp_helpers import Run
+from seccomp_helpers import RAW_BPF, Run
 
 from bpffs.vm.uapi import MapType
 
@@ -21,14 +21,8 @@ pytestmark = pytest.mark.fuse
 COMPARED = ("map_type", "key_size", "value_size", "max_entries", "map_flags", "map_extra",
             "frozen")
 
-READER = textwrap.dedent("""
-    import ctypes, json, os, struct, sys
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.syscall.argtypes = [ctypes.c_long] * 4
-    pin = ctypes.create_string_buffer(sys.argv[1].encode() + b"\\0")
-    attr = ctypes.create_string_buffer(struct.pack("<QII", ctypes.addressof(pin), 0, 0))
-    fd = libc.syscall(321, 7, ctypes.addressof(attr), 16)
+READER = RAW_BPF + textwrap.dedent("""
+    fd = obj_get(sys.argv[1])
     link = os.readlink(f"/proc/self/fd/{fd}")
     short = os.readlink(f"/proc/{os.getpid()}/fd/{fd}")
     info = libc.open(f"/proc/self/fdinfo/{fd}".encode(), os.O_RDONLY)  # fopen "r": no CLOEXEC

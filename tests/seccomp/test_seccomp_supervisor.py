@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import NOBODY, DaemonProcess, become
-from seccomp_helpers import Run, bpftool_path
+from seccomp_helpers import RAW_BPF, Run, bpftool_path
 
 from bpffs.client.seccomp import abi, handlers
 from bpffs.client.seccomp import filter as seccomp_filter
@@ -24,14 +24,8 @@ from bpffs.vm.uapi import MapType
 
 pytestmark = pytest.mark.fuse
 
-OBJ_GET_ONCE = textwrap.dedent("""
-    import ctypes, struct, sys
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.syscall.argtypes = [ctypes.c_long] * 4
-    pin = ctypes.create_string_buffer(sys.argv[1].encode() + b"\\0")
-    attr = ctypes.create_string_buffer(struct.pack("<QII", ctypes.addressof(pin), 0, 0))
-    libc.syscall(321, 7, ctypes.addressof(attr), 16)
+OBJ_GET_ONCE = RAW_BPF + textwrap.dedent("""
+    obj_get(sys.argv[1])
 """)
 
 
@@ -101,20 +95,15 @@ def test_a_thread_that_execs_is_served_after_the_exec(under_exec: Run, bpf_dir: 
         done.stderr
 
 
-THREADS = textwrap.dedent("""
-    import ctypes, struct, sys, threading
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.syscall.argtypes = [ctypes.c_long] * 4
+THREADS = RAW_BPF + textwrap.dedent("""
     out = []
     def work():
-        pin = ctypes.create_string_buffer(sys.argv[1].encode() + b"\\0")
-        get = ctypes.create_string_buffer(struct.pack("<QII", ctypes.addressof(pin), 0, 0))
-        fd = libc.syscall(321, 7, ctypes.addressof(get), 16)
+        fd = obj_get(sys.argv[1])
         key, val = ctypes.create_string_buffer(b"\\3\\0\\0\\0"), ctypes.create_string_buffer(4)
         attr = ctypes.create_string_buffer(struct.pack(
             "<I4xQQQ", fd, ctypes.addressof(key), ctypes.addressof(val), 0))
-        ok = sum(libc.syscall(321, 1, ctypes.addressof(attr), 32) == 0 for _ in range(100))
+        ok = sum(libc.syscall(NR_BPF, MAP_LOOKUP_ELEM, ctypes.addressof(attr), 32) == 0
+                 for _ in range(100))
         out.append((fd >= 0, ok, val.raw.hex()))
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
@@ -177,17 +166,11 @@ def test_an_unprivileged_user_acts_with_its_own_credentials(
     assert os.stat(mine).st_uid == NOBODY[0]
 
 
-DROPS_PRIVILEGES = textwrap.dedent("""
-    import ctypes, os, struct, sys
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.syscall.argtypes = [ctypes.c_long] * 4
-    pin = ctypes.create_string_buffer(sys.argv[1].encode() + b"\\0")
-    attr = ctypes.create_string_buffer(struct.pack("<QII", ctypes.addressof(pin), 0, 0))
-    before = libc.syscall(321, 7, ctypes.addressof(attr), 16)
+DROPS_PRIVILEGES = RAW_BPF + textwrap.dedent("""
+    before = obj_get(sys.argv[1])
     os.setresgid(65534, 65534, 65534)
     os.setresuid(65534, 65534, 65534)
-    after = libc.syscall(321, 7, ctypes.addressof(attr), 16)
+    after = obj_get(sys.argv[1])
     print(before >= 0, after if after >= 0 else -ctypes.get_errno())
 """)
 

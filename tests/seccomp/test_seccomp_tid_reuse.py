@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from helpers import DaemonProcess
-from seccomp_helpers import Run
+from seccomp_helpers import RAW_BPF, Run
 
 from bpffs.vm.uapi import MapType
 
@@ -21,14 +21,9 @@ pytestmark = pytest.mark.fuse
 # it caches, and opens no pidfd, whose ESRCH once X is gone would drop the entry) and exits;
 # A lives on with b"secret!!" at `value`. A then forks with ns_last_pid set to X-1 until a
 # child B gets pid X; B holds b"public!!" at the same address and updates the map.
-REUSE = textwrap.dedent("""
-    import ctypes, os, struct, sys, threading, time
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.syscall.argtypes = [ctypes.c_long] * 4
-    pin = ctypes.create_string_buffer(sys.argv[1].encode() + b"\\0")
-    get = ctypes.create_string_buffer(struct.pack("<QII", ctypes.addressof(pin), 0, 0))
-    fd = libc.syscall(321, 7, ctypes.addressof(get), 16)
+REUSE = RAW_BPF + textwrap.dedent("""
+    import time
+    fd = obj_get(sys.argv[1])
     assert fd >= 0, ctypes.get_errno()
     key, value = ctypes.create_string_buffer(b"\\1\\0\\0\\0"), ctypes.create_string_buffer(8)
     ctypes.memmove(value, b"secret!!", 8)
@@ -55,7 +50,8 @@ REUSE = textwrap.dedent("""
             if os.getpid() != tid:
                 os._exit(3)
             ctypes.memmove(value, b"public!!", 8)
-            os._exit(0 if libc.syscall(321, 2, ctypes.addressof(attr), 32) == 0 else 4)
+            updated = libc.syscall(NR_BPF, MAP_UPDATE_ELEM, ctypes.addressof(attr), 32)
+            os._exit(0 if updated == 0 else 4)
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         if status != 3:
             print("reused", status)
