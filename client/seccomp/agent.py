@@ -69,19 +69,14 @@ class Credentials:
     fsgid: int
 
     @classmethod
-    def of_thread(cls, tid: int) -> Credentials:
-        """From /proc/TID/status: ids as seen from our user namespace (a container's root in
-        a user namespace is the host uid it maps to). Uid: and Gid: list real, effective,
-        saved and file-system ids."""
-        fields: dict[bytes, list[int]] = {}
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                key, _, rest = line.partition(b":")
-                if key in (b"Uid", b"Gid", b"Groups"):
-                    fields[key] = [int(x) for x in rest.split()]
-        uid, gid = fields[b"Uid"], fields[b"Gid"]
+    def of_status(cls, status: dict[bytes, bytes]) -> Credentials:
+        """From a thread's /proc/TID/status (Target.status): ids as seen from our user
+        namespace (a container's root in a user namespace is the host uid it maps to). Uid:
+        and Gid: list real, effective, saved and file-system ids."""
+        uid, gid = ([int(x) for x in status[key].split()] for key in (b"Uid", b"Gid"))
         return cls((uid[0], uid[1], uid[2]), (gid[0], gid[1], gid[2]),
-                   tuple(sorted(fields.get(b"Groups", []))), uid[3], gid[3])
+                   tuple(sorted(int(x) for x in status.get(b"Groups", b"").split())),
+                   uid[3], gid[3])
 
     @classmethod
     def own(cls) -> Credentials:
@@ -203,7 +198,7 @@ class ContainerSupervisor(Supervisor):
     def context_for(self, target: Target) -> handlers.Context:
         """The Context of the caller's credentials, read while it waits for our answer."""
         try:
-            creds = Credentials.of_thread(target.tid)
+            creds = Credentials.of_status(target.status())
         except (OSError, KeyError, ValueError, IndexError):
             target.check()  # gone: no answer at all
             raise BpfError(errno.EPERM, f"cannot read the credentials of thread {target.tid}"

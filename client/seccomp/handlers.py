@@ -52,15 +52,11 @@ def _new_fd(reply: tuple[Any, list[int]], session: calls.Session) -> int:
     return fds[0]
 
 
-def _umask(tid: int) -> int:
+def _umask(t: Caller) -> int:
     try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
+        return int(t.status().get(b"Umask", b"022"), 8)
     except OSError:
-        pass
-    return 0o022
+        return 0o022
 
 # -- privileges ---------------------------------------------------------------------------------
 # bpffsd grants what the kernel reserves for capable callers to root (Peer.privileged, its
@@ -296,7 +292,7 @@ def obj_pin(t: Caller, a: Attr, ctx: Context) -> Outcome:
     with object_fd(t, ctx, a.num("bpf_fd")) as (fd, _info):
         pfd = t.resolve(parent or b".", dirfd)
         try:
-            umask = _umask(t.tid)
+            umask = _umask(t)
             t.check()  # root, cwd and umask were the waiting caller's (its TID was not reused)
             if name in (b"", b".", b"..") or path.endswith(b"/"):
                 exists = os.path.lexists(b"/proc/self/fd/%d/%s" % (pfd, name))

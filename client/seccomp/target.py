@@ -41,6 +41,12 @@ class Fault(Exception):
     """The target named memory that cannot be read or written: the kernel answers EFAULT."""
 
 
+def read_status(tid: int) -> dict[bytes, bytes]:
+    """/proc/TID/status, field -> value (OSError when the thread is not there)."""
+    with open(f"/proc/{tid}/status", "rb") as f:
+        return {key: value.strip() for key, _, value in (line.partition(b":") for line in f)}
+
+
 class Gone(Exception):
     """The notification is no longer valid (the target was killed or interrupted): no answer
     is sent, and nothing read from its memory may be acted on."""
@@ -139,6 +145,7 @@ class Target:
         self._mem_fd: int | None = None
         self._mem_probed = False
         self._privileges: Privileges | None = None
+        self._status: dict[bytes, bytes] | None = None
         self._validated = False
 
     def _cached(self) -> None:
@@ -290,19 +297,22 @@ class Target:
             raise self._unreachable("credentials", e) from None
         return st.st_uid, st.st_gid
 
+    def status(self) -> dict[bytes, bytes]:
+        """The caller's /proc/TID/status, field -> value, read once for this notification
+        (credentials, Tgid, Umask); OSError when it cannot be read. What is read is the
+        waiting caller's only once check() has passed after it."""
+        if self._status is None:
+            self._status = read_status(self.tid)
+        return self._status
+
     def privileges(self) -> Privileges:
         """The caller's capabilities and filesystem ids, read from /proc/TID/status while it
         waits for us (a thread's credentials change only by its own calls, so they are what
         its bpf() would be checked with), then validated: the TID was not reused meanwhile."""
         if self._privileges is not None:
             return self._privileges
-        fields: dict[bytes, bytes] = {}
         try:
-            with open(f"/proc/{self.tid}/status", "rb") as f:
-                for line in f:
-                    key, _, value = line.partition(b":")
-                    if key in (b"Uid", b"Gid", b"Groups", b"CapEff"):
-                        fields[key] = value
+            fields = self.status()
             ns = os.stat(f"/proc/{self.tid}/ns/user")
         except OSError as e:
             raise self._unreachable("credentials", e) from None
@@ -364,9 +374,7 @@ class Target:
         tgid = self.threads.tgids.get(self.tid)
         if tgid is None:
             try:
-                with open(f"/proc/{self.tid}/status", "rb") as f:
-                    tgid = next((int(line.split()[1]) for line in f
-                                 if line.startswith(b"Tgid:")), self.tid)
+                tgid = int(self.status().get(b"Tgid", self.tid))
             except OSError as e:
                 raise self._unreachable("process", e) from None
             if self.threads.pidfd_thread and self.tid not in self.threads.pidfds:

@@ -34,6 +34,7 @@ from bpffs.client.seccomp import abi
 from bpffs.client.seccomp import filter as seccomp_filter
 from bpffs.client.seccomp.agent import Credentials, acting_as, supervise
 from bpffs.client.seccomp.notify import install_filter, syscall
+from bpffs.client.seccomp.target import read_status
 
 AGENT = [sys.executable, "-m", "bpffs.client.seccomp.agent"]
 WAIT = 20.0
@@ -262,7 +263,7 @@ def test_paths_are_walked_with_the_callers_file_system_ids() -> None:
         os._exit(0)
     try:
         os.read(ready_r, 1)
-        creds = Credentials.of_thread(pid)
+        creds = Credentials.of_status(read_status(pid))
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
