@@ -89,10 +89,10 @@ class Held:
 
 
 class Appends:
-    """The first item of a `mark`: the records appended to every journal of this run. Callers
-    (server.py, mount.py) compare its `appended` with the mark's count to see whether a request
-    journaled anything, so a request during which a compaction switched journals (an async
-    handler, between two awaits) still waits for its records."""
+    """The first item of a `mark`: the records appended to every journal of this run. The
+    request pipeline (pipeline.Outcome.journaled) compares its `appended` with the mark's
+    count to see whether a request journaled anything, so a request during which a compaction
+    switched journals (an async handler, between two awaits) still waits for its records."""
 
     def __init__(self) -> None:
         self.appended = 0
