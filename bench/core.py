@@ -2,8 +2,9 @@
 
     python3 bench/core.py [--quick] [--persist] [--socket PATH]
 
-Single-operation lookup and update through the synchronous client (one round trip each:
-p50/p99 latency and throughput), and batched updates (BPF_MAP_UPDATE_BATCH-like, 8192 elements
+Single-operation lookup and update through the synchronous client (one round trip each, with
+reads in place turned off: bench/direct.py measures those; p50/p99 latency and throughput),
+and batched updates (BPF_MAP_UPDATE_BATCH-like, 8192 elements
 per request), against the same operations on a kernel hash map through ctypes (root). Starts a
 private daemon (no mount; no persistence unless --persist, which adds the journal's cost to
 updates) unless --socket names a running one. Numbers are
@@ -171,6 +172,7 @@ def main() -> int:
             proc, path = start_daemon(Path(tmp), args.persist)
         try:
             with Client(path) as c:
+                c.session.direct = False  # round trips: bench/direct.py times reads in place
                 single = single_ops(c, n, c.status()["pid"])
                 batch = batched(c, batch_n, rounds)
         finally:

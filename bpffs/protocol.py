@@ -72,6 +72,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "map_update_fd": ("int", "bytes", "int", "u64"),  # fd arrays: the value is a bound handle
     "map_delete": ("int", "bytes"),
     "map_get_next_key": ("int", "bytes?"),
+    "map_memory": ("int", "bool"),  # writable; the reply carries one fd: the map's memfd
     "map_lookup_batch": ("int", "bytes?", "u32", "bool"),  # cursor, count, and_delete
     "map_update_batch": ("int", "bytes", "bytes", "u64"),  # packed keys, packed values, flags
     "map_delete_batch": ("int", "bytes"),  # packed keys

@@ -82,6 +82,7 @@ class Daemon:
             "map_update_fd": sc.map_update_fd,
             "map_delete": sc.map_delete,
             "map_get_next_key": sc.map_get_next_key,
+            "map_memory": sc.map_memory,
             "map_lookup_batch": sc.map_lookup_batch,
             "map_update_batch": sc.map_update_batch,
             "map_delete_batch": sc.map_delete_batch,
@@ -148,6 +149,11 @@ class Daemon:
         """Keys of a map changed through the syscall path (the journal records them)."""
         if self.persistence is not None:
             self.persistence.map_changed(bpf_map, keys)
+
+    def map_mapped_writable(self, bpf_map: Any) -> None:
+        """Another process may now write the map's values in place: persistence watches it."""
+        if self.persistence is not None:
+            self.persistence.watch_memory(bpf_map)
 
     def program_ran(self, prog: Any) -> None:
         """A program ran: the maps it can write may have changed."""

@@ -94,6 +94,9 @@ class Limits:
                                       errno.EAGAIN, "--max-connections-per-uid")
         self.fds = UidCounter("object fds open", config.max_fds_per_uid, errno.EMFILE,
                               "--max-fds-per-uid")
+        # Each array and hash map holds two fds of the daemon's (its memfd and the mapping's)
+        self.map_fds = UidCounter("fds of map memory", config.max_fds_per_uid, errno.EMFILE,
+                                  "--max-fds-per-uid")
         self.parked = UidCounter("requests waiting", config.max_parked_per_uid, errno.EAGAIN,
                                  "--max-parked-per-uid", fds=False)
         # Bytes of large replies sent and not yet received, per uid (server.py).
@@ -128,7 +131,7 @@ class Limits:
                            " (--root-reserve)")
 
     def in_use(self) -> int:
-        return self.connections.total() + self.fds.total()
+        return self.connections.total() + self.fds.total() + self.map_fds.total()
 
     def charge(self, counter: UidCounter, uid: int) -> None:
         """Count one more for uid, or raise the kernel's errno with what limit was hit."""

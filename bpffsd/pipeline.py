@@ -18,6 +18,7 @@ reach such a peer), else it is the daemon's error like any other.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import socket
 from collections.abc import Callable, Coroutine, Mapping
@@ -102,7 +103,7 @@ class Outcome:
     durable (see `journaled`)."""
 
     reply: bytes | None
-    fds: list[socket.socket] = field(default_factory=list)
+    fds: list[socket.socket | io.FileIO] = field(default_factory=list)  # closed once sent
     mark: Mark | None = None
     pending: Pending | None = None
 

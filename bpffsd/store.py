@@ -196,6 +196,8 @@ class Store:
                 hook(obj)
             except Exception:
                 log.exception("on_free hook failed for %s", obj.describe())
+        if isinstance(obj.impl, BpfMap):
+            obj.impl.free()  # its shared memory: readers that kept a mapping see zeros
         log.debug("freed %s", obj.describe())
 
 

@@ -9,6 +9,7 @@ object fds; errors are BpfError with the kernel's errno.
 from __future__ import annotations
 
 import errno
+import io
 import socket
 import time
 from collections.abc import Callable
@@ -56,6 +57,9 @@ BATCH_STEP = 16
 # Keys and values of one map batch request, together: the kernel has no cap, but our request
 # is held whole in memory (the client library sends ~1 MiB requests).
 MAP_BATCH_MAX_BYTES = 64 << 20
+# The daemon's fds an array or hash map holds (shm.SharedMemory: the memfd and the mapping's),
+# charged to its creator as object fds are (limits.Limits.map_fds).
+MAP_MEMORY_FDS = 2
 # Verifying and compiling a program can take seconds of CPU: it runs in a worker thread, so the
 # event loop keeps serving everyone else. At most this many such threads per uid: a user
 # cannot start unbounded threads, nor take every thread from another user.
@@ -65,7 +69,7 @@ LOAD_THREADS_PER_UID = 1
 @dataclass
 class Reply:
     result: Any
-    fds: list[socket.socket] = field(default_factory=list)
+    fds: list[socket.socket | io.FileIO] = field(default_factory=list)  # closed once sent
 
 
 def _check_size(what: str, data: bytes, size: int, bpf_map: BpfMap) -> None:
@@ -95,6 +99,8 @@ class Syscalls:
         self.store = daemon.store
         self.fds = daemon.fds
         self._load_limiters: dict[int, trio.CapacityLimiter] = {}
+        self._map_fds_of: dict[BpfObject, int] = {}  # maps whose memory fds a uid is charged
+        daemon.store.on_free.append(self._freed)
 
     # -- helpers ------------------------------------------------------------------------------
     def new_fd(self, conn: Connection, obj: BpfObject, flags: int = 0) -> Reply:
@@ -148,10 +154,33 @@ class Syscalls:
         cls = map_class(map_type, key_size, value_size, max_entries, flags, name)
         cost = cls.pages_for(key_size, value_size, max_entries)
         limit = self._check_charge(conn, cost)  # before allocating the storage
-        impl = cls(key_size, value_size, max_entries, flags, name)
-        obj = self.store.add(Kind.MAP, impl, conn.peer.uid, cost, limit)
+        uid = conn.peer.uid
+        fds = MAP_MEMORY_FDS if not issubclass(cls, FdArrayMap) else 0
+        for charged in range(fds):
+            try:
+                self.daemon.limits.charge(self.daemon.limits.map_fds, uid)
+            except BpfError:
+                self._uncharge_map_fds(uid, charged)
+                raise
+        try:
+            impl = cls(key_size, value_size, max_entries, flags, name)
+        except BaseException:
+            self._uncharge_map_fds(uid, fds)
+            raise
+        obj = self.store.add(Kind.MAP, impl, uid, cost, limit)
+        if fds:
+            self._map_fds_of[obj] = uid
         with self.store.held(obj):
             return self.new_fd(conn, obj)
+
+    def _uncharge_map_fds(self, uid: int, n: int) -> None:
+        for _ in range(n):
+            self.daemon.limits.map_fds.uncharge(uid)
+
+    def _freed(self, obj: BpfObject) -> None:
+        uid = self._map_fds_of.pop(obj, None)
+        if uid is not None:
+            self._uncharge_map_fds(uid, MAP_MEMORY_FDS)
 
     def map_lookup(self, conn: Connection, handle: int, key: bytes) -> bytes:
         m = self._map(conn, handle)
@@ -193,6 +222,26 @@ class Syscalls:
         if key is not None:
             _check_size("key", key, m.key_size, m)
         return m.get_next_key(key)
+
+    def map_memory(self, conn: Connection, handle: int, writable: bool) -> Reply:
+        """The map's memory (a memfd in the layout of bpffs.vm.maps.layout) for the caller to
+        map and read in place: read-only, or read-write for an array created BPF_F_MMAPABLE
+        whose fd may write (as the kernel's mmap of such an array). Needs a readable fd, as
+        a lookup does."""
+        m = self._map(conn, handle)
+        if writable:
+            m = self._map(conn, handle, write=True)
+        shm = getattr(m, "shm", None)
+        if shm is None:
+            raise BpfError(errno.EOPNOTSUPP, f"{m.describe()} has no memory to map (only"
+                           " array and hash maps do)")
+        if writable and not shm.user_writable:
+            raise BpfError(errno.EINVAL, f"{m.describe()} can be mapped read-only only (only"
+                           " arrays created with BPF_F_MMAPABLE are writable in place)")
+        fd = shm.reader_fd(writable)
+        if writable:
+            self.daemon.map_mapped_writable(m)
+        return Reply({"size": shm.size, "writable": writable}, [io.FileIO(fd, "r")])
 
     async def map_lookup_batch(self, conn: Connection, handle: int, cursor: bytes | None,
                                count: int, and_delete: bool) -> list:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -23,6 +24,9 @@ from typing import Any, NamedTuple
 from bpffs.vm.errors import BatchError, BpfError
 from bpffs.vm.isa import LD_IMM64, SRC_SHIFT  # LD_IMM64: the only insn naming a map fd
 from bpffs.vm.uapi import BPF_ANY, BPF_PSEUDO_MAP_FD, MapType
+
+from . import direct
+from .direct import Direct
 
 
 class Request(NamedTuple):
@@ -34,14 +38,23 @@ class Request(NamedTuple):
 Call = Generator[Request, tuple[Any, list[int]], Any]
 
 _FD_ARRAYS = (MapType.PROG_ARRAY, MapType.PERF_EVENT_ARRAY)
+MAX_MAPPED = 64  # maps a session keeps mapped for reads in place (see _attach)
+# Errors of the connection itself (a timeout, the daemon gone), not of one request.
+_CONNECTION_ERRNOS = frozenset({errno.ETIMEDOUT, errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE})
 _U32 = struct.Struct("<I")
 
 
 @dataclass
 class Session:
-    """What one connection has bound: handle (inode) -> the daemon's description."""
+    """What one connection has bound: handle (inode) -> the daemon's description (with, for
+    a map, its memory mapped here under "direct": see direct.py)."""
 
     bound: dict[int, dict] = field(default_factory=dict)
+    # Reads may go to a map's memory: the driver clears this while replies to pipelined
+    # calls are owed (a read must see the writes before it).
+    direct: bool = True
+    # handle -> info of the maps mapped here, oldest first (at most MAX_MAPPED)
+    mapped: OrderedDict[int, dict] = field(default_factory=OrderedDict)
 
 
 def bind(session: Session, fd: int) -> Generator[Request, Any, tuple[int, dict]]:
@@ -91,9 +104,75 @@ def map_create(session: Session, map_type: int, key_size: int, value_size: int,
     return _new_object(session, reply)
 
 
+def map_direct(session: Session, fd: int) -> Call:
+    """The map's memory mapped into this process for direct reads (a direct.Direct), or a
+    string saying why its reads go through the socket."""
+    _, info = yield from bind(session, fd)
+    found = info.get("direct")
+    if found is None:
+        found = yield from _attach(session, info)
+    return found
+
+
+def map_memory(session: Session, fd: int, writable: bool = False) -> Call:
+    """The map's memory mapped into this process (a new direct.Direct): read-only, or
+    read-write for an array created BPF_F_MMAPABLE when the fd may write (EPERM if not,
+    EINVAL for other maps), as the kernel's mmap of a map fd."""
+    handle, info = yield from _map_handle(session, fd)
+    result, fds = yield Request("map_memory", (handle, writable))
+    return direct.Direct.attach(_received_fd((result, fds)), info, result)
+
+
+def _attach(session: Session, info: dict) -> Generator[Request, Any, Direct | str]:
+    """Map the memory for reads in place, or say why they go through the socket; remembered
+    in info["direct"]. A session keeps at most MAX_MAPPED maps mapped (it cannot see an fd
+    closed, and a process that reads many maps, the seccomp agent among them, would keep every
+    one): past that, the least recently mapped is let go, and mapped again if read again."""
+    reason = direct.why_not(info)
+    if reason is not None:
+        info["direct"] = reason
+        return reason
+    try:
+        result, fds = yield Request("map_memory", (info["handle"], False))
+        found = direct.Direct.attach(_received_fd((result, fds)), info, result)
+    except (OSError, ValueError) as e:
+        if isinstance(e, BpfError) and e.errno in _CONNECTION_ERRNOS:
+            raise  # the connection failed, not the mapping
+        info["direct"] = reason = f"the map's memory could not be mapped: {e}"
+        return reason
+    info["direct"] = found
+    session.mapped[info["handle"]] = info
+    while len(session.mapped) > MAX_MAPPED:
+        _, oldest = session.mapped.popitem(last=False)
+        del oldest["direct"]  # unmapped once nothing else (a Map) holds it
+    return found
+
+
+def _direct(session: Session, info: dict) -> Generator[Request, Any, Direct | None]:
+    """The map's Direct when a read may use it now (attaching it on first use)."""
+    if not session.direct:
+        return None
+    found = info.get("direct")
+    if found is None:
+        found = yield from _attach(session, info)
+    return found if type(found) is Direct else None
+
+
 def map_lookup_elem(session: Session, fd: int, key: bytes) -> Call:
-    """BPF_MAP_LOOKUP_ELEM: the value's bytes; ENOENT when the key is absent."""
-    handle, _ = yield from bind(session, fd)
+    """BPF_MAP_LOOKUP_ELEM: the value's bytes; ENOENT when the key is absent. Read in place
+    when the map's memory is mapped here (direct.py)."""
+    handle, info = yield from bind(session, fd)
+    mapped = yield from _direct(session, info)
+    if mapped is not None:
+        try:
+            value = mapped.lookup(bytes(key))
+        except direct.Contended:
+            value = NotImplemented
+        if value is None:
+            raise BpfError(errno.ENOENT, f"key {bytes(key).hex()} not found in map id"
+                           f" {info['id']}")
+        if value is not NotImplemented:
+            return value
     return (yield Request("map_lookup", (handle, bytes(key))))[0]
 
 
@@ -127,7 +206,18 @@ def map_delete_elem(session: Session, fd: int, key: bytes) -> Call:
 
 def map_get_next_key(session: Session, fd: int, key: bytes | None = None) -> Call:
     """BPF_MAP_GET_NEXT_KEY: the key after `key` (None: the first); ENOENT at the end."""
-    handle, _ = yield from bind(session, fd)
+    handle, info = yield from bind(session, fd)
+    mapped = yield from _direct(session, info)
+    if mapped is not None and (key is None or len(key) == mapped.key_size):
+        try:
+            found = mapped.next_key(None if key is None else bytes(key))
+        except direct.Contended:
+            pass
+        else:
+            if found is None:
+                after = "the start" if key is None else bytes(key).hex()
+                raise BpfError(errno.ENOENT, f"no key after {after} in map id {info['id']}")
+            return found
     return (yield Request("map_get_next_key", (handle, None if key is None else bytes(key))))[0]
 
 
@@ -140,6 +230,12 @@ def map_lookup_batch(session: Session, fd: int, count: int, cursor: bytes | None
     """Walk the map: up to count (keys, values) after cursor, and the next cursor (None at
     the end), as BPF_MAP_LOOKUP_BATCH (and _AND_DELETE_BATCH with delete=True)."""
     handle, info = yield from _map_handle(session, fd)
+    mapped = None if delete or count <= 0 else (yield from _direct(session, info))
+    if mapped is not None and (cursor is None or len(cursor) == mapped.key_size):
+        try:
+            return mapped.batch(None if cursor is None else bytes(cursor), count)
+        except direct.Contended:
+            pass
     (keys, values, nxt), _ = yield Request("map_lookup_batch", (handle, cursor, count, delete))
     return _unpack(keys, info["key_size"]), _unpack(values, info["value_size"]), nxt
 
@@ -383,9 +479,9 @@ def status(session: Session) -> Call:
 
 
 OPERATIONS: dict[str, Any] = {fn.__name__: fn for fn in (
-    map_create, map_lookup_elem, map_update_elem, map_delete_elem, map_get_next_key,
-    map_lookup_batch, map_update_batch, map_delete_batch, prog_load, prog_test_run,
-    prog_test_run_batch, obj_pin,
+    map_create, map_direct, map_memory, map_lookup_elem, map_update_elem, map_delete_elem,
+    map_get_next_key, map_lookup_batch, map_update_batch, map_delete_batch, prog_load,
+    prog_test_run, prog_test_run_batch, obj_pin,
     obj_get, obj_get_info_by_fd, prog_xlated, get_next_id, get_fd_by_id, perf_event_open,
     trace_read, mount, status)}
 

@@ -26,9 +26,10 @@ from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Self
 
 from bpffs.vm.errors import BpfError
-from bpffs.vm.uapi import BPF_ANY, MapType
+from bpffs.vm.uapi import BPF_ANY, BPF_F_MMAPABLE, MapType
 
-from .codecs import Codec, codec_for
+from .codecs import Codec, IntCodec, codec_for
+from .direct import Contended, Direct
 from .sync import Client, default_client
 
 WALK_BATCH = 4096
@@ -85,6 +86,11 @@ class Map(FdObject, MutableMapping):
         self.key_codec: Codec = codec_for(int if key is None and self._is_array else key,
                                           info["bytes_key"])
         self.value_codec: Codec = codec_for(value, info["bytes_value"])
+        self._direct: Direct | str | None = None  # attached on the first read
+        self._memory: Direct | None = None  # memory() mapped
+        # an array indexed by plain ints reads value i without encoding the key
+        self._int_index = self.map_type == MapType.ARRAY and isinstance(self.key_codec,
+                                                                        IntCodec)
 
     @property
     def _is_array(self) -> bool:
@@ -132,8 +138,57 @@ class Map(FdObject, MutableMapping):
         """The value's bytes by the value codec (TypeError/EINVAL naming this map)."""
         return self._encode(self.value_codec, value, "value")
 
+    # -- reads in place (bpffs.client.direct) ------------------------------------------------
+    @property
+    def direct(self) -> Direct | None:
+        """The map's memory mapped into this process, which reads use (the first read maps
+        it); None when reads go through the socket, and `direct_reason` says why."""
+        found = self._direct
+        if found is None:
+            found = self._direct = self.client.map_direct(self.fd)
+        return found if type(found) is Direct else None
+
+    @property
+    def direct_reason(self) -> str | None:
+        """Why reads of this map go through the socket (None: they are read in place)."""
+        return None if self.direct is not None else str(self._direct)
+
+    def memory(self) -> memoryview:
+        """The map's values in place, as the kernel's mmap of an array map: value i at
+        i * round_up(value_size, 8). Writable when the array was created BPF_F_MMAPABLE and
+        this fd may write: such writes need no request, and the daemon journals them within
+        its flush interval, as a program's. Read-only otherwise, and for hash maps (whose
+        layout is bpffs.vm.maps.layout's). The mapping lives while the Map does."""
+        writable = self.map_type == MapType.ARRAY and bool(self.info["flags"] & BPF_F_MMAPABLE)
+        try:
+            self._memory = self.client.map_memory(self.fd, writable)
+        except BpfError as e:
+            if not writable or e.errno != errno.EPERM:  # EPERM: a read-only fd
+                raise
+            self._memory = self.client.map_memory(self.fd, False)
+        return self._memory.memory
+
+    def close(self) -> None:
+        """Close the fd when owned, and let go of the map's memory here (unmapped once no
+        view of it from memory() is left)."""
+        self._direct = self._memory = None
+        super().close()
+
     # -- the mapping protocol -----------------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
+        mapped = self._direct if type(self._direct) is Direct else self.direct
+        if mapped is not None and not self.client.owes_replies:
+            try:
+                if self._int_index and type(key) is int and key >= 0:
+                    raw = mapped.reader.lookup(key)  # type: ignore[arg-type]
+                else:  # the codec's bytes have the key's size: no check needed
+                    raw = mapped.lookup_checked(self.encode_key(key))
+            except Contended:
+                raw = NotImplemented
+            if raw is None:
+                raise KeyError(key)
+            if raw is not NotImplemented:
+                return self.value_codec.decode(raw)
         try:
             raw = self.client.map_lookup_elem(self.fd, self.encode_key(key))
         except BpfError as e:

@@ -22,6 +22,7 @@ from bpffs import paths, protocol
 from bpffs.vm.errors import BpfError
 
 from . import calls
+from .direct import Contended, Direct
 
 # A map operation's reply comes back within tens of microseconds: poll for it up to this long
 # before sleeping in recvmsg, as long as replies keep coming that fast. Waking a blocked
@@ -177,10 +178,11 @@ class Client:
     if TYPE_CHECKING:  # the operations __getattr__ makes, for type checkers and IDEs
         def map_create(self, map_type: int, key_size: int, value_size: int, max_entries: int,
                 map_flags: int = 0, name: str = "") -> int: ...
-        def map_lookup_elem(self, fd: int, key: bytes) -> bytes: ...
         def map_update_elem(self, fd: int, key: bytes, value: bytes, flags: int = 0) -> None: ...
         def map_delete_elem(self, fd: int, key: bytes) -> None: ...
         def map_get_next_key(self, fd: int, key: bytes | None = None) -> bytes: ...
+        def map_direct(self, fd: int) -> Direct | str: ...
+        def map_memory(self, fd: int, writable: bool = False) -> Direct: ...
         def map_lookup_batch(self, fd: int, count: int, cursor: bytes | None = None,
                 delete: bool = False) -> tuple[list[bytes], list[bytes], bytes | None]: ...
         def map_update_batch(self, fd: int, keys: Sequence[bytes], values: Sequence[bytes],
@@ -259,11 +261,14 @@ class Client:
         (a caller that gave up on a call, after an error, leaves the connection in step).
         The call's fds must be bound already: a call that needs a second request (such as
         a bind first) fails with EINVAL."""
+        self.session.direct = False  # replies may be owed: reads go in their order
         try:
             request = next(call)
         except StopIteration as done:
             value = done.value
             return lambda: value
+        finally:
+            self.session.direct = True
         self._send(request)
         slot: list = []  # filled with ("reply", reply) or ("error", BpfError)
         self._owed.append(slot)
@@ -284,6 +289,11 @@ class Client:
 
         return result
 
+    @property
+    def owes_replies(self) -> bool:
+        """Calls started (pipelined) whose replies are not read yet: reads in place wait."""
+        return bool(self._owed)
+
     def _read_owed(self) -> None:
         """Read the oldest reply due to a started call and keep it in its slot."""
         try:
@@ -299,9 +309,30 @@ class Client:
         while self._owed:
             self._read_owed()
 
+    def map_lookup_elem(self, fd: int, key: bytes) -> bytes:
+        """BPF_MAP_LOOKUP_ELEM (calls.map_lookup_elem). A map this connection already reads
+        in place is read here without driving the call: the lookup then costs about one
+        fstat (the fd's identity) and the read."""
+        if not self._owed and self.session.direct:
+            try:
+                info = self.session.bound.get(os.fstat(fd).st_ino)
+            except (OSError, TypeError):
+                info = None
+            mapped = None if info is None else info.get("direct")
+            if type(mapped) is Direct and type(key) is bytes:
+                try:
+                    value = mapped.lookup(key)
+                except Contended:
+                    value = NotImplemented
+                if value is not None and value is not NotImplemented:
+                    return value
+        return self.run(calls.map_lookup_elem(self.session, fd, key))
+
     def run(self, call: calls.Call) -> Any:
         """Drive one operation of bpffs.client.calls (a generator of requests) to its
         result."""
+        if self._owed:
+            self._catch_up()  # before a read in place, the writes started before it
         try:
             request = next(call)
             while True:

@@ -13,6 +13,7 @@ import errno
 import os
 import platform
 import struct
+from collections.abc import Iterator
 
 from .uapi import BPF_ANY, Cmd, MapType, ProgType
 
@@ -120,6 +121,32 @@ def map_update_batch(fd: int, keys: bytes, values: bytes, count: int, flags: int
     attr = _attr(struct.pack("QQQQIIQQ", 0, 0, _addr(k), _addr(v), count, fd, flags, 0))
     _bpf(Cmd.MAP_UPDATE_BATCH, attr)
     return struct.unpack_from("I", attr, 32)[0]
+
+
+def map_lookup_batch(fd: int, key_size: int, value_size: int, count: int
+                     ) -> Iterator[tuple[bytes, bytes]]:
+    """Every (key, value) of a map, read by BPF_MAP_LOOKUP_BATCH `count` at a time."""
+    keys = ctypes.create_string_buffer(key_size * count)
+    values = ctypes.create_string_buffer(value_size * count)
+    in_batch, out_batch = ctypes.create_string_buffer(8), ctypes.create_string_buffer(8)
+    first = True
+    while True:
+        attr = _attr(struct.pack("QQQQIIQQ", 0 if first else _addr(in_batch),
+                                 _addr(out_batch), _addr(keys), _addr(values), count, fd, 0, 0))
+        try:
+            _bpf(Cmd.MAP_LOOKUP_BATCH, attr)
+            done = False
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            done = True
+        got = struct.unpack_from("I", attr, 32)[0]
+        k, v = keys.raw, values.raw
+        for i in range(got):
+            yield k[i * key_size:(i + 1) * key_size], v[i * value_size:(i + 1) * value_size]
+        if done:
+            return
+        in_batch.raw, first = out_batch.raw, False
 
 
 def prog_load(

@@ -160,6 +160,9 @@ BPF_LOG_MIN_SIZE = 128  # log_size below this (with log_level set) is EINVAL
 BPF_LOG_MAX_SIZE = (1 << 24) - 1  # UINT_MAX >> 8 in 4.4; larger is EINVAL
 TASK_COMM_LEN = 16
 PAGE_SIZE = 4096
+# map_flags at BPF_MAP_CREATE.
+BPF_F_NO_PREALLOC = 1 << 0  # hash (4.6+)
+BPF_F_MMAPABLE = 1 << 10  # array (5.5+): user space may mmap the values, and write them
 # The largest kmalloc on x86_64 (KMALLOC_MAX_SIZE = 1 << (MAX_PAGE_ORDER + PAGE_SHIFT)): bounds
 # a hash map's key_size + value_size, as in the running kernel.
 KMALLOC_MAX_SIZE = 1 << 22

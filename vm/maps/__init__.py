@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 from ..errors import BpfError
-from ..uapi import BPF_OBJ_NAME_LEN, MapType
+from ..uapi import BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_OBJ_NAME_LEN, MapType
 from .arraymap import ArrayMap
 from .base import BpfMap
 from .fd_array import FdArrayMap, PerfEventArrayMap, ProgArrayMap
@@ -19,9 +19,10 @@ MAP_CLASSES: dict[int, type[BpfMap]] = {
 }
 
 # map_flags accepted at create. 4.4 took none; BPF_F_NO_PREALLOC (4.6) is accepted on hash maps
-# because clang-built objects commonly set it; it changes nothing here.
-BPF_F_NO_PREALLOC = 1 << 0
-_ALLOWED_FLAGS = {MapType.HASH: BPF_F_NO_PREALLOC}
+# because clang-built objects commonly set it; it changes nothing here (the table's memory is
+# a sparse memfd: pages are taken as elements are first used). BPF_F_MMAPABLE (5.5) on arrays
+# lets user space write the values through its mapping.
+_ALLOWED_FLAGS = {MapType.HASH: BPF_F_NO_PREALLOC, MapType.ARRAY: BPF_F_MMAPABLE}
 
 
 def create_map(map_type: int, key_size: int, value_size: int, max_entries: int,

@@ -1,7 +1,9 @@
 """BPF_MAP_TYPE_ARRAY (kernel/bpf/arraymap.c): preallocated, zero-filled, u32 index keys.
 
-All values live in one bytearray, elements 8-byte aligned as in the kernel, so a program's
-pointer into one value is a view of that buffer.
+All values live in the map's shared memory (shm.py), elements 8-byte aligned at offset 0 as in
+the kernel's BPF_F_MMAPABLE arrays (layout.py), so a program's pointer into one value is a view
+of that memory and other processes read values in place. Only arrays created BPF_F_MMAPABLE may
+be written by others through their mapping, as on the kernel.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import struct
 from collections.abc import Iterator
 
 from ..errors import BpfError
-from ..uapi import BPF_NOEXIST, PAGE_SIZE, MapType
+from ..uapi import BPF_F_MMAPABLE, BPF_NOEXIST, PAGE_SIZE, MapType
 from .base import BpfMap, pages, round_up
+from .layout import array_elem_size, array_size
+from .shm import SharedMemory
 
 SIZEOF_BPF_ARRAY = 64  # struct bpf_array header in 4.4 (bpf_map + elem_size), cache aligned
 U32_MAX = 0xFFFFFFFF
@@ -65,9 +69,13 @@ class ArrayMap(ArrayBase):
     def __init__(self, key_size: int, value_size: int, max_entries: int, flags: int = 0,
                  name: str = ""):
         super().__init__(key_size, value_size, max_entries, flags, name)
-        self.elem_size = round_up(value_size, 8)
-        self.storage = bytearray(self.elem_size * max_entries)
-        self._view = memoryview(self.storage)
+        self.elem_size = array_elem_size(value_size)
+        self.shm = SharedMemory(name or "array", array_size(value_size, max_entries),
+                                user_writable=bool(flags & BPF_F_MMAPABLE))
+        self._view = self.shm.buf
+
+    def free(self) -> None:
+        self.shm.release()
 
     def lookup(self, key: bytes) -> memoryview | None:
         index = _INDEX.unpack(key)[0]
@@ -86,7 +94,7 @@ class ArrayMap(ArrayBase):
             raise BpfError(errno.EEXIST, f"array elements always exist (BPF_NOEXIST on index"
                            f" {index} of {self.describe()})")
         off = index * self.elem_size
-        self.storage[off:off + self.value_size] = value
+        self._view[off:off + self.value_size] = value
 
     def delete(self, key: bytes) -> None:
         raise BpfError(errno.EINVAL, f"array elements cannot be deleted ({self.describe()})")
@@ -94,4 +102,4 @@ class ArrayMap(ArrayBase):
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         for index in range(self.max_entries):
             off = index * self.elem_size
-            yield _INDEX.pack(index), bytes(self.storage[off:off + self.value_size])
+            yield _INDEX.pack(index), bytes(self._view[off:off + self.value_size])

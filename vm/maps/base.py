@@ -52,6 +52,9 @@ class BpfMap:
         """The memlock charge of a map of these attributes, known before allocating it."""
         raise NotImplementedError
 
+    def free(self) -> None:
+        """The map is freed: give back what it holds outside Python (its shared memory)."""
+
     def check_update_flags(self, flags: int) -> None:
         if not 0 <= flags <= BPF_EXIST:
             raise BpfError(errno.EINVAL, f"unknown update flags {flags:#x} for {self.describe()}"

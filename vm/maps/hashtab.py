@@ -1,9 +1,14 @@
-"""BPF_MAP_TYPE_HASH (kernel/bpf/hashtab.c).
+"""BPF_MAP_TYPE_HASH (kernel/bpf/hashtab.c), preallocated in shared memory.
 
-Elements live in a dict; a separate insertion-order list with tombstones gives get_next_key an
-O(1) successor, so walking or draining a map of n keys costs O(n). The order differs from the
-kernel's bucket order, which no caller may rely on; the rules at the ends (a missing key gives
-the first key, the last key gives ENOENT) are the kernel's.
+The elements live in the map's memory (shm.py) in the layout that layout.py documents, so other
+processes read them in place (reader.py); this class is the only writer. Its own index (key to
+slot, a dict) answers the daemon's and the VM's lookups without reading the table, so lookups
+cost what they did when elements lived in a dict. An update of a present key writes the value
+in place under the element's seqlock (readers never see it torn; a program's pointer to the
+value sees the new value, where the kernel's prealloc table would hand it a recycled element).
+get_next_key walks slots in order: the order differs from the kernel's bucket order, which no
+caller may rely on; the rules at the ends (a missing key gives the first key, the last key
+gives ENOENT) are the kernel's.
 """
 
 from __future__ import annotations
@@ -14,15 +19,25 @@ from collections.abc import Iterator
 from ..errors import BpfError
 from ..uapi import BPF_EXIST, BPF_NOEXIST, KMALLOC_MAX_SIZE, MapType
 from .base import BpfMap, pages, round_up
+from .layout import (
+    BUCKET,
+    COUNT_OFFSET,
+    ELEM_HEADER,
+    HEADER,
+    IN_USE,
+    SEQ,
+    HashLayout,
+    bucket_hash,
+)
+from .shm import SharedMemory
 
 # sizeof(struct htab_elem) and of a bucket head in 4.4 on 64-bit: the memlock cost formula.
 HTAB_ELEM_SIZE = 40
 HLIST_HEAD_SIZE = 8
 HTAB_ELEM_SIZE_NOW = 48  # sizeof(struct htab_elem) today: bounds key_size + value_size
 U32_MAX = 0xFFFFFFFF
-
-# With fewer tombstones than this the order list is never compacted.
-_COMPACT_MIN = 64
+_pack_seq = SEQ.pack_into
+_unpack_seq = SEQ.unpack_from
 
 
 class HashMap(BpfMap):
@@ -31,11 +46,16 @@ class HashMap(BpfMap):
     def __init__(self, key_size: int, value_size: int, max_entries: int, flags: int = 0,
                  name: str = ""):
         super().__init__(key_size, value_size, max_entries, flags, name)
-        self._elems: dict[bytes, bytearray] = {}
-        self._slot: dict[bytes, int] = {}  # key -> index in _order
-        self._order: list[bytes | None] = []
-        self._first = 0  # no live key sits before this index of _order
-        self._tombstones = 0
+        self.layout = layout = HashLayout(key_size, value_size, max_entries)
+        self.shm = SharedMemory(name or "hash", layout.size)
+        self._buf = self.shm.buf
+        self._buf[:HEADER.size] = layout.header(0)  # the rest of a new memfd is zeros
+        self._index: dict[bytes, int] = {}  # key -> slot: the daemon's truth
+        self._free: list[int] = []  # slots freed by deletes, reused first (LIFO)
+        self._fresh = 0  # slots from here on were never used
+        self._first = 0  # no element is in use below this slot
+        self._value_base = layout.elems_offset + layout.value_offset
+        self._elem_size = layout.elem_size
 
     @classmethod
     def check_attrs(cls, key_size: int, value_size: int, max_entries: int) -> None:
@@ -64,73 +84,114 @@ class HashMap(BpfMap):
         return pages(cls._cost(key_size, value_size, max_entries))
 
     def __len__(self) -> int:
-        return len(self._elems)
+        return len(self._index)
+
+    def free(self) -> None:
+        self.shm.release()
 
     def lookup(self, key: bytes) -> memoryview | None:
-        value = self._elems.get(key)
-        return None if value is None else memoryview(value)
+        slot = self._index.get(key)
+        if slot is None:
+            return None
+        off = self._value_base + slot * self._elem_size
+        return self._buf[off:off + self.value_size]
 
     def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
         if flags:
             self.check_update_flags(flags)
-        elems = self._elems
-        if key in elems:
+        slot = self._index.get(key)
+        if slot is not None:
             if flags == BPF_NOEXIST:
                 raise BpfError(errno.EEXIST, f"key {key.hex()} already exists in {self.describe()}"
                                " (BPF_NOEXIST)")
-            # Replace rather than write in place: a program still holding the old value's
-            # pointer keeps a valid, detached element, as after the kernel's RCU replace.
-            elems[key] = bytearray(value)
+            elem = self.layout.elems_offset + slot * self._elem_size
+            seq = _unpack_seq(self._buf, elem)[0]
+            _pack_seq(self._buf, elem, seq + 1)
+            off = self._value_base + slot * self._elem_size
+            self._buf[off:off + self.value_size] = value
+            _pack_seq(self._buf, elem, seq + 2)
             return
         if flags == BPF_EXIST:
             raise BpfError(errno.ENOENT, f"key {key.hex()} not found in {self.describe()}"
                            " (BPF_EXIST)")
-        if len(elems) >= self.max_entries:
+        if len(self._index) >= self.max_entries:
             raise BpfError(errno.E2BIG, f"{self.describe()} is full"
                            f" (max_entries={self.max_entries})")
-        elems[key] = bytearray(value)
-        self._slot[key] = len(self._order)
-        self._order.append(key)
+        self._insert(key, value)
+
+    def _insert(self, key: bytes, value: bytes) -> None:
+        """Fill a free element, then link it at the head of its bucket's chain."""
+        buf, layout = self._buf, self.layout
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot, self._fresh = self._fresh, self._fresh + 1
+        self._first = min(self._first, slot)
+        hash_ = bucket_hash(key)
+        elem = layout.elem(slot)
+        bucket = layout.bucket(hash_)
+        seq = _unpack_seq(buf, elem)[0] | 1  # odd: the element is changing
+        head = BUCKET.unpack_from(buf, bucket)[1]
+        ELEM_HEADER.pack_into(buf, elem, seq, head, hash_, IN_USE)
+        buf[elem + layout.key_offset:elem + layout.key_offset + self.key_size] = key
+        off = elem + layout.value_offset
+        buf[off:off + self.value_size] = value
+        _pack_seq(buf, elem, seq + 1)
+        bucket_seq = _unpack_seq(buf, bucket)[0]
+        _pack_seq(buf, bucket, bucket_seq + 1)
+        _pack_seq(buf, bucket + 4, slot + 1)
+        _pack_seq(buf, bucket, bucket_seq + 2)
+        self._index[key] = slot
+        _pack_seq(buf, COUNT_OFFSET, len(self._index))
 
     def delete(self, key: bytes) -> None:
-        if self._elems.pop(key, None) is None:
+        slot = self._index.pop(key, None)
+        if slot is None:
             raise BpfError(errno.ENOENT, f"key {key.hex()} not found in {self.describe()}")
-        self._order[self._slot.pop(key)] = None
-        self._tombstones += 1
-        if self._tombstones > _COMPACT_MIN and self._tombstones > len(self._elems):
-            self._compact()
+        buf, layout = self._buf, self.layout
+        elem = layout.elem(slot)
+        seq, after, hash_, _ = ELEM_HEADER.unpack_from(buf, elem)
+        bucket = layout.bucket(hash_)
+        link = bucket + 4  # the u32 that points at this element: the bucket's head or a next
+        while (at := _unpack_seq(buf, link)[0]) != slot + 1:
+            link = layout.elem(at - 1) + 4
+        bucket_seq = _unpack_seq(buf, bucket)[0]
+        _pack_seq(buf, bucket, bucket_seq + 1)
+        _pack_seq(buf, link, after)
+        _pack_seq(buf, bucket, bucket_seq + 2)
+        ELEM_HEADER.pack_into(buf, elem, seq + 1, 0, hash_, 0)
+        _pack_seq(buf, elem, seq + 2)
+        self._free.append(slot)
+        _pack_seq(buf, COUNT_OFFSET, len(self._index))
 
-    def _compact(self) -> None:
-        self._order = [k for k in self._order if k is not None]
-        self._slot = {k: i for i, k in enumerate(self._order)}
-        self._first = 0
-        self._tombstones = 0
+    def _key_at(self, slot: int) -> bytes:
+        off = self.layout.elem(slot) + self.layout.key_offset
+        return bytes(self._buf[off:off + self.key_size])
+
+    def _used_from(self, slot: int) -> int | None:
+        """The first slot at or after `slot` that holds an element."""
+        buf, layout = self._buf, self.layout
+        flags_at = layout.elems_offset + 12
+        for i in range(slot, self._fresh):
+            if _unpack_seq(buf, flags_at + i * self._elem_size)[0] & IN_USE:
+                return i
+        return None
 
     def get_next_key(self, key: bytes | None) -> bytes:
-        order = self._order
-        i = self._slot.get(key) if key is not None else None
-        if i is None:  # no key, or a key not in the map: the first key
-            i = self._first
-            while i < len(order) and order[i] is None:
-                i += 1
-            self._first = i
+        slot = self._index.get(key) if key is not None else None
+        if slot is None:  # no key, or a key not in the map: the first key
+            found = self._used_from(self._first)
+            self._first = self._fresh if found is None else found
         else:
-            i += 1
-            while i < len(order) and order[i] is None:
-                i += 1
-        if i >= len(order):
+            found = self._used_from(slot + 1)
+        if found is None:
             raise BpfError(errno.ENOENT, f"no key after {'the start' if key is None else key.hex()}"
                            f" in {self.describe()}")
-        return order[i]  # type: ignore[return-value]
+        return self._key_at(found)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        for key in [k for k in self._order if k is not None]:
-            value = self._elems.get(key)
+        index = self._index
+        for key in [self._key_at(slot) for slot in sorted(index.values())]:
+            value = self.lookup(key)
             if value is not None:
                 yield key, bytes(value)
-
-    def clear(self) -> None:
-        self._elems.clear()
-        self._slot.clear()
-        self._order.clear()
-        self._first = self._tombstones = 0
