@@ -1,7 +1,11 @@
 """Persistence: the cost of the journal, and a crash test.
 
-    python3 bench/persist.py [--kills 20] [--clients 10]
+    python3 bench/persist.py [--kills 20] [--clients 10] [--only latency|throughput|crash]
 
+0. Durable single update latency (issue 16): p50/p99 of `Map.update` from one client with
+   persistence on (acknowledged once its record is fdatasync'ed) against a bare os.write +
+   os.fdatasync of a record-sized buffer, measured in the same run in the state directory's
+   filesystem, and against --no-persist. Goal: p50 <= 1.5x the bare p50.
 1. Journal overhead: updates/s on a pinned map, single from one client, batched, and single
    from `clients` processes at once, persistence on (every acknowledged update fsynced, group
    commit) against --no-persist. Goal: <= 2x.
@@ -26,8 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bpffs.client import Client
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from bpffs.client import Client, Map
 from bpffs.vm.uapi import MapType
+
+RECORD_BYTES = 32  # a framed single-update record (key 4, value 8 bytes)
 
 
 class Daemon:
@@ -85,6 +93,76 @@ def throughput(persist: bool, clients: int, seconds: float = 2.0
         d.kill(signal.SIGTERM)
         shutil.rmtree(root, ignore_errors=True)
     return single, batched, concurrent
+
+
+def percentiles(samples: list[int]) -> tuple[float, float]:
+    """p50 and p99 of nanosecond samples, in microseconds."""
+    ordered = sorted(samples)
+    return (ordered[len(ordered) // 2] / 1e3, ordered[min(len(ordered) - 1,
+                                                          len(ordered) * 99 // 100)] / 1e3)
+
+
+def bare_fdatasync(directory: Path, count: int, size: int = RECORD_BYTES) -> list[int]:
+    """The floor: append `size` bytes and fdatasync, `count` times, in a file of `directory`
+    (the state directory's filesystem); each one's duration in ns."""
+    path = directory / "bare-journal"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        buffer, samples = os.urandom(size), []
+        for _ in range(count):
+            began = time.perf_counter_ns()
+            os.write(fd, buffer)
+            os.fdatasync(fd)
+            samples.append(time.perf_counter_ns() - began)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return samples
+
+
+def update_latency(persist: bool, count: int) -> tuple[list[int], list[int]]:
+    """Durations (ns) of `count` single updates (Map.update) from one client to a pinned
+    map, and of as many bare appends + fdatasync in the state directory's filesystem,
+    interleaved in rounds so that both see the same load."""
+    root = Path(tempfile.mkdtemp(prefix="bpffs-bench-"))
+    d = Daemon(root, persist)
+    d.start()
+    updates: list[int] = []
+    bare: list[int] = []
+    try:
+        with Client(d.socket) as c:
+            m = Map.create(MapType.HASH, 4, 8, 100_000, key=int, value=int, client=c)
+            c.obj_pin(m.fd, str(d.mount / "m"))
+            for n in range(200):  # warm up
+                m.update(n % 1000, n)
+            state = root / "state" if persist else root
+            rounds = 10
+            for _ in range(rounds):
+                for n in range(count // rounds):
+                    began = time.perf_counter_ns()
+                    m.update(n % 1000, n)
+                    updates.append(time.perf_counter_ns() - began)
+                bare += bare_fdatasync(state, count // rounds)
+            m.close()
+    finally:
+        d.kill(signal.SIGTERM)
+        shutil.rmtree(root, ignore_errors=True)
+    return updates, bare
+
+
+def report_latency(count: int) -> None:
+    """Print issue 16's figure: a durable update's latency against the disk's own floor
+    (the bare fdatasync, same run, same filesystem), and against no persistence."""
+    on, bare = update_latency(True, count)
+    off, _ = update_latency(False, count // 4)
+    (on50, on99), (bare50, bare99), (off50, off99) = map(percentiles, (on, bare, off))
+    print(f"{'durable single update, us':30} {'p50':>9} {'p99':>9}   ({count} each,"
+          f" load average {os.getloadavg()[0]:.2f})")
+    print(f"{'persist on (Map.update)':30} {on50:9.1f} {on99:9.1f}")
+    print(f"{'bare write + fdatasync':30} {bare50:9.1f} {bare99:9.1f}")
+    print(f"{'persist off (Map.update)':30} {off50:9.1f} {off99:9.1f}")
+    print(f"ratio persist on / bare: p50 {on50 / bare50:.2f}x (goal <= 1.5x),"
+          f" p99 {on99 / bare99:.2f}x")
 
 
 def update_loop(cid: int, socket_path: str, pin: str, start: multiprocessing.Barrier,
@@ -186,13 +264,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--updates", type=int, default=2000,
+                        help="durable single updates timed for the latency (and bare syncs)")
+    parser.add_argument("--only", choices=("latency", "throughput", "crash"))
     args = parser.parse_args()
-    on, off = throughput(True, args.clients), throughput(False, args.clients)
-    print(f"{'updates/s':30} {'persist on':>12} {'persist off':>12} {'overhead':>9}")
-    for label, a, b in (("single (one sync client)", on[0], off[0]),
-                        ("batched (10,000/call)", on[1], off[1]),
-                        (f"single ({args.clients} clients at once)", on[2], off[2])):
-        print(f"{label:30} {a:12,.0f} {b:12,.0f} {b / a:8.2f}x")
+    if args.only in (None, "latency"):
+        report_latency(args.updates)
+    if args.only in (None, "throughput"):
+        on, off = throughput(True, args.clients), throughput(False, args.clients)
+        print(f"{'updates/s':30} {'persist on':>12} {'persist off':>12} {'overhead':>9}")
+        for label, a, b in (("single (one sync client)", on[0], off[0]),
+                            ("batched (10,000/call)", on[1], off[1]),
+                            (f"single ({args.clients} clients at once)", on[2], off[2])):
+            print(f"{label:30} {a:12,.0f} {b:12,.0f} {b / a:8.2f}x")
+    if args.only not in (None, "crash"):
+        return
     total, lost = crash_test(args.kills, args.clients)
     print(f"crash test: {args.kills} SIGKILLs, {args.clients} clients: {total:,} updates"
           f" acknowledged, {lost} lost")

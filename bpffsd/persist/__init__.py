@@ -4,10 +4,11 @@ State lives in the state directory as a snapshot (`snapshot`, compacted records 
 persisted state) and a journal of the records since (`journal-GEN`, GEN matching the
 snapshot's). Starting: read the snapshot, replay the journal up to its last complete record,
 then compact at once, so the new run's journal speaks of the new run's object ids. An
-acknowledged change is durable (group commit, see journal.py); map writes made by programs
-in the VM are flushed within `interval` seconds. Compaction replaces the snapshot atomically
-(write, fsync, rename, fsync the directory) when the journal grows past COMPACT_BYTES
-(environment variable BPFFSD_COMPACT_BYTES, for tests) and at shutdown.
+acknowledged change is durable (group commit by a thread that lives as long as `run`, see
+journal.py); map writes made by programs in the VM are flushed within `interval` seconds.
+Compaction replaces the snapshot atomically (write, fsync, rename, fsync the directory) when
+the journal grows past COMPACT_BYTES (environment variable BPFFSD_COMPACT_BYTES, for tests)
+and at shutdown.
 
 While serving, a compaction costs the event loop only the capture of the structure (trees,
 objects); map contents are read, and everything framed, written and fsynced, in a thread:
@@ -38,6 +39,7 @@ checked, and every file in it opened, as statedir.py says.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import sys
@@ -51,7 +53,7 @@ from bpffs.vm.maps import BpfMap, FdArrayMap, ProgArrayMap
 
 from ..store import BpfObject
 from . import records, statedir
-from .journal import Journal
+from .journal import Committer, Journal
 from .state import Recorder, Replayer, snapshot
 
 if TYPE_CHECKING:
@@ -62,11 +64,16 @@ log = logging.getLogger(__name__)
 SNAPSHOT = "snapshot"
 COMPACT_BYTES = int(os.environ.get("BPFFSD_COMPACT_BYTES", 64 << 20))
 RETRY_SECONDS = 1.0  # between a failed compaction and the next attempt
+WRITE_RETRY_SECONDS = 0.5  # between a failed journal write and one nobody waits for
 # A thread framing records keeps the GIL until the loop has waited this long for it, and the
 # loop gives the GIL up at every syscall (a request makes several): with CPython's default,
 # 5 ms, that adds up per request while a snapshot or a big record is framed. Lowered (for the
 # whole process) when persistence starts.
 SWITCH_INTERVAL = 0.0005
+
+
+def _digest(memory: memoryview) -> bytes:
+    return hashlib.blake2b(memory, digest_size=16).digest()
 
 
 class _Compaction:
@@ -109,12 +116,15 @@ class Persistence:
         self.generation = 0  # of the installed snapshot
         self._next_generation = 1
         self.journal: Journal | None = None
+        self.committer = Committer()  # writes the journals while `run` runs
         self._older: list[Journal] = []  # journals before self.journal, not yet covered
         self._compacting = False
         self._failed_at: float | None = None  # monotonic time of the last failed compaction
         self.last_compaction: float | None = None  # its duration in seconds
         self.recorder = Recorder(self._append, daemon.store.of)
         self.dirty: set[BpfObject] = set()
+        # maps other processes write in place -> the digest of their memory last journaled
+        self.written_in_place: dict[BpfObject, bytes] = {}
         self.last_snapshot: float | None = None
         self.restored: dict[str, Any] = {}
         self.dir_fd: int | None = None  # the state directory, opened (and checked) by restore
@@ -245,20 +255,30 @@ class Persistence:
 
     # -- running ------------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve: the committer thread, the flush of maps programs write, compactions. On
+        the way out (cancelled), what is journaled is written, the committer thread joined,
+        and the state compacted."""
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        self.committer.start()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._commit)
+                nursery.start_soon(self._watch_written_in_place)
                 task_status.started()
                 while True:
                     await trio.sleep(self.interval)
                     self.flush()
+                    self.committer.reap()  # results no request was there to run
+                    self._commit_unawaited()
                     if not self._compacting and self._compaction_due():
                         self._compacting = True
                         nursery.start_soon(self._compact_in_background)
-        finally:  # the committer and any compaction are done (their threads too)
+        finally:  # any compaction is done (its threads too)
             with trio.CancelScope(shield=True):
+                self._check_written_in_place()
                 self.flush()
+                for journal in [*self._older, *([self.journal] if self.journal else [])]:
+                    journal.start_commit()  # should the compaction below fail
+                await self.committer.stop()  # after those commits: no journal is being written
                 self.compact()
                 for journal in [*self._older, *([self.journal] if self.journal else [])]:
                     journal.close_now()
@@ -280,22 +300,49 @@ class Persistence:
         finally:
             self._compacting = False
 
-    async def _commit(self) -> None:
+    def _commit_unawaited(self) -> None:
+        """Write the records no request waits for (program writes just flushed, objects freed
+        when their last fd closed): a request starts the commit of its own records. After a
+        failed write, not before WRITE_RETRY_SECONDS: a full disk may get room again."""
+        journal = self.journal
+        if journal is None or not journal.pending:
+            return
+        if journal.failed_at is None or journal.failure is None or (
+                time.monotonic() - journal.failed_at >= WRITE_RETRY_SECONDS):
+            journal.start_commit()
+
+    def watch_memory(self, bpf_map: BpfMap) -> None:
+        """Another process may now write the map's values in place (an array created
+        BPF_F_MMAPABLE, mapped writable): from now on its contents are journaled within
+        about `interval` of changing, as a program's writes are (_watch_written_in_place)."""
+        obj = self.daemon.store.of(bpf_map)
+        self.written_in_place.setdefault(obj, b"")  # the digest last journaled: none yet
+
+    async def _watch_written_in_place(self) -> None:
+        """Every interval, the digest of each map written in place, taken in a worker thread
+        (hashlib lets go of the GIL: a large map costs the loop nothing): when it differs from
+        the one journaled last, the map is journaled. A write after the digest is taken
+        changes the next one, so none is missed."""
         while True:
-            journal = self.journal
-            if journal is None:
-                await trio.sleep(self.interval)
-                continue
-            if not journal.pending:
-                journal.wakeup = trio.Event()
-                await journal.wakeup.wait()
-                continue
-            await journal.commit()
-            if journal.failure is not None:
-                await trio.sleep(0.5)  # a full disk may get room again
+            await trio.sleep(self.interval)
+            for obj in list(self.written_in_place):
+                if obj.freed:
+                    del self.written_in_place[obj]
+                    continue
+                digest = await trio.to_thread.run_sync(_digest, obj.impl.shm.buf)
+                if digest != self.written_in_place.get(obj, digest) and not obj.freed:
+                    self.written_in_place[obj] = digest
+                    self.dirty.add(obj)
+
+    def _check_written_in_place(self) -> None:
+        """At shutdown, on the loop: journal what changed since the last digest."""
+        for obj, journaled in self.written_in_place.items():
+            if not obj.freed and _digest(obj.impl.shm.buf) != journaled:
+                self.dirty.add(obj)
 
     def flush(self) -> None:
-        """Journal the contents of maps that programs may have written."""
+        """Journal the contents of maps that programs (or writers in place) may have
+        written."""
         for obj in self.dirty:
             if not obj.freed and obj in self.recorder.recorded:
                 self.recorder.contents(obj)
@@ -367,11 +414,10 @@ class Persistence:
         appends to the new generation's journal."""
         body, persisted = snapshot(self.instances(), self.daemon.store.of)
         journal = Journal(os.path.join(self.state_dir, self._journal_name(generation)),
-                          journal_fd, installed=False)
+                          journal_fd, installed=False, committer=self.committer)
         old = self.journal
         if old is not None:
             self._older.append(old)
-            old.wakeup.set()  # the committer moves to the new journal
         self.journal = journal
         self.recorder.recorded = persisted  # what the new generation's records may refer to
         return _Compaction(generation, body, journal, list(self._older))

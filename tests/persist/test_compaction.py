@@ -50,6 +50,9 @@ def test_a_failed_compaction_loses_nothing_acknowledged_and_is_retried(
                     failed += 1
                     if failed > 20:
                         break
+                    # A refusal is immediate (each request's own write fails): back off, so
+                    # that compactions (due every persist interval) meet the full disk too.
+                    time.sleep(0.05)
             assert failed, "the disk never filled"
             subprocess.run(["mount", "-o", "remount,size=16m", str(state)], check=True)
             deadline = time.monotonic() + 30
