@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 # The requests a mount worker sends (worker.py), with their arguments' types as in
 # protocol.OPS: ctx is the FUSE caller [uid, gid, pid, umask], a node is its inode number, a
-# name is bytes. None carries fds. FuseOps has a method of each name.
+# name is bytes. None carries fds. FuseOps has a method of each name. A change of entries
+# answers [the new entry's attributes or None, the attributes of the directories it changed]
+# (see changed).
 OPS: dict[str, tuple[str, ...]] = {
     "lookup": ("list", "int", "bytes"),  # ctx, parent, name
     "getattr": ("list", "int"),  # ctx, ino
@@ -51,6 +53,14 @@ def attrs(node: Node) -> list[int]:
     """Every size is 0, symlinks' included (bpffs never sets i_size)."""
     return [node.ino, node.mode, node.nlink, node.uid, node.gid, 0, node.atime, node.mtime,
             node.ctime]
+
+
+def changed(*dirs: Dir) -> list[list[int]]:
+    """The attributes of the directories a change of entries made through a mount touched,
+    sent back with its reply: the kernel drops its cached attributes of those directories
+    after such a change (fuse_dir_changed) and asks for them on the next path walk through
+    them, a GETATTR the worker can then answer itself (worker.Operations.fresh)."""
+    return [attrs(d) for d in dict.fromkeys(dirs)]
 
 
 def _caller(ctx: list[int]) -> Caller:
@@ -114,42 +124,50 @@ class FuseOps:
             raise BpfError(errno.EINVAL, "not a symlink")
         return node.target
 
-    def mkdir(self, ctx: list[int], parent: int, name: bytes, mode: int) -> list[int]:
-        return attrs(self.tree.mkdir(self.tree.dir(parent), name, mode, _caller(ctx)))
+    def mkdir(self, ctx: list[int], parent: int, name: bytes, mode: int) -> list[Any]:
+        d = self.tree.dir(parent)
+        return [attrs(self.tree.mkdir(d, name, mode, _caller(ctx))), changed(d)]
 
-    def unlink(self, ctx: list[int], parent: int, name: bytes) -> None:
-        self.tree.unlink(self.tree.dir(parent), name)
+    def unlink(self, ctx: list[int], parent: int, name: bytes) -> list[Any]:
+        d = self.tree.dir(parent)
+        self.tree.unlink(d, name)
+        return [None, changed(d)]
 
-    def rmdir(self, ctx: list[int], parent: int, name: bytes) -> None:
-        self.tree.rmdir(self.tree.dir(parent), name)
+    def rmdir(self, ctx: list[int], parent: int, name: bytes) -> list[Any]:
+        d = self.tree.dir(parent)
+        self.tree.rmdir(d, name)
+        return [None, changed(d)]
 
-    def symlink(self, ctx: list[int], parent: int, name: bytes, target: bytes) -> list[int]:
-        return attrs(self.tree.symlink(self.tree.dir(parent), name, target, _caller(ctx)))
+    def symlink(self, ctx: list[int], parent: int, name: bytes, target: bytes) -> list[Any]:
+        d = self.tree.dir(parent)
+        return [attrs(self.tree.symlink(d, name, target, _caller(ctx))), changed(d)]
 
     def rename(self, ctx: list[int], old_parent: int, old_name: bytes, new_parent: int,
-               new_name: bytes, flags: int) -> None:
-        self.tree.rename(self.tree.dir(old_parent), old_name, self.tree.dir(new_parent),
-                         new_name, flags)
+               new_name: bytes, flags: int) -> list[Any]:
+        old, new = self.tree.dir(old_parent), self.tree.dir(new_parent)
+        self.tree.rename(old, old_name, new, new_name, flags)
+        return [None, changed(old, new)]
 
-    def link(self, ctx: list[int], ino: int, new_parent: int, new_name: bytes) -> list[int]:
-        return attrs(self.tree.link(self.tree.node(ino), self.tree.dir(new_parent), new_name,
-                                    _caller(ctx)))
+    def link(self, ctx: list[int], ino: int, new_parent: int, new_name: bytes) -> list[Any]:
+        d = self.tree.dir(new_parent)
+        return [attrs(self.tree.link(self.tree.node(ino), d, new_name, _caller(ctx))),
+                changed(d)]
 
-    def mknod(self, ctx: list[int], parent: int, name: bytes, mode: int) -> list[int]:
+    def mknod(self, ctx: list[int], parent: int, name: bytes, mode: int) -> list[Any]:
         """A regular file: only the pin obj_pin asked this mount's worker to create (as
         `touch`, EACCES otherwise: bpffs has no regular files but pins)."""
         pending = self.pending.get((parent, name))
         if pending is None or pending.done.is_set():
             raise BpfError(errno.EACCES, "bpffs has no regular files but pins")
         try:
-            pending.node = self.tree.pin(self.tree.dir(parent), name, pending.obj,
-                                         pending.caller, check=True)
+            d = self.tree.dir(parent)
+            pending.node = self.tree.pin(d, name, pending.obj, pending.caller, check=True)
         except BpfError as e:
             pending.error = e
             raise
         finally:
             pending.done.set()
-        return attrs(pending.node)
+        return [attrs(pending.node), changed(d)]
 
     def created(self, parent: int, name: bytes, err: int) -> None:
         """The worker's mknod for a pending pin failed with errno `err` before reaching us

@@ -43,6 +43,7 @@ RESTART_WINDOW = 60.0
 # How long obj_pin waits for a worker to create a pin through its mount (see
 # pin_through_mount) before making it directly, without the inotify event.
 PIN_THROUGH_MOUNT_TIMEOUT = 5.0
+INVALIDATIONS_PER_MESSAGE = 512
 
 
 class Mount:
@@ -68,8 +69,10 @@ class Mount:
         self.process: trio.Process | None = None
         self._rpc: socket.socket | None = None
         self._notify: socket.socket | None = None
+        self._create: socket.socket | None = None  # pins for the worker to make (see below)
         self._pending: list[list[Any]] = []
         self._flush = trio.Event()
+        self._sending = False  # _send_invalidations holds a batch it could not send yet
         self._restarts: deque[float] = deque()
 
     def describe(self) -> str:
@@ -121,20 +124,25 @@ class Mount:
     async def _start(self) -> None:
         rpc, rpc_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         notify, notify_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        create, create_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.process = await trio.lowlevel.open_process(
                 [*WORKER, "--rpc-fd", str(rpc_child.fileno()), "--notify-fd",
-                 str(notify_child.fileno()), "--ns-fd", str(self.ns_fd), "--owner-uid",
+                 str(notify_child.fileno()), "--create-fd", str(create_child.fileno()),
+                 "--ns-fd", str(self.ns_fd), "--owner-uid",
                  str(self.owner[0]), "--owner-gid", str(self.owner[1]), "--options",
                  self.options, os.fsdecode(self.mountpoint)],
-                pass_fds=(rpc_child.fileno(), notify_child.fileno(), self.ns_fd),
+                pass_fds=(rpc_child.fileno(), notify_child.fileno(), create_child.fileno(),
+                          self.ns_fd),
                 env=worker_env())
         finally:
             rpc_child.close()
             notify_child.close()
+            create_child.close()
         rpc.setblocking(False)
         notify.setblocking(False)
-        self._rpc, self._notify = rpc, notify
+        create.setblocking(False)
+        self._rpc, self._notify, self._create = rpc, notify, create
         with trio.move_on_after(START_TIMEOUT):
             await trio.lowlevel.wait_readable(rpc)
         try:
@@ -206,6 +214,9 @@ class Mount:
         if self._notify is not None:
             self._notify.close()
             self._notify = None
+        if self._create is not None:
+            self._create.close()
+            self._create = None
         if self.process is not None and self.process.returncode is None:
             with trio.move_on_after(STOP_TIMEOUT):
                 await self.process.wait()
@@ -232,20 +243,35 @@ class Mount:
         await self._shutdown()
 
     # -- pins made through the mount ----------------------------------------------------------
-    async def pin_through_mount(self, parent: Dir, name: bytes, obj: Any,
-                                caller: Caller) -> bool:
-        """Have the worker create the pin with mknod() on the mount itself, so that the
-        kernel fires IN_CREATE for inotify watchers (FUSE's entry notifications fire none).
-        True when the pin was made so; False when the mount could not (gone, the path does
-        not resolve there, the worker's own permissions, PIN_THROUGH_MOUNT_TIMEOUT): the
-        caller makes it directly then. The tree's refusal (EEXIST, ...) is raised."""
-        path = self._path_in_mount(parent, name)
+    def pin_path(self, parent: Dir, name: bytes) -> bytes | None:
+        """Where the worker would create parent/name for pin_through_mount; None when it
+        cannot (the worker gone, parent detached, the same pin already under way)."""
+        if self._create is None or (parent.ino, name) in self.ops.pending:
+            return None
+        return self._path_in_mount(parent, name)
+
+    async def pin_through_mount(self, parent: Dir, name: bytes, obj: Any, caller: Caller,
+                                path: bytes) -> bool:
+        """Have the worker create the pin at path (pin_path) with mknod() on the mount
+        itself, so that the kernel fires IN_CREATE for inotify watchers (FUSE's entry
+        notifications fire none). True when the pin was made so; False when the mount could
+        not (gone, the path does not resolve there, the worker's own permissions,
+        PIN_THROUGH_MOUNT_TIMEOUT): the caller makes it directly then. The tree's refusal
+        (EEXIST, ...) is raised. The request goes on a socket of its own, read by a thread
+        of the worker that does nothing else (worker.make_pins): one wake-up, where the
+        invalidation stream cost a wake-up of the worker's event loop, a task and a hand-off
+        to a thread (~100 us on a 2-core VM)."""
         key = (parent.ino, name)
-        if path is None or self._notify is None or key in self.ops.pending:
+        sock = self._create
+        if sock is None or key in self.ops.pending:
+            return False
+        try:
+            sock.send(protocol.pack([parent.ino, name, path]))
+        except OSError as e:  # the worker is gone, or not keeping up: pin directly
+            log.debug("pin through mount %s not asked: %s", self.describe(), e)
             return False
         pending = self.ops.pending[key] = PendingPin(obj, caller)
         try:
-            self.invalidate([["create", parent.ino, name, path]])
             with trio.move_on_after(PIN_THROUGH_MOUNT_TIMEOUT):
                 await pending.done.wait()
         finally:
@@ -271,6 +297,20 @@ class Mount:
 
     # -- cache invalidation -------------------------------------------------------------------
     def invalidate(self, items: list[list[Any]]) -> None:
+        """Send the worker these items (fire and forget): at once when nothing is queued
+        before them (the common case: no wake-up of _send_invalidations first), else
+        queued behind the rest, in order."""
+        sock = self._notify
+        if (sock is not None and not self._pending and not self._flush.is_set()
+                and not self._sending and len(items) <= INVALIDATIONS_PER_MESSAGE):
+            try:
+                sock.send(protocol.pack(items))
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                log.debug("invalidations for %s dropped: %s", self.describe(), e)
+                return  # the worker is gone: _serve sees it exit
         self._pending.extend(items)
         self._flush.set()
 
@@ -282,17 +322,21 @@ class Mount:
             sock = self._notify
             if sock is None:
                 return
-            for start in range(0, len(pending), 512):
-                payload = protocol.pack(pending[start:start + 512])
-                while True:
-                    try:
-                        sock.send(payload)
-                        break
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
-                    except OSError as e:  # the worker is gone (unmounted, killed): _serve
-                        log.debug("invalidations for %s dropped: %s", self.describe(), e)
-                        return  # sees it exit and decides what follows
+            self._sending = True  # invalidate() must not overtake this batch
+            try:
+                for start in range(0, len(pending), INVALIDATIONS_PER_MESSAGE):
+                    payload = protocol.pack(pending[start:start + INVALIDATIONS_PER_MESSAGE])
+                    while True:
+                        try:
+                            sock.send(payload)
+                            break
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(sock)
+                        except OSError as e:  # the worker is gone (unmounted, killed): _serve
+                            log.debug("invalidations for %s dropped: %s", self.describe(), e)
+                            return  # sees it exit and decides what follows
+            finally:
+                self._sending = False
 
 
 def _readable(sock: socket.socket) -> bool:

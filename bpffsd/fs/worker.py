@@ -5,7 +5,8 @@ namespace, so the daemon starts one of these per mount. The worker enters the na
 (setns(2) through ctypes: Python 3.11 has no os.setns), mounts, reports the mount's device
 number, then serves. It holds no state of its own beyond open directory listings: the tree
 lives in the daemon, which also tells the worker (on a second socket) which kernel cache
-entries to drop when the tree changes by another route.
+entries to drop when the tree changes by another route, and (on a third, read by a thread of
+its own) which pins to create through the mount for inotify's sake.
 
 Every handler is wrapped: pyfuse3 only catches FUSEError, and any other exception would end
 the session and leave a dead mount. The worker ends when the mount is unmounted or when the
@@ -24,9 +25,11 @@ import re
 import socket
 import stat
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter_ns
 from typing import Any
 
 import pyfuse3
@@ -48,6 +51,12 @@ READDIR_CHUNK = 1024
 # in D state. The environment variable, read by the worker, overrides it.
 RPC_TIMEOUT = 30.0
 RPC_TIMEOUT_ENV = "BPFFSD_MOUNT_TIMEOUT"
+# The daemon answers a forwarded request within tens of microseconds: the worker polls for the
+# reply up to REPLY_SPIN_NS before parking in trio, which saves a wake-up and a pass through
+# trio's run loop on each side (~100 us -> ~40 us a hop, 2-core VM). A reply that does not come
+# within the spin (a busy daemon, a loaded machine) pauses spinning for SPIN_BACKOFF requests.
+REPLY_SPIN_NS = 100_000
+SPIN_BACKOFF = 32
 # setattr: pyfuse3's SetattrFields flag -> the change the daemon applies -> its EntryAttributes
 SETATTR_FIELDS = (("update_mode", "mode", "st_mode"), ("update_uid", "uid", "st_uid"),
                   ("update_gid", "gid", "st_gid"), ("update_size", "size", "st_size"),
@@ -162,24 +171,36 @@ class DaemonLink:
     too late is released."""
 
     def __init__(self, sock: socket.socket, timeout: float = RPC_TIMEOUT):
-        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.sock = trio.socket.from_stdlib_socket(sock)  # non-blocking from here on
+        self.raw = sock  # the same socket, for sends and polls that need no trio checkpoint
         self.lock = trio.Lock()
         self.inbox = protocol.Inbox()  # one reused receive buffer (see Inbox)
         self.timeout = timeout
         self._owed: deque[list[Any]] = deque()  # each request sent ([op, *args]), unanswered
         self._leaked: list[int] = []  # fhs of opens answered after their timeout
         self._late = False  # a request timed out and no reply came since
+        self._spin_pause = 0  # requests left before polling for replies again
 
     async def call(self, op: str, *args: Any) -> Any:
+        """The common case (the lock free, the reply caught while polling) passes no trio
+        checkpoint: a request costs the daemon's work and two syscalls, not three trips
+        through the run loop."""
         request = [op, *args]
         with trio.move_on_after(self.timeout):
-            async with self.lock:
+            if self.lock.locked():
+                await self.lock.acquire()
+            else:
+                self.lock.acquire_nowait()
+            try:
                 while self._leaked:
                     await self._send(["release", self._leaked[-1]])
                     self._leaked.pop()
                 await self._send(request)
                 while True:
-                    data, ancdata, flags = await self.inbox.recvmsg_async(self.sock)
+                    message = self._poll()
+                    if message is None:
+                        message = await self.inbox.recvmsg_async(self.sock)
+                    data, ancdata, flags = message
                     if not data:
                         raise pyfuse3.FUSEError(errno.ENOTCONN)
                     if self._late:
@@ -189,15 +210,38 @@ class DaemonLink:
                     if answered is request:
                         return self._reply(data, ancdata, flags)
                     self._late_reply(answered[0], data, ancdata, flags)
+            finally:
+                self.lock.release()
         if not self._late:
             log.warning("the daemon did not answer %s within %g s: ETIMEDOUT (%s=%s)", op,
                         self.timeout, RPC_TIMEOUT_ENV, self.timeout)
             self._late = True
         raise pyfuse3.FUSEError(errno.ETIMEDOUT)
 
+    def _poll(self) -> tuple[bytes, list, int] | None:
+        """The daemon's next reply if it comes within REPLY_SPIN_NS, else None (and no
+        polling for the next SPIN_BACKOFF requests). Between polls the CPU is yielded: the
+        scheduler often wakes the daemon on this worker's CPU, where a plain spin would only
+        keep it from answering."""
+        if self._spin_pause:
+            self._spin_pause -= 1
+            return None
+        deadline = perf_counter_ns() + REPLY_SPIN_NS
+        while True:
+            try:
+                return self.inbox.recvmsg(self.raw)
+            except BlockingIOError:
+                if perf_counter_ns() > deadline:
+                    self._spin_pause = SPIN_BACKOFF
+                    return None
+                os.sched_yield()
+
     async def _send(self, request: list[Any]) -> None:
         with protocol.framed(protocol.pack(request)) as message:
-            await self.sock.sendmsg(*message)
+            try:
+                self.raw.sendmsg(*message)
+            except BlockingIOError:
+                await self.sock.sendmsg(*message)
         self._owed.append(request)  # sent (a cancelled sendmsg sends nothing)
 
     @staticmethod
@@ -231,6 +275,23 @@ class Operations(pyfuse3.Operations):
         self.listings: dict[int, Listing] = {}  # opendir handle -> its listing
         self._next_fh = 1
         self._changes = 0  # changes seen so far (forget_fetched)
+        # (parent, name) -> the thread id of our own mknod creating that pin, whose LOOKUP
+        # this worker answers itself (see make_pins)
+        self.creating: dict[tuple[int, bytes], int] = {}
+        # Directories' attributes as the daemon returned them with this mount's last change
+        # (fuse_ops.changed): the kernel asks for them right after, on its next path walk.
+        # Dropped by any change and by any invalidation from the daemon.
+        self.fresh: dict[int, list[int]] = {}
+        self.notify: socket.socket | None = None  # the daemon's invalidations come on it
+        self._notified = 0  # invalidation messages applied so far
+        self.initialized = trio.Event()  # the kernel's INIT is answered (see init)
+
+    def init(self) -> None:
+        """pyfuse3 calls this while answering the kernel's INIT: only from then on does
+        libfuse send the kernel notifications (before, ENOSYS, which pyfuse3's thread for
+        invalidate_entry_async logs with a traceback). The daemon can send invalidations
+        sooner: the worker says it is ready once mounted, and INIT comes after."""
+        self.initialized.set()
 
     def _fh(self) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
@@ -246,20 +307,60 @@ class Operations(pyfuse3.Operations):
         for listing in self.listings.values():
             listing.drop_fetched()
 
+    def invalidated(self) -> None:
+        """The daemon sent invalidations (a change by another route)."""
+        self._notified += 1
+        self.fresh.clear()
+        self.forget_fetched()
+
     async def _change(self, op: str, ctx, *args: Any) -> Any:
         """A request that changes the tree or an attribute (for the handlers below)."""
+        self.fresh.clear()
         try:
             return await self.daemon.call(op, _ctx(ctx), *args)
         finally:
             self.forget_fetched()
 
+    async def _entries_change(self, op: str, ctx, *args: Any) -> Any:
+        """A change of entries: its reply is [the new entry's attributes or None, those of
+        the directories it changed] (fuse_ops.changed), kept in `fresh` unless invalidations
+        came meanwhile (their order against the change is unknown)."""
+        notified = self._notified
+        entry, dirs = await self._change(op, ctx, *args)
+        if notified == self._notified:
+            self.fresh = {raw[0]: raw for raw in dirs}
+        return entry
+
+    def _invalidations_waiting(self) -> bool:
+        """Whether the daemon has sent invalidations not applied yet (they go first)."""
+        if self.notify is None:
+            return False
+        try:
+            self.notify.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
+
+    async def _getattr(self, inode: int, ctx) -> list[int]:
+        """A node's attributes: from `fresh` when the kernel asks right after this mount's
+        own change (saves the daemon a round trip on each path walk after a pin, unlink,
+        ...), else from the daemon."""
+        raw = self.fresh.get(inode)
+        if raw is None or self._invalidations_waiting():
+            raw = await self.daemon.call("getattr", _ctx(ctx), inode)
+        return raw
+
     @guarded
     async def lookup(self, parent_inode, name, ctx):
+        if self.creating.get((parent_inode, name)) == ctx.pid:
+            raise pyfuse3.FUSEError(errno.ENOENT)  # our mknod's own lookup: see creating
         return _attrs(await self.daemon.call("lookup", _ctx(ctx), parent_inode, name))
 
     @guarded
     async def getattr(self, inode, ctx):
-        return _attrs(await self.daemon.call("getattr", _ctx(ctx), inode))
+        return _attrs(await self._getattr(inode, ctx))
 
     @guarded
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -273,37 +374,38 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return _attrs(await self._change("mkdir", ctx, parent_inode, name, mode))
+        return _attrs(await self._entries_change("mkdir", ctx, parent_inode, name, mode))
 
     @guarded
     async def unlink(self, parent_inode, name, ctx):
-        await self._change("unlink", ctx, parent_inode, name)
+        await self._entries_change("unlink", ctx, parent_inode, name)
 
     @guarded
     async def rmdir(self, parent_inode, name, ctx):
-        await self._change("rmdir", ctx, parent_inode, name)
+        await self._entries_change("rmdir", ctx, parent_inode, name)
 
     @guarded
     async def symlink(self, parent_inode, name, target, ctx):
-        return _attrs(await self._change("symlink", ctx, parent_inode, name, target))
+        return _attrs(await self._entries_change("symlink", ctx, parent_inode, name, target))
 
     @guarded
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self._change("rename", ctx, parent_inode_old, name_old, parent_inode_new,
-                           name_new, flags)
+        await self._entries_change("rename", ctx, parent_inode_old, name_old, parent_inode_new,
+                                   name_new, flags)
 
     @guarded
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return _attrs(await self._change("link", ctx, inode, new_parent_inode, new_name))
+        return _attrs(await self._entries_change("link", ctx, inode, new_parent_inode,
+                                                 new_name))
 
     @guarded
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         # bpffs has no mknod: devices, fifos and sockets are EPERM. A regular file is the
         # daemon's to refuse (EACCES, as `touch`) unless it is a pin the daemon asked this
-        # worker to create through the mount (create_through_mount).
+        # worker to create through the mount (make_pins).
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)
-        return _attrs(await self._change("mknod", ctx, parent_inode, name, mode))
+        return _attrs(await self._entries_change("mknod", ctx, parent_inode, name, mode))
 
     @guarded
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -341,7 +443,7 @@ class Operations(pyfuse3.Operations):
 
     @guarded
     async def opendir(self, inode, ctx):
-        await self.daemon.call("getattr", _ctx(ctx), inode)  # ENOENT / ENOTDIR now, not later
+        await self._getattr(inode, ctx)  # ENOENT / ENOTDIR now, not later
         fh = self._fh()
         self.listings[fh] = Listing(inode)
         return fh
@@ -404,39 +506,58 @@ class Operations(pyfuse3.Operations):
         pass
 
 
-async def create_through_mount(ops: Operations, path: bytes, parent: int,
-                               name: bytes) -> None:
-    """mknod() a pin the daemon is making (BPF_OBJ_PIN over the control socket) on this very
-    mount, so that the kernel fires IN_CREATE for inotify watchers: FUSE's entry
-    notifications fire none. The kernel sends the MKNOD back to this process, hence the
-    thread. A success the daemon saw (it served the MKNOD); a failure it is told, and makes
-    the pin itself."""
-    try:
-        await trio.to_thread.run_sync(os.mknod, path, stat.S_IFREG | 0o600)
-        return
-    except OSError as e:
-        err = e.errno or errno.EIO
-    try:
-        await ops.daemon.call("created", parent, name, err)
-    except pyfuse3.FUSEError:
-        pass  # the daemon is gone or late: it stops waiting on its own
+def make_pins(sock: socket.socket, ops: Operations, token: trio.lowlevel.TrioToken) -> None:
+    """A thread: mknod() each pin the daemon is making (BPF_OBJ_PIN over the control socket)
+    on this very mount, so that the kernel fires IN_CREATE for inotify watchers: FUSE's entry
+    notifications fire none. The kernel sends the MKNOD back to this process, whose event
+    loop serves it, hence the thread; it reads its requests itself (blocking), so a pin
+    costs one wake-up here. A success the daemon saw (it served the MKNOD); a failure it is
+    told, and makes the pin itself. Ends when the daemon closes the socket or the loop ends.
+
+    The kernel's LOOKUP before the MKNOD is answered ENOENT by the loop without a round
+    trip (Operations.creating): the daemon found no such entry just before asking
+    (Tree.check_pin), and an entry made since makes the MKNOD fail with EEXIST in the
+    daemon, as it would have."""
+    tid = threading.get_native_id()  # what FUSE requests made by this thread carry as pid
+    while True:
+        try:
+            data = sock.recv(protocol.INLINE_MAX)
+        except OSError:
+            return
+        if not data:
+            return
+        parent, name, path = protocol.unpack(data)
+        ops.creating[parent, name] = tid
+        try:
+            os.mknod(path, stat.S_IFREG | 0o600)
+            continue
+        except OSError as e:
+            err = e.errno or errno.EIO
+        finally:
+            ops.creating.pop((parent, name), None)
+        try:
+            trio.from_thread.run(ops.daemon.call, "created", parent, name, err,
+                                 trio_token=token)
+        except pyfuse3.FUSEError:
+            pass  # the daemon is late: it stops waiting on its own
+        except (OSError, trio.RunFinishedError, trio.Cancelled) as e:
+            log.debug("pins through the mount end: %r", e)  # the daemon or the loop is gone
+            return
 
 
-async def listen_for_invalidations(sock: socket.socket, ops: Operations,
-                                   nursery: trio.Nursery) -> None:
-    """Apply the daemon's cache invalidations and pin creations; the daemon closing this
-    socket means: unmount."""
+async def listen_for_invalidations(sock: socket.socket, ops: Operations) -> None:
+    """Apply the daemon's cache invalidations; the daemon closing this socket means:
+    unmount."""
     tsock = trio.socket.from_stdlib_socket(sock)
+    ops.notify = sock
     while True:
         data = await tsock.recv(protocol.INLINE_MAX)
         if not data:
             pyfuse3.terminate()
             return
-        ops.forget_fetched()
-        for kind, ino, name, *more in protocol.unpack(data):
-            if kind == "create":
-                nursery.start_soon(create_through_mount, ops, more[0], ino, name)
-                continue
+        await ops.initialized.wait()  # at once, but for the first invalidations
+        ops.invalidated()
+        for kind, ino, name in protocol.unpack(data):
             try:
                 if kind == "entry":
                     pyfuse3.invalidate_entry_async(ino, name, ignore_enoent=True)
@@ -450,6 +571,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bpffsd-mount-worker")
     parser.add_argument("--rpc-fd", type=int)
     parser.add_argument("--notify-fd", type=int)
+    parser.add_argument("--create-fd", type=int)
     parser.add_argument("--ns-fd", type=int)
     parser.add_argument("--owner-uid", type=int, default=0,
                         help="non-root callers may only mount on a directory they own")
@@ -533,18 +655,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     protocol.send_message(rpc, protocol.pack(["ready", mount_device(target)]))
     notify = socket.socket(fileno=args.notify_fd)
+    create = socket.socket(fileno=args.create_fd) if args.create_fd is not None else None
     clean = False
     try:
-        trio.run(_serve, notify, ops)
+        trio.run(_serve, notify, create, ops)
         clean = True
     finally:
         pyfuse3.close(unmount=clean)
     return 0
 
 
-async def _serve(notify: socket.socket, ops: Operations) -> None:
+async def _serve(notify: socket.socket, create: socket.socket | None, ops: Operations) -> None:
+    if create is not None:
+        threading.Thread(target=make_pins, name="make_pins", daemon=True,
+                         args=(create, ops, trio.lowlevel.current_trio_token())).start()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(listen_for_invalidations, notify, ops, nursery)
+        nursery.start_soon(listen_for_invalidations, notify, ops)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
