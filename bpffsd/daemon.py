@@ -37,6 +37,7 @@ SECCOMP_AGENT = module_command("bpffs.client.seccomp.agent")
 SECCOMP_AGENT_RESTART_PAUSE = 0.5  # seconds before restarting an agent that died ...
 SECCOMP_AGENT_MAX_PAUSE = 60.0  # ... doubled up to this while it keeps dying ...
 SECCOMP_AGENT_QUICK_DEATH = 60.0  # ... within this many seconds of its start
+LINGER_PROBE_SECONDS = 1.0  # between looks at freed maps' memory that clients may still map
 
 try:
     VERSION = version("bpffsd")  # pyproject.toml's, the one source (`bpffs version` reads it)
@@ -138,6 +139,8 @@ class Daemon:
             "socket": self.config.socket_path,
             "objects": counts,
             "memlock_pages": self.store.total_pages,
+            # freed maps still charged: a client may still map their memory
+            "lingering_maps": len(self.store.lingering),
             "connections": len(self.server.connections) if self.server is not None else 0,
             "object_fds": len(self.fds.by_ino),
             "instances": self.fs.describe(),
@@ -192,6 +195,7 @@ class Daemon:
                     await self.fs.mount_default(self.config.mountpoint)
                 if self.config.seccomp_agent:
                     nursery.start_soon(self.run_seccomp_agent, self.config.seccomp_agent)
+                nursery.start_soon(self.reap_lingering_memory)
                 self.ready.set()
                 sdnotify.notify("READY=1", f"STATUS=serving on {self.config.socket_path}")
                 log.info("bpffsd %s ready on %s", VERSION, self.config.socket_path)
@@ -200,6 +204,14 @@ class Daemon:
             sdnotify.notify("STOPPING=1")
             listener.close()
             self._unlink_socket()
+
+    async def reap_lingering_memory(self) -> None:
+        """Freed maps whose memory a client may still map (Store.lingering) stay charged
+        until it lets go: looked at every LINGER_PROBE_SECONDS (a probe is one fcntl)."""
+        while True:
+            await trio.sleep(LINGER_PROBE_SECONDS)
+            if self.store.lingering:
+                self.store.reap_lingering()
 
     async def run_seccomp_agent(self, path: str) -> None:
         """Keep the seccomp agent running: a worker process, since it is a client of ours (it

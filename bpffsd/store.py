@@ -64,6 +64,11 @@ class Store:
         self.limit_pages = None if memory_limit is None else memory_limit // PAGE_SIZE
         # Called with each object as it is freed (journal, mounts showing it, subscribers).
         self.on_free: list[Callable[[BpfObject], None]] = []
+        # Freed maps whose memory a process was given and may still hold (shm.release): their
+        # memlock charge stays until reap_lingering sees the memory let go, as the kernel
+        # keeps a map charged while it is mmapped. Then on_release hooks run.
+        self.lingering: list[BpfObject] = []
+        self.on_release: list[Callable[[BpfObject], None]] = []
 
     # -- lookup -----------------------------------------------------------------------------
     def of(self, impl: Any) -> BpfObject:
@@ -186,7 +191,10 @@ class Store:
         obj.freed = True
         del self._objects[obj.kind][obj.id]
         del self._by_impl[id(obj.impl)]
-        self._uncharge(obj.uid, obj.pages)
+        if isinstance(obj.impl, BpfMap) and obj.impl.free():
+            self.lingering.append(obj)  # its memory is still mapped elsewhere: still charged
+        else:
+            self._released(obj)
         if isinstance(obj.impl, FdArrayMap):
             obj.impl.clear()
         for used_map in _maps_used_by(obj.impl):
@@ -196,9 +204,19 @@ class Store:
                 hook(obj)
             except Exception:
                 log.exception("on_free hook failed for %s", obj.describe())
-        if isinstance(obj.impl, BpfMap):
-            obj.impl.free()  # its shared memory: readers that kept a mapping see zeros
         log.debug("freed %s", obj.describe())
+
+    def _released(self, obj: BpfObject) -> None:
+        self._uncharge(obj.uid, obj.pages)
+        for hook in self.on_release:
+            hook(obj)
+
+    def reap_lingering(self) -> None:
+        """Give back the charges of freed maps whose memory no other process holds now."""
+        for obj in [o for o in self.lingering if o.impl.shm.gone()]:
+            self.lingering.remove(obj)
+            self._released(obj)
+            log.debug("released the memory of %s", obj.describe())
 
 
 def _maps_used_by(impl: Any) -> list[BpfMap]:

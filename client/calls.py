@@ -67,6 +67,7 @@ def bind(session: Session, fd: int) -> Generator[Request, Any, tuple[int, dict]]
     if info is None:
         info, _ = yield Request("bind", (), (fd,))
         session.bound[ino] = info
+    info["fd"] = fd  # the fd number it was last used by (forget_closed checks it)
     return ino, info
 
 
@@ -99,6 +100,7 @@ def map_create(session: Session, map_type: int, key_size: int, value_size: int,
                max_entries: int, map_flags: int = 0, name: str = "") -> Call:
     """BPF_MAP_CREATE: a new map's fd (the map lives while an fd, pin or program holds
     it)."""
+    forget_closed(session)  # freed maps still mapped here stay charged: let go of them first
     reply = yield Request("map_create", (int(map_type), key_size, value_size, max_entries,
                                          map_flags, name))
     return _new_object(session, reply)
@@ -141,11 +143,33 @@ def _attach(session: Session, info: dict) -> Generator[Request, Any, Direct | st
         info["direct"] = reason = f"the map's memory could not be mapped: {e}"
         return reason
     info["direct"] = found
+    forget_closed(session)
     session.mapped[info["handle"]] = info
     while len(session.mapped) > MAX_MAPPED:
         _, oldest = session.mapped.popitem(last=False)
         del oldest["direct"]  # unmapped once nothing else (a Map) holds it
     return found
+
+
+def forget_mapping(session: Session, handle: int) -> None:
+    """Let go of a map's memory mapped here (Map.close does; the mapping goes once no view
+    of it is left). Until a mapping goes, a freed map stays charged to its creator, as the
+    kernel keeps a mapped map."""
+    info = session.mapped.pop(handle, None)
+    if info is not None:
+        info.pop("direct", None)
+
+
+def forget_closed(session: Session) -> None:
+    """Let go of the mappings of maps whose fd here was closed (the fd number, seen at
+    bind, no longer names that object)."""
+    for handle, info in list(session.mapped.items()):
+        try:
+            same = os.fstat(info["fd"]).st_ino == handle
+        except OSError:
+            same = False
+        if not same:
+            forget_mapping(session, handle)
 
 
 def _direct(session: Session, info: dict) -> Generator[Request, Any, Direct | None]:

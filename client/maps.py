@@ -28,6 +28,7 @@ from typing import Any, Self
 from bpffs.vm.errors import BpfError
 from bpffs.vm.uapi import BPF_ANY, BPF_F_MMAPABLE, MapType
 
+from . import calls
 from .codecs import Codec, IntCodec, codec_for
 from .direct import Contended, Direct
 from .sync import Client, default_client
@@ -171,6 +172,11 @@ class Map(FdObject, MutableMapping):
     def close(self) -> None:
         """Close the fd when owned, and let go of the map's memory here (unmapped once no
         view of it from memory() is left)."""
+        if self._direct is not None and self.fd >= 0:
+            try:
+                calls.forget_mapping(self.client.session, os.fstat(self.fd).st_ino)
+            except OSError:
+                pass  # closed behind our back: forget_closed will see it
         self._direct = self._memory = None
         super().close()
 

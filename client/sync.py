@@ -162,7 +162,10 @@ class Client:
         return self.sock.fileno() < 0
 
     def close(self) -> None:
-        """Close the connection (object fds received through it stay valid)."""
+        """Close the connection (object fds received through it stay valid), and let go of
+        the maps' memory mapped for reads in place."""
+        for handle in list(self.session.mapped):
+            calls.forget_mapping(self.session, handle)
         self.sock.close()
 
     def __enter__(self) -> Client:

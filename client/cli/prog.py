@@ -54,6 +54,8 @@ def _print_info(out: Output, info: dict) -> None:
     maps = f"  map_ids {','.join(map(str, info['map_ids']))}" if info["map_ids"] else ""
     out.line(f"\txlated {info['bytes_xlated']}B  not jited  memlock {info['bytes_memlock']}B"
              f"{maps}")
+    if "tier" in info:  # (a daemon before tiers sends none)
+        out.line(f"\ttier {info['tier']}")
 
 
 def show(client: Client, args: Args, out: Output, show_pins: bool) -> None:

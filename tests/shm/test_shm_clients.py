@@ -156,7 +156,9 @@ def test_garbage_written_everywhere_in_a_writable_array_harms_nothing_else(clien
         other.close()
 
 
-def test_the_daemon_lets_go_of_map_memory_when_maps_are_freed(client, daemon) -> None:
+def test_the_daemon_lets_go_of_map_memory_when_maps_are_freed(start_daemon) -> None:
+    daemon = start_daemon()  # its own: freed maps of other tests change the fd count
+    client = daemon.client()
     before = daemon_fds(daemon)
     for i in range(40):
         with Map.create(MapType.HASH if i % 2 else MapType.ARRAY, 4, 8, 64, key=int,
@@ -164,9 +166,9 @@ def test_the_daemon_lets_go_of_map_memory_when_maps_are_freed(client, daemon) ->
             m[1] = 2
             assert m[1] == 2
     deadline = time.monotonic() + 5
-    while daemon_fds(daemon) != before and time.monotonic() < deadline:
+    while daemon_fds(daemon) > before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert daemon_fds(daemon) == before
+    assert daemon_fds(daemon) <= before
 
 
 @pytest.mark.fuse

@@ -74,8 +74,8 @@ class ArrayMap(ArrayBase):
                                 user_writable=bool(flags & BPF_F_MMAPABLE))
         self._view = self.shm.buf
 
-    def free(self) -> None:
-        self.shm.release()
+    def free(self) -> bool:
+        return self.shm.release()
 
     def lookup(self, key: bytes) -> memoryview | None:
         index = _INDEX.unpack(key)[0]

@@ -52,8 +52,10 @@ class BpfMap:
         """The memlock charge of a map of these attributes, known before allocating it."""
         raise NotImplementedError
 
-    def free(self) -> None:
-        """The map is freed: give back what it holds outside Python (its shared memory)."""
+    def free(self) -> bool:
+        """The map is freed: give back what it holds outside Python (its shared memory).
+        True when that memory may still be held by another process (see shm.release)."""
+        return False
 
     def check_update_flags(self, flags: int) -> None:
         if not 0 <= flags <= BPF_EXIST:

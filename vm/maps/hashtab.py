@@ -86,8 +86,8 @@ class HashMap(BpfMap):
     def __len__(self) -> int:
         return len(self._index)
 
-    def free(self) -> None:
-        self.shm.release()
+    def free(self) -> bool:
+        return self.shm.release()
 
     def lookup(self, key: bytes) -> memoryview | None:
         slot = self._index.get(key)

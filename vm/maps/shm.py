@@ -13,10 +13,13 @@ What keeps a reader from hurting anyone (each is tested in tests/vm/maps):
 - readers get an fd opened O_RDONLY (`reader_fd`), writers of mmap-able arrays O_RDWR;
 - a mapping does not keep its map alive (unlike the kernel's: the daemon cannot see a
   munmap, and a map kept alive by every client that once read it would never be freed): the
-  map's life is its fds', pins' and programs', and a mapping kept after it is only memory.
-  Memory others may write (BPF_F_MMAPABLE arrays) is punched out when the map is freed, so
-  such a mapping then reads zeros; sealed memory cannot be punched (F_SEAL_FUTURE_WRITE
-  forbids it), so a process that keeps such a mapping or fd keeps the pages until it lets go.
+  map's life is its fds', pins' and programs'. Memory others may write (BPF_F_MMAPABLE
+  arrays) is punched out when the map is freed, so a mapping kept after it reads zeros and
+  holds no pages. Sealed memory cannot be punched (F_SEAL_FUTURE_WRITE forbids it): when it
+  was handed out, `release` keeps a read-only probe fd, and the pages count as still in use
+  (the daemon keeps the map's memlock charge, as the kernel does while a map is mmapped)
+  until `gone` sees that no other process holds the file, by being granted a write lease,
+  which the kernel grants only to a file's sole opener.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class SharedMemory:
     """`size` zeroed bytes in a sealed memfd, mapped read-write in this process as `buf`.
     It holds two fds while the map lives: its own, and the one CPython's mmap keeps."""
 
-    __slots__ = ("buf", "fd", "mm", "size", "user_writable")
+    __slots__ = ("buf", "fd", "handed_out", "mm", "probe", "size", "user_writable")
 
     def __init__(self, name: str, nbytes: int, user_writable: bool = False):
         self.size = round_to_pages(nbytes)
@@ -71,6 +74,8 @@ class SharedMemory:
                            f" {e.strerror}") from None
         self.fd = fd
         self.buf = memoryview(self.mm)
+        self.handed_out = False  # reader_fd gave another process a copy
+        self.probe = -1  # after release: a read-only fd that `gone` probes
 
     def reader_fd(self, writable: bool) -> int:
         """A new fd on this memory for another process: O_RDONLY, or O_RDWR when `writable`
@@ -80,27 +85,57 @@ class SharedMemory:
         if self.fd < 0:
             raise BpfError(errno.EBADF, "the map's memory is released")
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        return os.open(f"/proc/self/fd/{self.fd}", flags)
+        self.handed_out = True
+        try:
+            return os.open(f"/proc/self/fd/{self.fd}", flags)
+        except OSError as e:  # EMFILE, ENFILE: the caller's answer, not the daemon's failure
+            raise BpfError(e.errno or errno.EIO, "cannot open the map's memory for the"
+                           f" caller: {e.strerror}") from None
 
-    def release(self) -> None:
+    def release(self) -> bool:
         """The map is gone: close the fd and unmap (or, while a view of the memory is still
-        about, let it go with that); memory others may write is also punched out."""
+        about, let it go with that); memory others may write is also punched out. True when
+        the pages may still be held elsewhere (sealed memory that was handed out): `gone`
+        then tells when they are not."""
         if self.fd < 0:
-            return
+            return False
         if self.user_writable:  # (sealed memory refuses it: its pages go with the last user)
             _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, self.size)
+        lingers = self.handed_out and not self.user_writable
+        if lingers:
+            self.probe = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
         os.close(self.fd)
         self.fd = -1
+        self._unmap()
+        return lingers
+
+    def _unmap(self) -> None:
         try:  # the mapping holds an fd of its own (CPython's mmap dups it)
             self.buf.release()
             self.mm.close()
         except (BufferError, ValueError):
             pass  # a view of it is still about: the mapping goes when it does
 
+    def gone(self) -> bool:
+        """After a release that lingers: whether no other process holds the memory any more
+        (then the probe is closed, and the pages are freed)."""
+        if self.probe < 0:
+            return True
+        self._unmap()  # a view of ours may have gone since
+        try:
+            fcntl.fcntl(self.probe, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError:
+            return False  # EAGAIN: another open file (an fd, a mapping) of it exists
+        fcntl.fcntl(self.probe, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        os.close(self.probe)
+        self.probe = -1
+        return True
+
     def __del__(self) -> None:  # a map that never reached the store (VM-only use, tests)
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "probe"):
+            if getattr(self, name, -1) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
 
 def check_sealed(fd: int, size: int) -> None:
