@@ -6,7 +6,7 @@
 #      util-linux, systemd (systemd-analyze) and bpftool, which the tests compare against.
 #   2. a virtualenv, since Debian's python3 is externally managed (PEP 668): /opt/bpffsd/venv as
 #      root, ~/.local/share/bpffsd/venv for any other user ($BPFFSD_VENV overrides). This checkout
-#      is installed into it editable, with the daemon, test and bench extras, and every dependency
+#      is installed into it editable, with the daemon, test, bench and native (llvmlite) extras, and every dependency
 #      upgraded to its newest release.
 #   3. bpffsd, bpffs and bpffs-vm-plugin linked into /usr/local/bin as root, ~/.local/bin for any
 #      other user ($BPFFSD_BIN overrides), and `.venv` in this checkout linked to the virtualenv, so
@@ -51,7 +51,7 @@ if [ $client -eq 1 ]; then
 else
     APT_PACKAGES=(python3 python3-venv python3-dev ca-certificates fuse3 libfuse3-dev pkg-config
                   gcc make clang llvm iproute2 util-linux systemd bpftool)
-    EXTRAS="[daemon,test,bench]"
+    EXTRAS="[daemon,test,bench,native]"
 fi
 
 if [ $apt -eq 1 ]; then

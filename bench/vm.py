@@ -4,8 +4,13 @@
 
 Reports ns per instruction on a 1000-instruction straight-line ALU program, and ns per run of
 three classifiers (a protocol classifier setting tc_classid, a hash-map counter, an LD_ABS
-header parser), for the reference interpreter, the compiled tier and the kernel (when bpf(2)
-is available). Numbers are wall-clock on a shared machine: expect noise of 10-20 %.
+header parser), for the reference interpreter, the compiled tier, the native tier (when
+llvmlite is installed) and the kernel (when bpf(2) is available); then the native tier's
+compile times. Numbers are wall-clock on a shared machine: expect noise of 10-20 %.
+
+The ALU program's registers start as constants, so LLVM folds it to one constant: its native
+figure is the cost of entering native code, spread over 1000 insns. The "ALU loop" line runs
+a 1000-insn body 900 times on inputs read from the context, which LLVM cannot fold away.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import os
 import random
 import sys
 import time
+from importlib.util import find_spec
 
 from bpffs.vm import asm, kernel, load_program
 from bpffs.vm.context import SKB
+from bpffs.vm.env import RunEnv
 from bpffs.vm.isa import R0, R1, R2, R3, R4, R6, R7, R10, Alu, Atomic, Jmp
 from bpffs.vm.maps import create_map
 from bpffs.vm.uapi import BPF_ANY, Helper, MapType, ProgType, TcAct
@@ -42,6 +49,39 @@ def alu_program(n: int = 1000) -> bytes:
         else:
             body.append(asm.alu64(op, dst, imm=rng.randrange(1, 1000), reg=False))
     return asm.program(*body, asm.exit())
+
+
+def alu_loop(n: int = 1000, times: int = 900) -> bytes:
+    """An n-insn body of invertible ALU ops (add, sub, xor of registers, multiplication by odd
+    constants: no result is dead) run `times` times on registers read from the context."""
+    rng = random.Random(2)
+    body = [asm.ldx(4, r, R1, 4 * r) for r in (0, 2, 3, 4, 5, 1)]  # r1 (ctx) last
+    body.append(asm.mov64_imm(9, times))
+    start = len(body)
+    while len(body) < n - 8:
+        dst = rng.randrange(6)
+        src = rng.choice([r for r in range(6) if r != dst])
+        kind = rng.random()
+        if kind < 0.8:
+            body.append(asm.alu64(rng.choice([Alu.ADD, Alu.XOR, Alu.SUB]), dst, src, reg=True))
+        else:
+            body.append(asm.alu64(Alu.MUL, dst, imm=rng.randrange(1, 1 << 20) | 1, reg=False))
+    body.append(asm.alu64(Alu.SUB, 9, imm=1, reg=False))
+    body.append(asm.jmp_imm(Jmp.JNE, 9, 0, start - len(body) - 1))
+    body += [asm.alu64(Alu.XOR, R0, r, reg=True) for r in range(1, 6)]
+    return asm.program(*body, asm.exit())
+
+
+def executed_insns(code: bytes) -> int:
+    """Instructions one run executes (the budget it spends, on the interpreter)."""
+    from bpffs.vm.run import Run
+
+    prog, _ = load_program(ProgType.SCHED_CLS, code, license="GPL", resolve_map={}.get,
+                           allow_loops=True)
+    run = Run.for_test(prog, IPV4_UDP, None, RunEnv())
+    run.reset()
+    prog.execute(run, "interpreter")
+    return RunEnv().budget - run.budget
 
 
 def protocol_classifier() -> bytes:
@@ -110,7 +150,8 @@ def header_parser() -> bytes:
 
 
 def vm_ns_per_run(code: bytes, prog_type: int, maps: dict, tier: str, repeat: int) -> float:
-    prog, _ = load_program(prog_type, code, license="GPL", resolve_map=maps.__getitem__)
+    prog, _ = load_program(prog_type, code, license="GPL", resolve_map=maps.__getitem__,
+                           allow_loops=True)
     prog.test_run(IPV4_UDP, tier=tier)  # compile outside the timing
     start = time.perf_counter_ns()
     prog.test_run(IPV4_UDP, repeat=repeat, tier=tier)
@@ -140,6 +181,28 @@ def python_line_ns() -> float:
     return (time.perf_counter_ns() - start) / 300 / 1000
 
 
+def native_compile_times(scale: float) -> None:
+    """Translation plus LLVM at -O0 and -O2, for the ALU programs of 1000 and 4096 insns."""
+    from bpffs.vm.native import compile_native
+
+    for n in (1000, 4096):
+        code = alu_program(n)
+        prog, _ = load_program(ProgType.SCHED_CLS, code, license="GPL", resolve_map={}.get)
+        times = []
+        for opt in (0, 2):
+            best = float("inf")
+            for _ in range(max(int(3 * scale), 1)):
+                start = time.perf_counter()
+                compile_native(prog, opt)
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+        start = time.perf_counter()
+        prog.entry("compiled")
+        compiled = time.perf_counter() - start
+        print(f"native compile, {n} insns: -O0 {times[0] * 1e3:7.1f} ms, -O2 {times[1] * 1e3:7.1f}"
+              f" ms (the compiled tier: {compiled * 1e3:.1f} ms)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -148,33 +211,48 @@ def main() -> None:
 
     vm_map = create_map(MapType.HASH, 4, 8, 64)
     kernel_map = kernel.map_create(MapType.HASH, 4, 8, 64) if kernel.available() else None
+    native = find_spec("llvmlite") is not None
     cases = [
         ("ALU straight-line (1000 insns)", lambda fd: alu_program(), 1000, 2000),
+        ("ALU loop (1000-insn body x 300)", lambda fd: alu_loop(times=300),
+         executed_insns(alu_loop(times=300)), 20),
         ("protocol classifier (tc_classid)", lambda fd: protocol_classifier(), 1, 20000),
         ("hash-map counter", map_counter, 1, 20000),
         ("LD_ABS header parser", lambda fd: header_parser(), 1, 20000),
     ]
     print(f"machine speed: one simple Python statement takes {python_line_ns():.1f} ns now"
           " (compare runs only with this in mind)")
-    print(f"{'program':36} {'interp':>12} {'compiled':>12} {'kernel':>10} {'speedup':>8}"
-          f" {'VM/kernel':>10}")
+    print(f"{'program':36} {'interp':>12} {'compiled':>12} {'native':>10} {'kernel':>10}"
+          f" {'speedup':>8} {'VM/kernel':>10}  (speedup, VM: the faster VM tier)")
     for name, build, per, runs in cases:
         runs = max(int(runs * scale), 10)
         vm_code = build(7)
         interp = vm_ns_per_run(vm_code, ProgType.SCHED_CLS, {7: vm_map}, "interpreter",
-                               max(runs // 20, 5)) / per
+                               max(runs // 20, 2 if per > 1000 else 5)) / per
         compiled = vm_ns_per_run(vm_code, ProgType.SCHED_CLS, {7: vm_map}, "compiled",
                                  runs) / per
+        fastest = compiled
+        native_text = f"{'n/a':>10}"
+        if native:
+            native_ns = vm_ns_per_run(vm_code, ProgType.SCHED_CLS, {7: vm_map}, "native",
+                                      runs * 10) / per
+            native_text = f"{native_ns:10.2f}"
+            fastest = min(compiled, native_ns)
         k = None
         if kernel_map is not None:
-            k = kernel_ns_per_run(build(kernel_map), ProgType.SCHED_CLS, runs * 10)
+            try:
+                k = kernel_ns_per_run(build(kernel_map), ProgType.SCHED_CLS, runs * 10)
+            except OSError:  # (the ALU loop needs bounded loops: kernel 5.3)
+                k = None
             k = k / per if k is not None else None
         unit = "ns/insn" if per > 1 else "ns/run"
-        ratio = f"{compiled / k:10.0f}x" if k else f"{'-':>10}"
+        ratio = f"{fastest / k:10.1f}x" if k else f"{'-':>10}"
         kernel_text = f"{k:10.1f}" if k is not None else f"{'n/a':>10}"
-        print(f"{name:36} {interp:12.1f} {compiled:12.1f} {kernel_text} "
-              f"{interp / compiled:7.1f}x {ratio}  ({unit})")
-    sys.stdout.flush()
+        print(f"{name:36} {interp:12.1f} {compiled:12.1f} {native_text} {kernel_text} "
+              f"{interp / fastest:7.1f}x {ratio}  ({unit})")
+        sys.stdout.flush()
+    if native:
+        native_compile_times(scale)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ class Syscalls:
         self.fds = daemon.fds
         self._load_limiters: dict[int, trio.CapacityLimiter] = {}
         self._map_fds_of: dict[BpfObject, int] = {}  # maps whose memory fds a uid is charged
-        daemon.store.on_free.append(self._freed)
+        daemon.store.on_release.append(self._released)
 
     # -- helpers ------------------------------------------------------------------------------
     def new_fd(self, conn: Connection, obj: BpfObject, flags: int = 0) -> Reply:
@@ -135,12 +135,14 @@ class Syscalls:
     def _check_charge(self, conn: Connection, cost: int) -> int | None:
         """Raise unless the caller may charge `cost` pages; returns its limit. Objects whose
         fds were all closed are dropped first when that decides it: close() then create must
-        work as on the kernel, where close is synchronous (here a watcher task notices)."""
+        work as on the kernel, where close is synchronous (here a watcher task notices); so
+        are the charges of freed maps whose memory was let go (munmap is synchronous too)."""
         limit = conn.peer.memlock_limit_pages()
         try:
             self.store.check_charge(conn.peer.uid, cost, limit)
         except BpfError:
             self.fds.reap()
+            self.store.reap_lingering()
             self.store.check_charge(conn.peer.uid, cost, limit)
         return limit
 
@@ -177,7 +179,7 @@ class Syscalls:
         for _ in range(n):
             self.daemon.limits.map_fds.uncharge(uid)
 
-    def _freed(self, obj: BpfObject) -> None:
+    def _released(self, obj: BpfObject) -> None:
         uid = self._map_fds_of.pop(obj, None)
         if uid is not None:
             self._uncharge_map_fds(uid, MAP_MEMORY_FDS)
@@ -538,7 +540,8 @@ class Syscalls:
                     "loaded_at": int(obj.created), "uid": obj.uid,
                     "bytes_xlated": len(p.insns), "jited": False, "bytes_jited": 0,
                     "bytes_memlock": obj.pages * PAGE_SIZE,
-                    "map_ids": [self.store.of(m).id for m in p.maps], "pinned": pinned}
+                    "map_ids": [self.store.of(m).id for m in p.maps], "pinned": pinned,
+                    "tier": p.tier}  # (not bpftool's: which VM tier its runs use now)
             if p.run_cnt:
                 info.update(run_time_ns=p.run_time_ns, run_cnt=p.run_cnt)
             return info

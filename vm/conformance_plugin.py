@@ -6,7 +6,7 @@ memory as hex in the first argument; the program runs with r1 = that memory and 
 length, and the plugin prints r0 in hex. With `--elf` the hex is an ELF object as the runner
 writes it (the program is its `main` symbol). A program that faults prints the fault on stderr
 and exits 1. No verifier runs (the suite tests the instruction set, not the verifier);
-`--tier interpreter` selects the reference tier.
+`--tier interpreter` selects the reference tier, `--tier native` LLVM (needs llvmlite).
 
     bpffs-vm-plugin "01 02 03" < program.hex
     bpf_conformance_runner --test_file_directory tests --plugin_path bpffs-vm-plugin
@@ -19,9 +19,9 @@ import io
 import sys
 
 from .env import RunEnv
-from .errors import VmFault
+from .errors import BpfError, VmFault
 from .isa import U64, decode
-from .program import Program
+from .program import TIERS, Program
 from .run import Run
 from .uapi import ProgType
 
@@ -61,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="BPF conformance plugin for the bpffs VM")
     parser.add_argument("memory", nargs="?", default="", help="memory contents as hex bytes")
     parser.add_argument("--program", help="program as hex bytes (default: read stdin)")
-    parser.add_argument("--tier", choices=("compiled", "interpreter"), default="compiled")
+    parser.add_argument("--tier", choices=TIERS, default="compiled")
     parser.add_argument("--elf", action="store_true", help="the program is an ELF object")
     args, _unknown = parser.parse_known_args(argv)
     program = args.program if args.program is not None else sys.stdin.read()
     try:
         r0 = run_hex(program, args.memory, args.tier, args.elf)
-    except (VmFault, ValueError) as e:
+    except (VmFault, ValueError, BpfError) as e:
         print(f"bpffs-vm-plugin: {e}", file=sys.stderr)
         return 1
     print(f"{r0:x}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Generator
 from functools import cached_property, partial
@@ -21,7 +22,11 @@ from .run import PacketBatch, Run, TestRunResult
 from .runtime import PacketExit, TailCall, block_costs, uses_frame_pointer
 from .uapi import BPF_COMPLEXITY_LIMIT_INSNS, BPF_MAXINSNS, BPF_PSEUDO_MAP_FD, PROG_TYPE_NAMES
 
-TIERS = ("compiled", "interpreter")
+TIERS = ("compiled", "interpreter", "native", "auto")
+# "auto": the compiled tier at once, native code once a background thread has compiled it
+# (vm.native.background); the others are forced.
+AUTO = "auto"
+DEFAULT_TIER = "compiled"
 # Larger programs are interpreted, not compiled (see Program.entry): the kernel's JIT too
 # may give up on a program and leave it to the interpreter.
 COMPILE_MAX_INSNS = 65_536
@@ -49,6 +54,9 @@ class Program:
         self.run_cnt = 0
         self.run_time_ns = 0
         self._entries: dict[str, Callable[[Run, int], int]] = {}
+        self.last_tier = DEFAULT_TIER  # the tier its last test run asked for
+        self.native_ready = threading.Event()  # "auto" runs natively now
+        self.native_error: BaseException | None = None  # why "auto" stays compiled
 
     def __repr__(self) -> str:
         return (f"<Program {PROG_TYPE_NAMES.get(self.prog_type, self.prog_type)}"
@@ -78,14 +86,62 @@ class Program:
                 fn = self.entry("interpreter")
             elif tier == "interpreter":
                 fn = partial(interpret, self)
+            elif tier == "native":
+                fn = native_entry(self)
+            elif tier == AUTO:
+                fn = self._start_auto()
             else:
                 raise BpfError(errno.EINVAL, f"unknown tier {tier!r} (one of {TIERS})")
-            self._entries[tier] = fn
+            # (setdefault: a background promotion of "auto" that came first stays)
+            fn = self._entries.setdefault(tier, fn)
         return fn
+
+    def _start_auto(self) -> Callable[[Run, int], int]:
+        """The compiled entry, and native code on its way (when this program can have it)."""
+        from . import native
+
+        compiled = self.entry("compiled")
+        if self.native_ready.is_set():
+            return self._entries["native"]
+        if not native.available():
+            self.native_error = BpfError(errno.EOPNOTSUPP, "the native tier needs llvmlite")
+        elif len(self.decoded) > native.NATIVE_MAX_INSNS:
+            self.native_error = BpfError(errno.E2BIG, f"{len(self.decoded)} instructions are"
+                                         f" above the native tier's {native.NATIVE_MAX_INSNS}")
+        else:
+            from .native.background import submit
+
+            submit(self)
+        return compiled
+
+    def promote(self) -> None:
+        """Compile to native code (the background thread) and make "auto" run it."""
+        try:
+            fn = self.entry("native")
+        except Exception as e:  # the program keeps running compiled
+            self.native_error = e
+            return
+        self._entries[AUTO] = fn
+        self.native_ready.set()
+
+    def tier_of(self, tier: str) -> str:
+        """The tier a run asking for `tier` runs on now (what `bpffs prog show` reports)."""
+        if tier == AUTO:
+            return "native" if self.native_ready.is_set() else self.tier_of("compiled")
+        if tier == "compiled" and len(self.decoded) > COMPILE_MAX_INSNS:
+            return "interpreter"
+        if tier == "native" and len(self.decoded) > _native_max_insns():
+            return self.tier_of("compiled")
+        return tier
+
+    @property
+    def tier(self) -> str:
+        """The tier its runs use now, by the tier its last test run asked for."""
+        return self.tier_of(self.last_tier)
 
     def ready(self, tier: str) -> bool:
         """Whether entry(tier) is at hand (compiled already, or needs no compiling)."""
-        return tier in self._entries or tier != "compiled"
+        return tier in self._entries or tier not in ("compiled", "native", AUTO)
 
     def execute(self, run: Run, tier: str = "compiled") -> int:
         """Run from the start with r1 = context, following tail calls (at most
@@ -117,6 +173,7 @@ class Program:
         the whole run (the daemon's event loop) pauses between repetitions, as the kernel's
         bpf_test_timer_continue() reschedules. Returns the result (StopIteration.value)."""
         self.entry(tier)
+        self.last_tier = tier
         run = Run.for_test(self, data_in, ctx_in, env or RunEnv())
         retval, done, elapsed = 0, 0, 0
         try:
@@ -139,7 +196,24 @@ class Program:
                        ) -> PacketBatch:
         """One test run per packet of what is fed to the batch (pcap replay)."""
         self.entry(tier)
+        self.last_tier = tier
         return PacketBatch(self, env or RunEnv(), tier)
+
+
+def native_entry(prog: Program) -> Callable[[Run, int], int]:
+    """The native tier (vm.native, LLVM through llvmlite), imported on first use: above
+    NATIVE_MAX_INSNS, the compiled tier's entry instead."""
+    from .native import NATIVE_MAX_INSNS, compile_native
+
+    if len(prog.decoded) > NATIVE_MAX_INSNS:
+        return prog.entry("compiled")
+    return compile_native(prog)
+
+
+def _native_max_insns() -> int:
+    from .native import NATIVE_MAX_INSNS
+
+    return NATIVE_MAX_INSNS
 
 
 def program_tag(decoded: list[Insn]) -> str:

@@ -1,0 +1,43 @@
+"""The native tier: each program translated to LLVM IR (ir.py) and compiled to machine code
+with llvmlite (engine.py); memory, budget and calls behave as on the other tiers, through a
+region table and a context struct shared with Python (abi.py, regions.py, glue.py). Map
+lookups and updates of present keys run natively on the maps' shared memory (maps.py); the
+"auto" tier compiles programs in a background thread and switches them over (background.py).
+
+llvmlite is optional: `available()` says whether this tier can run here, and nothing in this
+package is imported by the rest of the VM until a program asks for it.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from importlib.util import find_spec
+from typing import TYPE_CHECKING
+
+from ..errors import BpfError
+
+if TYPE_CHECKING:
+    from ..program import Program
+
+__all__ = ["NATIVE_MAX_INSNS", "available", "compile_native"]
+
+# Larger programs run on the compiled tier instead: LLVM's time grows faster than linearly
+# with the size of a function (see bench/vm.py for measured compile times).
+NATIVE_MAX_INSNS = 65_536
+
+
+def available() -> bool:
+    """Whether llvmlite is installed (the tier's one dependency)."""
+    return find_spec("llvmlite") is not None
+
+
+def compile_native(prog: Program, opt: int | None = None) -> Callable[..., int]:
+    """The native entry of `prog`, `entry(run, r1, r2=0, depth=0) -> r0`, as the other tiers'
+    entries; BpfError(EOPNOTSUPP) where llvmlite is missing."""
+    try:
+        from .engine import DEFAULT_OPT
+        from .glue import NativeProgram
+    except ImportError as e:
+        raise BpfError(errno.EOPNOTSUPP, f"the native tier needs llvmlite ({e})") from None
+    return NativeProgram(prog, DEFAULT_OPT if opt is None else opt)

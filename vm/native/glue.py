@@ -1,0 +1,275 @@
+"""The Python side of a native run: entering native code, the callbacks it makes (helpers,
+packet loads, a frame's first stack, tail calls from callees) and turning the status it
+returns with into the exception the other tiers raise.
+
+Callbacks cannot raise through native code, so each catches everything, leaves it with the
+invocation and sets a status; native code returns up to the entry, which raises it again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import llvmlite.binding as llvm
+
+from ..errors import VmFault
+from ..maps import BpfMap
+from ..runtime import PacketExit, TailCall, call_helper, run_tail_calls, stack_top
+from .abi import ENTRY_WORDS, Context, Status
+from .abi import Entry as Word
+from .engine import DEFAULT_OPT, Jitted, jit, release, triple_and_layout
+from .ir import ENTRY_NAME, FRAME, HELPER, PACKET, TAIL, translate
+from .maps import describe
+from .regions import RegionTable, buffer_address, table_of
+
+if TYPE_CHECKING:
+    from ..program import Program
+    from ..run import Run
+
+TIER = "native"
+_MapMemory = tuple[BpfMap, memoryview, int]  # a map native code reads, a view, its address
+Entry = Callable[..., int]
+_U64 = ctypes.c_uint64
+_NATIVE_ENTRY = ctypes.PYFUNCTYPE(_U64, _U64)  # bpf_entry(ctx)
+
+
+class _Invocation:
+    """One entry into native code: its context, and what its callbacks need to reach the
+    run. A run keeps one and reuses it for its next entry (making a context and registering
+    it cost more than a program of a few insns takes to run); it holds the run only while
+    native code runs, so the registry of invocations does not keep runs alive."""
+
+    __slots__ = ("address", "context", "maps", "packet", "pending", "prog", "run", "table")
+
+    def __init__(self, table: RegionTable):
+        self.table = table
+        self.context = Context()
+        self.address = ctypes.addressof(self.context)
+        self.run: Run | None = None  # while native code runs
+        self.prog: Program | None = None
+        self.maps: list[_MapMemory | None] = []  # the running program's, by map index
+        self.packet = False  # the program reads the packet (LD_ABS, LD_IND)
+        self.pending: BaseException | None = None
+
+    @property
+    def running(self) -> Run:
+        """The run (callbacks come only while native code runs)."""
+        run = self.run
+        assert run is not None
+        return run
+
+    def refresh(self) -> None:
+        """After Python ran: the table (which may have grown), the budget and the packet
+        (a helper may have replaced the frame) back to native code."""
+        context = self.context
+        context.table, context.table_len = self.table.address, self.table.length
+        context.budget = self.running.budget
+        context.next_id = self.running.mem._next_id
+        if self.packet:
+            self.find_packet()
+
+    def adopt(self) -> None:
+        """Map in Memory the map values native code mapped since Python last looked, at
+        the same ids, as the Python helper maps them: before Python reads Memory again (a
+        callback, a fault's message, a tail call's next program)."""
+        mem = self.running.mem
+        first, end = mem._next_id, self.context.next_id
+        words = self.table.words
+        for region_id in range(first, end):
+            at = region_id * ENTRY_WORDS
+            memory = self.maps[words[at + Word.MAP] - 1]
+            assert memory is not None and mem._next_id == region_id
+            m, view, address = memory
+            offset = words[at + Word.BASE] - address
+            mem.add(view[offset:offset + m.value_size], True, f"value of {m.describe()}")
+
+    def find_packet(self) -> None:
+        skb, context = self.running.skb, self.context
+        if skb is None:
+            context.packet_data = context.packet_start = context.packet_end = 0
+            return
+        frame = skb.current
+        context.packet_data = buffer_address(frame)
+        context.packet_start, context.packet_end = skb.data_start, len(frame)
+
+    def failed(self, error: BaseException) -> None:
+        self.context.status = Status.TAIL_CALL if isinstance(error, TailCall) else \
+            Status.PY_EXCEPTION
+        if not isinstance(error, TailCall):
+            self.pending = error
+
+
+def _invocation(run: Run) -> tuple[_Invocation, bool]:
+    """An invocation for an entry into native code on `run`: the run's own, registered for
+    the run's lifetime; or, for an entry nested in a running one (a tail call made in a
+    callee), a new one to register for this entry only (True)."""
+    call: _Invocation | None = run.__dict__.get("_native_invocation")
+    if call is None:
+        call = run.__dict__["_native_invocation"] = _Invocation(table_of(run))
+        _active[call.address] = call
+        weakref.finalize(run, _active.pop, call.address, None)
+    elif call.run is not None:
+        return _Invocation(call.table), True
+    return call, False
+
+
+_active: dict[int, _Invocation] = {}  # by the address of the invocation's context
+
+
+def _helper(context: int, helper_id: int, r1: int, r2: int, r3: int, r4: int, r5: int,
+            pc: int) -> int:
+    call = _active[context]
+    run = call.running
+    try:
+        call.adopt()
+        run.budget = call.context.budget
+        r0 = call_helper(run, helper_id, r1, r2, r3, r4, r5, pc)
+    except BaseException as error:  # re-raised by the entry
+        call.failed(error)
+        r0 = 0
+    call.table.sync_new(run.mem)
+    call.refresh()
+    return r0
+
+
+def _packet(context: int, offset: int, size: int) -> int:
+    call = _active[context]
+    try:
+        value = call.running.load_packet(offset, size)
+    except BaseException as error:
+        call.failed(error)
+        return 0
+    if value is None:
+        call.context.status = Status.PACKET_EXIT
+        return 0
+    return value
+
+
+def _frame(context: int, depth: int) -> int:
+    call = _active[context]
+    run = call.running
+    try:
+        call.adopt()
+        run.budget = call.context.budget
+        top = stack_top(run.mem, depth)
+    except BaseException as error:
+        call.failed(error)
+        top = 0
+    call.table.sync(run.mem)
+    call.refresh()
+    return top
+
+
+def _tail(context: int, depth: int) -> int:
+    call = _active[context]
+    run = call.running
+    try:
+        call.adopt()
+        run.budget = call.context.budget
+        r0 = run_tail_calls(run, TIER, depth, call.prog)
+    except BaseException as error:
+        call.failed(error)
+        r0 = 0
+    call.table.sync(run.mem)
+    call.refresh()
+    return r0
+
+
+# The callbacks as C functions, made once and kept for the life of the process: native code
+# calls them by these symbols (vm.native.ir).
+_CALLBACKS = {
+    HELPER: ctypes.CFUNCTYPE(_U64, _U64, ctypes.c_int64, _U64, _U64, _U64, _U64, _U64,
+                             _U64)(_helper),
+    PACKET: ctypes.CFUNCTYPE(_U64, _U64, ctypes.c_int64, _U64)(_packet),
+    FRAME: ctypes.CFUNCTYPE(_U64, _U64, _U64)(_frame),
+    TAIL: ctypes.CFUNCTYPE(_U64, _U64, _U64)(_tail),
+}
+for _name, _callback in _CALLBACKS.items():
+    llvm.add_symbol(_name, ctypes.cast(_callback, ctypes.c_void_p).value)
+
+
+class NativeProgram:
+    """A program's machine code and what its entry needs to run it."""
+
+    def __init__(self, prog: Program, opt: int = DEFAULT_OPT):
+        triple, layout = triple_and_layout()
+        described = [describe(m) for m in prog.maps]
+        # The views keep each map's memory mapped (its address valid) while the code lives.
+        maps: list[_MapMemory | None] = [
+            (m, view, info.address) if info is not None and view is not None else None
+            for m, (info, view) in zip(prog.maps, described, strict=True)]
+        translation = translate(prog.decoded, prog.block_costs, prog.stackless_functions,
+                                triple, layout, [info for info, _ in described])
+        self.prog = prog
+        self.ir = translation.ir
+        self.faults = translation.faults
+        self.uses_packet = translation.uses_packet
+        self.maps = maps
+        self.jitted: Jitted = jit(translation.ir, opt)
+        weakref.finalize(self, release, self.jitted)
+        self.function = _NATIVE_ENTRY(self.jitted.address(ENTRY_NAME))
+
+    def __call__(self, run: Run, r1: int, r2: int = 0, depth: int = 0) -> int:
+        """Run from insn 0 with r1, r2 as arguments at call depth `depth` (the signature
+        of the other tiers' entries); raises as they do."""
+        call, nested = _invocation(run)
+        call.run, call.prog, call.packet, call.maps = run, self.prog, self.uses_packet, \
+            self.maps
+        if nested:
+            _active[call.address] = call
+        if call.packet:
+            call.find_packet()
+        table = call.table
+        table.sync(run.mem)
+        context = call.context
+        context.table, context.table_len, context.budget = table.address, table.length, \
+            run.budget
+        context.arg_r1, context.arg_r2, context.arg_depth = r1, r2, depth
+        mem = run.mem
+        context.next_id = mem._next_id
+        try:
+            r0 = self.function(call.address)
+        finally:
+            if context.next_id != mem._next_id:
+                # Map values native code mapped: Memory learns of them where Python may still
+                # reach them (a fault's message, a tail call's next program, a caller that
+                # goes on); at the end of a run they are only unmapped, which is cheaper.
+                if context.status or nested or depth:
+                    call.adopt()
+                else:
+                    table.clear(mem._next_id, context.next_id)
+            call.run = None
+            if nested:
+                del _active[call.address]
+            run.budget = context.budget
+        if context.status:
+            self._raise(call, run)
+        return r0
+
+    def _raise(self, call: _Invocation, run: Run) -> None:
+        context = call.context
+        status, context.status = context.status, Status.OK
+        if status == Status.FAULT:
+            message, pc = self.faults[context.info]
+            raise VmFault(message, pc)
+        if status == Status.MEMORY:
+            run.mem.view(context.fault_addr, context.fault_size,
+                              bool(context.fault_write))  # raises the MemoryFault
+            raise VmFault(f"native code faulted on an access Memory allows"
+                          f" ({context.fault_size} bytes at {context.fault_addr:#x})")
+        if status == Status.TAIL_CALL:
+            raise TailCall
+        if status == Status.PACKET_EXIT:
+            raise PacketExit
+        pending, call.pending = call.pending, None
+        if pending is None:
+            raise VmFault(f"native code returned with unknown status {status}")
+        raise pending
+
+
+def compile_native(prog: Program, opt: int = DEFAULT_OPT) -> Entry:
+    """The native entry of a program (Program.entry("native"))."""
+    return NativeProgram(prog, opt)
