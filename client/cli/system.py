@@ -45,6 +45,9 @@ def status(client: Client, args: Args, out: Output) -> None:
                         for k, n in sorted(info["objects"].items())) or "no objects"
     out.line(f"objects: {objects}; {info['memlock_pages'] * 4} KiB charged;"
              f" {info['object_fds']} open fds; {info['connections']} connections")
+    if info.get("lingering_maps"):
+        out.line(f"freed maps still mapped by clients (still charged):"
+                 f" {info['lingering_maps']}")
     for inst in info["instances"]:
         name = repr(inst["name"]) if inst["name"] else "(unnamed)"
         where = f"mounted at {', '.join(inst['mounts'])}" if inst["mounts"] else "not mounted"
