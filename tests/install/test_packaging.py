@@ -52,8 +52,8 @@ def test_client_dependencies_exclude_pyfuse3() -> None:
 def test_every_minimum_is_pinned_for_ci() -> None:
     declared = {}
     project = PYPROJECT["project"]
-    for req in [*project["dependencies"], *project["optional-dependencies"]["daemon"],
-                *project["optional-dependencies"]["test"]]:
+    extras = project["optional-dependencies"]
+    for req in [*project["dependencies"], *extras["daemon"], *extras["test"], *extras["native"]]:
         if requirement_name(req) == "bpffsd":
             continue
         lower = re.search(r">=\s*([\w.]+)", req)
