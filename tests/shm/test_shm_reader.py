@@ -230,3 +230,16 @@ def test_a_freed_writable_arrays_memory_reads_zeros_where_it_was_kept() -> None:
     a.free()
     assert kept[:] == bytes(len(kept))
     kept.close()
+
+
+def test_a_walk_stops_at_the_slots_ever_used() -> None:
+    """A reader's walk reads no further than the header's `used` (the daemon's high-water
+    slot), bounded by max_entries whatever the header says."""
+    m, r = hash_map(max_entries=200_000)
+    m.update(u32(1), b"A" * 8)
+    started = time.perf_counter()
+    for _ in range(100):
+        assert r.next_key(None) == u32(1) and r.next_key(u32(1)) is None
+    assert time.perf_counter() - started < 0.5  # not 100 scans of 200,000 slots
+    struct.pack_into("<I", m.shm.buf, 32, 0xFFFFFFFF)  # garbage: max_entries bounds it
+    assert dict(r.items()) == {u32(1): b"A" * 8}

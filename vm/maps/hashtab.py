@@ -26,6 +26,7 @@ from .layout import (
     HEADER,
     IN_USE,
     SEQ,
+    USED_OFFSET,
     HashLayout,
     bucket_hash,
 )
@@ -126,6 +127,7 @@ class HashMap(BpfMap):
             slot = self._free.pop()
         else:
             slot, self._fresh = self._fresh, self._fresh + 1
+            _pack_seq(buf, USED_OFFSET, self._fresh)  # before the element is linked
         self._first = min(self._first, slot)
         hash_ = bucket_hash(key)
         elem = layout.elem(slot)

@@ -8,7 +8,8 @@ Hash (BPF_MAP_TYPE_HASH), a preallocated table (the kernel's default, prealloc),
 little-endian u32:
 
     offset 0          header: magic "BPFH", version, n_buckets, max_entries, key_size,
-                      value_size, elem_size, count (live elements), zero-padded to 64 bytes
+                      value_size, elem_size, count (live elements), used (slots ever
+                      used: none at or past it holds an element), zero-padded to 64 bytes
     HEADER_SIZE       n_buckets buckets of (seq, head): head is slot + 1 of the first element
                       of the bucket's chain, 0 for none
     elems_offset      max_entries elements of elem_size bytes: (seq, next, hash, flags), then
@@ -33,9 +34,11 @@ from .base import round_up
 
 HASH_MAGIC = b"BPFH"
 LAYOUT_VERSION = 1
-HEADER = struct.Struct("<4s7I")  # magic, version, n_buckets, max_entries, key, value, elem, count
+# magic, version, n_buckets, max_entries, key, value, elem; then count and used
+HEADER = struct.Struct("<4s7I")
 HEADER_SIZE = 64
 COUNT_OFFSET = HEADER.size - 4
+USED_OFFSET = HEADER.size
 SEQ = struct.Struct("<I")
 BUCKET = struct.Struct("<II")  # seq, head
 ELEM_HEADER = struct.Struct("<IIII")  # seq, next, hash, flags

@@ -27,6 +27,7 @@ from .layout import (
     HEADER_SIZE,
     IN_USE,
     SEQ,
+    USED_OFFSET,
     HashLayout,
     array_elem_size,
     bucket_hash,
@@ -157,9 +158,11 @@ class HashReader:
             start = 0 if slot is None else slot + 1
         buf, esize, elem_struct = self.buf, self._esize, self._elem_struct
         ksize, vsize = self.key_size, self.value_size
-        for first in range(start, self.max_entries, WALK_CHUNK):
+        # no slot at or past `used` holds an element (a number, so bounded by max_entries)
+        used = min(self.max_entries, _unpack_seq(buf, USED_OFFSET)[0])
+        for first in range(start, used, WALK_CHUNK):
             base = self._elems + esize * first
-            end = min(self.max_entries, first + WALK_CHUNK)
+            end = min(used, first + WALK_CHUNK)
             chunk = bytes(buf[base:self._elems + esize * end])
             for i, (seq, _, _, flags, key, value) in enumerate(elem_struct.iter_unpack(chunk)):
                 if seq & 1 or _unpack_seq(buf, base + esize * i)[0] != seq:
