@@ -189,3 +189,16 @@ def errno_of(fn: Callable[[], object]) -> int:
     except OSError as e:
         return e.errno or -1
     return 0
+
+
+def worker_of(mount: Path) -> int:
+    """The pid of the mount worker serving `mount` (a child of the daemon)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"bpffs.daemon.fs.worker" in cmdline and os.fsencode(mount) in cmdline:
+                return int(entry.name)
+    raise AssertionError(f"no mount worker for {mount}")

@@ -22,25 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fs_helpers import worker_of
 from helpers import DaemonProcess
 
 from bpffs.client import Client
 from bpffs.vm.uapi import MapType
 
 pytestmark = pytest.mark.fuse
-
-
-def _worker_of(mount: Path) -> int:
-    """The pid of the mount worker serving `mount`."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"bpffs.daemon.fs.worker" in cmdline and os.fsencode(mount) in cmdline:
-                return int(entry.name)
-    raise AssertionError(f"no mount worker for {mount}")
 
 
 @pytest.fixture
@@ -75,7 +63,7 @@ def test_obj_get_never_waits_on_a_stopped_worker(two_mounts, known: bool) -> Non
             os.close(c.obj_get(via_fd))
         os.chmod(b / "m", 0o640)  # the daemon invalidates A's cached attributes of m
         time.sleep(0.3)
-        worker = _worker_of(a)
+        worker = worker_of(a)
         stats: list[os.stat_result] = []
         os.kill(worker, signal.SIGSTOP)
         try:
@@ -172,7 +160,7 @@ def test_a_pin_through_the_mount_is_eexist_when_the_name_appears_meanwhile(
     there when the daemon asked it to pin): a directory made through B while A's worker is
     stopped, after the daemon asked, still makes the pin fail with EEXIST, and stays."""
     d, a, b = two_mounts
-    worker = _worker_of(a)
+    worker = worker_of(a)
     errors: list[int] = []
 
     def pin() -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fs_helpers import worker_of
 
 from bpffs.client import Client
 from bpffs.daemon.fs.mount import PIN_THROUGH_MOUNT_TIMEOUT
@@ -125,26 +126,13 @@ def test_the_same_events_as_the_kernels_bpffs(watched, client: Client,
     assert watch.events() == expected
 
 
-def _worker_of(mount: Path) -> int:
-    """The pid of the mount worker serving `mount` (a child of the daemon)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"bpffs.daemon.fs.worker" in cmdline and os.fsencode(mount) in cmdline:
-                return int(entry.name)
-    raise AssertionError(f"no mount worker for {mount}")
-
-
 def test_a_pin_is_made_even_when_the_mount_cannot(start_daemon) -> None:
     """issue 12, filesystem: the route through the mount is for inotify only. With the mount
     worker stopped (SIGSTOP), obj_pin still pins, after PIN_THROUGH_MOUNT_TIMEOUT, without
     the event; the worker's late mknod is then refused and changes nothing."""
     d = start_daemon(mount=True)
     assert d.mount is not None
-    worker = _worker_of(d.mount)
+    worker = worker_of(d.mount)
     with d.client() as c:
         fd = c.map_create(MapType.HASH, 4, 4, 1)
         os.kill(worker, signal.SIGSTOP)
