@@ -77,10 +77,7 @@ def bench_replay(client: Client, fd: int, capture: Path, tier: str) -> tuple[flo
     started = time.perf_counter()
     with open(capture, "rb") as f:
         cap = open_capture(f)
-        replay = Replay(client, fd, ProgType.SCHED_CLS, tier=tier)
-        for chunk in cap.chunks:
-            replay.feed(*chunk)
-        summary = replay.finish()
+        summary = Replay(client, fd, ProgType.SCHED_CLS, tier=tier).replay(cap)
     return time.perf_counter() - started, summary.as_dict()
 
 

@@ -79,6 +79,8 @@ OPS: dict[str, tuple[str, ...]] = {
     "prog_load": ("u32", "bytes", "str", "u32", "str", "u32", "u32", "dict"),
     "prog_test_run": ("int", "bytes", "bytes?", "u32", "u32", "dict"),
     "prog_test_run_batch": ("int", "list", "dict"),  # one run per packet (pcap replay)
+    # The same for packets in a memfd (one fd): handle, offsets (u64), lengths (u32), options.
+    "prog_test_run_buffer": ("int", "bytes", "bytes", "dict"),
     "obj_pin": ("int", "bytes", "u32"),  # handle, name, umask; one fd: the parent dir (O_PATH)
     "obj_get": ("u32",),  # one fd: the path (O_PATH); file_flags
     "obj_info": ("int",),
@@ -92,7 +94,8 @@ OPS: dict[str, tuple[str, ...]] = {
 }
 # How many fds (SCM_RIGHTS) each operation takes, after a large message's memfd. Any more
 # are closed on arrival: every fd a request carries is one the daemon holds meanwhile.
-OP_FDS: dict[str, int] = {"bind": 1, "obj_pin": 1, "obj_get": 1, "mount": 1}
+OP_FDS: dict[str, int] = {"bind": 1, "obj_pin": 1, "obj_get": 1, "mount": 1,
+                          "prog_test_run_buffer": 1}
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "str": (str,), "bytes": (bytes,), "bool": (bool,), "dict": (dict,),

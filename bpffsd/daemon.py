@@ -90,6 +90,7 @@ class Daemon:
             "prog_load": sc.prog_load,
             "prog_test_run": sc.prog_test_run,
             "prog_test_run_batch": sc.prog_test_run_batch,
+            "prog_test_run_buffer": sc.prog_test_run_buffer,
             "obj_info": sc.obj_info,
             "prog_xlated": sc.prog_xlated,
             "get_next_id": sc.get_next_id,

@@ -75,7 +75,8 @@ _OUTQ = struct.Struct("i")
 # its walk, would each build a reply before any was counted as unread (64 connections of one
 # user made 64 copies of a 7 MB map at once). One event loop runs them anyway: this costs no
 # throughput, only the interleaving of one user's own requests.
-LARGE_REPLY_OPS = frozenset({"map_lookup_batch", "prog_test_run_batch", "prog_test_run"})
+LARGE_REPLY_OPS = frozenset({"map_lookup_batch", "prog_test_run_batch", "prog_test_run_buffer",
+                             "prog_test_run"})
 # Async operations that end on their own within seconds (a pin made through the mount, a path
 # resolved in a thread: both time-limited): run without watching for a hang-up, whose nursery
 # and task cost three passes of the run loop (~60 us on a 2-core VM) on each such request.

@@ -9,11 +9,15 @@ object fds; errors are BpfError with the kernel's errno.
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
+import mmap
+import os
 import socket
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,6 +42,8 @@ from bpffs.vm.uapi import (
 from .store import BpfObject, Kind
 
 if TYPE_CHECKING:
+    from bpffs.vm.run import Buffer
+
     from .daemon import Daemon
     from .fs.tree import Caller
     from .server import Connection
@@ -54,6 +60,7 @@ _RDONLY, _WRONLY = int(ObjFlag.RDONLY), int(ObjFlag.WRONLY)  # plain ints: hot p
 SLICE_SECONDS = 0.005
 MAP_BATCH_STEP = 128
 BATCH_STEP = 16
+BUFFER_STEP = 1024  # packets of a buffer the native tier runs between looks at the clock
 # Keys and values of one map batch request, together: the kernel has no cap, but our request
 # is held whole in memory (the client library sends ~1 MiB requests).
 MAP_BATCH_MAX_BYTES = 64 << 20
@@ -516,7 +523,48 @@ class Syscalls:
                     deadline = time.perf_counter() + SLICE_SECONDS
         finally:
             self.daemon.program_ran(prog)
-        return [batch.retvals, batch.outputs, batch.effects, batch.errors]
+        return [batch.retvals.tolist(), batch.outputs, batch.all_effects(), batch.errors]
+
+    async def prog_test_run_buffer(self, conn: Connection, handle: int, offsets: bytes,
+                                   lengths: bytes, options: dict) -> list:
+        """prog_test_run_batch for packets in a memfd the request carries (sealed against
+        shrinking, so that reading it can never fault): `offsets` (u64) and `lengths` (u32)
+        say where each packet is. The reply is all columns: [retvals (u32 each), classids
+        (u32), redirects (u64: REDIRECT_SET | ingress << 32 | ifindex, or 0), then by packet
+        index data_out where changed, the other effects, errors]. On the native tier the
+        packets run in native code from one to the next (vm.native.batch)."""
+        prog = self._test_run_prog(conn, handle)
+        fd = conn.take_fd("the packets (a memfd sealed against shrinking)")
+        if len(offsets) % 8 or len(lengths) % 4 or len(offsets) // 8 != len(lengths) // 4:
+            raise BpfError(errno.EINVAL, "prog_test_run_buffer: offsets are u64 and lengths"
+                           " u32, one of each a packet")
+        if len(lengths) // 4 > protocol.REQUEST_ARRAY_MAX:
+            raise BpfError(errno.E2BIG, f"more than {protocol.REQUEST_ARRAY_MAX} packets in"
+                           " one request")
+        starts, sizes = array("Q", offsets), array("I", lengths)
+        env = self._run_env(conn, options)
+        tier = options.get("tier", "compiled")
+        with self.store.held(self.store.of(prog)), _mapped_packets(fd, starts, sizes) as packets:
+            return await self._test_run_buffer(conn, prog, tier, packets, starts, sizes, env)
+
+    async def _test_run_buffer(self, conn: Connection, prog: vm.Program, tier: str,
+                               packets: Buffer, offsets: array, lengths: array,
+                               env: vm.RunEnv) -> list:
+        await self._compile(conn, prog, tier)
+        try:
+            batch = prog.test_run_batch(env, tier)
+            step = BUFFER_STEP if prog.tier_of(tier) == "native" else BATCH_STEP
+            deadline = time.perf_counter() + SLICE_SECONDS
+            for start in range(0, len(offsets), step):
+                batch.feed_buffer(packets, offsets[start:start + step],
+                                  lengths[start:start + step])
+                if time.perf_counter() > deadline:
+                    await trio.lowlevel.checkpoint()
+                    deadline = time.perf_counter() + SLICE_SECONDS
+        finally:
+            self.daemon.program_ran(prog)
+        return [batch.retvals.tobytes(), batch.classids.tobytes(), batch.redirects.tobytes(),
+                batch.outputs, batch.effects, batch.errors]
 
     # -- information --------------------------------------------------------------------------
     def obj_info(self, conn: Connection, handle: int) -> dict:
@@ -611,3 +659,29 @@ def _kind(name: str) -> Kind:
     except ValueError:
         raise BpfError(errno.EINVAL, f"unknown object kind {name!r} (map, prog)") from None
 
+
+@contextmanager
+def _mapped_packets(fd: int, offsets: array, lengths: array) -> Iterator[Buffer]:
+    """A client's memfd of packets, mapped read-only as far as the packets go. Only a memfd
+    sealed against shrinking is taken: any other file could shrink under the mapping (a read
+    past its end is SIGBUS, which would kill the daemon) or block a read (a FIFO, a file on
+    a FUSE mount)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise BpfError(errno.EINVAL, "the packets must come in a memfd") from None
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise BpfError(errno.EINVAL, "the packets' memfd must be sealed against shrinking"
+                       " (F_SEAL_SHRINK)")
+    size = vm.check_packets(os.fstat(fd).st_size, offsets, lengths)
+    if not size:
+        yield b""
+        return
+    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        yield mapping
+    finally:
+        try:
+            mapping.close()
+        except BufferError:  # a view of it still alive (an exception's frames): the
+            pass  # collector unmaps it

@@ -13,7 +13,9 @@ and reused fd number is never mistaken for the old object.
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import os
 import struct
 from collections import OrderedDict
@@ -385,6 +387,49 @@ def prog_test_run_batch(session: Session, fd: int, packets: Sequence[bytes],
     return batch
 
 
+@dataclass
+class BufferRun:
+    """Results of prog_test_run_buffer, all by packet index: columns of every packet's
+    retval, skb->tc_classid and bpf_redirect record (vm.run.redirect_effect reads one; 0 for
+    none), and data_out, the other effects and errors for the packets that have them."""
+
+    retvals: array.array
+    classids: array.array
+    redirects: array.array
+    outputs: dict[int, bytes]
+    effects: dict[int, dict]
+    errors: dict[int, tuple[int, str]]
+
+
+def prog_test_run_buffer(session: Session, fd: int, packets_fd: int, offsets: array.array,
+                         lengths: array.array, **options: Any) -> Call:
+    """One test run per packet, the packets in the memfd `packets_fd` (sealed against
+    shrinking: packets_memfd makes one) at `offsets` (array "Q") with `lengths` ("I"), all in
+    one request. options as prog_test_run's."""
+    handle, _ = yield from bind(session, fd)
+    (retvals, classids, redirects, outputs, effects, errors), _ = yield Request(
+        "prog_test_run_buffer", (handle, offsets.tobytes(), lengths.tobytes(), options),
+        (packets_fd,))
+    return BufferRun(array.array("I", retvals), array.array("I", classids),
+                     array.array("Q", redirects), outputs, effects,
+                     {i: tuple(v) for i, v in errors.items()})
+
+
+def packets_memfd(data: bytes | memoryview = b"", name: str = "bpffs-packets") -> int:
+    """A memfd holding `data`, sealed against shrinking (what prog_test_run_buffer takes); it
+    may grow and be written again, for the next packets."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 # -- pins and ids -------------------------------------------------------------------------------
 def _umask() -> int:
     with open("/proc/self/status") as f:
@@ -505,7 +550,7 @@ def status(session: Session) -> Call:
 OPERATIONS: dict[str, Any] = {fn.__name__: fn for fn in (
     map_create, map_direct, map_memory, map_lookup_elem, map_update_elem, map_delete_elem,
     map_get_next_key, map_lookup_batch, map_update_batch, map_delete_batch, prog_load,
-    prog_test_run, prog_test_run_batch, obj_pin,
+    prog_test_run, prog_test_run_batch, prog_test_run_buffer, obj_pin,
     obj_get, obj_get_info_by_fd, prog_xlated, get_next_id, get_fd_by_id, perf_event_open,
     trace_read, mount, status)}
 

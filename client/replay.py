@@ -13,19 +13,23 @@ import errno
 import itertools
 import mmap
 import operator
+import os
 import struct
+from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import dpkt
 
 from bpffs.vm.errors import BpfError
+from bpffs.vm.run import redirect_effect
 from bpffs.vm.uapi import ETH_HLEN, ProgType, TcAct
 
-from . import calls
-from .calls import BatchRun
+from . import calls, pcap_index
+from .calls import BufferRun
+from .pcap_index import RECORD, Index
 from .sync import Client
 
 MAX_SNAPLEN = 262144  # tcpdump's MAXIMUM_SNAPLEN: larger records are "giant" and not run
@@ -33,6 +37,9 @@ DLT_EN10MB = 1
 # Packets per request. Measured on 1M-packet replays: 2048 ran ~20% faster than 4096 (a request
 # of ~0.8 MB and its unpacked copy stay in cache) and no slower than 1024 (fixed costs).
 CHUNK = 2048
+# Packets per request of a classic pcap file, sent where they are (a memfd, no Python per
+# packet): large enough that a request's fixed costs vanish, small enough for the pipeline.
+SPAN = 32768
 PIPELINE_DEPTH = 2  # requests in flight: one running in the daemon, the next one queued
 REPLAYABLE = {ProgType.SOCKET_FILTER, ProgType.SCHED_CLS, ProgType.SCHED_ACT}
 # magic -> (struct of a record header, divisor of the sub-second field)
@@ -45,12 +52,38 @@ Chunk = tuple[list[float], list[bytes], list[int]]  # timestamps, captured bytes
 
 
 @dataclass
+class Span:
+    """Packets of a classic pcap file where they are: `data` (the file, mapped) and the
+    index of a run of its records (offsets from `base`, the first record's header)."""
+
+    data: Any
+    base: int
+    index: Index
+
+    @property
+    def end(self) -> int:
+        return self.index.end
+
+    def stamp(self, i: int, layout: struct.Struct, divisor: float) -> float:
+        return self.stamp_at(self.base + self.index.offsets[i], layout, divisor)
+
+    def stamp_at(self, at: int, layout: struct.Struct, divisor: float) -> float:
+        """The timestamp of the packet whose bytes start at `at`."""
+        sec, frac = layout.unpack_from(self.data, at - RECORD)
+        return sec + frac / divisor
+
+
+@dataclass
 class Capture:
     linktype: int
     chunks: Iterator[Chunk]  # the packets, CHUNK at a time (per-packet calls cost too much)
     size: int  # bytes of the file, for progress
     position: Callable[[], int]  # bytes read so far
     damaged: list[str] = field(default_factory=list)  # what was wrong at the end of the file
+    # A classic pcap file: its packets as Spans of SPAN packets, read without Python per
+    # packet (Replay.replay sends them as they are); chunks and spans share one reader.
+    spans: Iterator[Span] | None = None
+    stamp: tuple[struct.Struct, float] | None = None  # (ts_sec, ts_frac) layout, divisor
 
     def packets(self) -> Iterator[tuple[float, bytes, int]]:
         for chunk in self.chunks:
@@ -78,37 +111,39 @@ def _classic(f: BinaryIO, size: int, chunk: int, layout: str, divisor: float) ->
     data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     linktype = struct.unpack_from(layout[0] + "I", data, 20)[0] & 0x0FFFFFFF
     state = {"pos": 24}
-    capture = Capture(linktype, iter(()), size, lambda: state["pos"])
+    capture = Capture(linktype, iter(()), size, lambda: state["pos"],
+                      stamp=(struct.Struct(layout[0] + "II"), divisor))
+    big_endian = layout[0] == ">"
 
-    def chunks() -> Iterator[Chunk]:
-        pos, end, unpack = 24, len(data), struct.Struct(layout).unpack_from
-        while pos + 16 <= end:
-            stamps: list[float] = []
-            packets: list[bytes] = []
-            wire: list[int] = []
-            add_stamp, add_packet, add_wire = stamps.append, packets.append, wire.append
-            for _ in range(chunk):
-                if pos + 16 > end:
-                    break
-                sec, frac, caplen, length = unpack(data, pos)
-                pos += 16
-                if pos + caplen > end:
-                    capture.damaged.append(f"the last record claims {caplen} bytes, the file"
-                                           f" has {end - pos}: capture truncated")
-                    pos = end
-                    break
-                add_stamp(sec + frac / divisor)
-                add_packet(data[pos:pos + caplen])
-                add_wire(length)
-                pos += caplen
-            state["pos"] = pos
-            if packets:
-                yield stamps, packets, wire
-        if pos != end:
+    def spans(count: int) -> Iterator[Span]:
+        pos, end = 24, len(data)
+        while pos + RECORD <= end:
+            span = Span(data, pos, pcap_index.index(data, pos, pos, count, big_endian))
+            pos = state["pos"] = span.end
+            if span.index.offsets:
+                yield span
+            if len(span.index.offsets) < count:
+                break
+        if pos + RECORD <= end:
+            caplen = struct.unpack_from(layout[0] + "I", data, pos + 8)[0]
+            capture.damaged.append(f"the last record claims {caplen} bytes, the file has"
+                                   f" {end - pos - RECORD}: capture truncated")
+        elif pos != end:
             capture.damaged.append(f"{end - pos} stray bytes after the last record")
         state["pos"] = end
 
+    def chunks() -> Iterator[Chunk]:
+        stamp = capture.stamp
+        assert stamp is not None
+        for span in spans(chunk):
+            index, base = span.index, span.base
+            yield ([span.stamp(i, *stamp) for i in range(len(index.offsets))],
+                   [data[base + o:base + o + n] for o, n in zip(index.offsets, index.lengths,
+                                                                strict=True)],
+                   index.wire.tolist())
+
     capture.chunks = chunks()
+    capture.spans = spans(SPAN)
     return capture
 
 
@@ -176,8 +211,6 @@ _GOES_ON = {v for a in (TcAct.UNSPEC, TcAct.OK, TcAct.RECLASSIFY, TcAct.PIPE, Tc
                         TcAct.REDIRECT) for v in (int(a), int(a) & 0xFFFFFFFF)}
 
 
-_CLASSID = operator.methodcaller("get", "tc_classid")
-_REDIRECTS = frozenset({"redirect", "clone_redirects"})  # effects keys of (clone_)redirects
 
 
 def _target(target: dict) -> tuple[int, bool]:
@@ -189,10 +222,15 @@ def _redirect(ifindex: int, ingress: bool) -> str:
     return f"ifindex {ifindex} ({'ingress' if ingress else 'egress'})"
 
 
+PacketAt = Callable[[int], tuple[float, bytes]]  # packet i of a request: (timestamp, bytes)
+
+
 class Replay:
-    """Feed packets through a program in chunks and account for each result. Requests are
-    pipelined on the client's connection (PIPELINE_DEPTH in flight): the daemon already has
-    chunk N+1 while this side accounts for chunk N and reads the next."""
+    """Feed packets through a program and account for each result. The packets go to the
+    daemon where they are, in a memfd (prog_test_run_buffer), and results come back in
+    columns: a classic pcap file is read, sent and accounted for without Python per packet.
+    Requests are pipelined on the client's connection (PIPELINE_DEPTH in flight, one memfd
+    each): the daemon already runs request N+1 while this side accounts for request N."""
 
     def __init__(self, client: Client, prog_fd: int, prog_type: int,
                  write: Callable[[float, bytes], None] | None = None, chunk: int = CHUNK,
@@ -202,103 +240,168 @@ class Replay:
                            f" SCHED_ACT programs, not {ProgType(prog_type).name}")
         self.client, self.fd, self.write = client, prog_fd, write
         self.is_tc = prog_type != ProgType.SOCKET_FILTER
+        self.shortest = ETH_HLEN if self.is_tc else 0
         self.summary = Summary(ProgType(prog_type).name.lower())
         self.chunk, self.options = chunk, options
         self._pending: list[bytes] = []
         self._pending_stamps: list[float] = []
-        # (timestamps, packets) of each request in flight, and what returns its BatchRun
-        self._in_flight: deque[tuple[tuple[list, list], Callable[[], BatchRun]]] = deque()
+        self._memfds: list[int] = []  # one a request in flight, reused in turn
+        self._sent = 0
+        # each request in flight: its packets' lengths, how to get a packet (to write it
+        # out), and what returns its results
+        self._in_flight: deque[tuple[array, PacketAt, Callable[[], BufferRun]]] = deque()
         client.run(calls.bind(client.session, prog_fd))  # pipelined calls bind nothing
+
+    def close(self) -> None:
+        while self._memfds:
+            os.close(self._memfds.pop())
+
+    def replay(self, capture: Capture, progress: Callable[[], None] | None = None) -> Summary:
+        """Run every packet of a capture (Spans of a classic pcap file, else its chunks)."""
+        stamp = capture.stamp
+        if capture.spans is not None and stamp is not None:
+            for span in capture.spans:
+                self.feed_span(span, stamp)
+                if progress is not None:
+                    progress()
+        else:
+            for chunk in capture.chunks:
+                self.feed(*chunk)
+                if progress is not None:
+                    progress()
+        return self.finish()
+
+    def feed_span(self, span: Span, stamp: tuple[struct.Struct, float]) -> None:
+        """Run the packets of a classic pcap file's Span, sent as they are in the file."""
+        if self._pending:
+            self._send_pending()
+        index, data, base = span.index, span.data, span.base
+        offsets, lengths = self._runnable(index.offsets, index.lengths, index.wire)
+
+        def packet_at(i: int) -> tuple[float, bytes]:
+            at = base + offsets[i]
+            return span.stamp_at(at, *stamp), data[at:at + lengths[i]]
+
+        self._send(memoryview(data)[base:span.end], offsets, lengths, packet_at)
 
     def feed(self, stamps: list[float], packets: list[bytes], wire: list[int]) -> None:
         """Run a chunk of packets (timestamps, captured bytes, lengths on the wire)."""
         s = self.summary
         lengths = list(map(len, packets))
         s.truncated += sum(map(operator.gt, wire, lengths))
-        shortest = ETH_HLEN if self.is_tc else 0
-        if lengths and (max(lengths) > MAX_SNAPLEN or min(lengths) < shortest):
-            keep = [shortest <= n <= MAX_SNAPLEN for n in lengths]
-            for n, ok in zip(lengths, keep, strict=True):
-                if not ok:
-                    s.skipped[f"giant (over {MAX_SNAPLEN} bytes)" if n > MAX_SNAPLEN else
-                              f"shorter than an Ethernet header ({ETH_HLEN} bytes)"] += 1
+        if lengths and (max(lengths) > MAX_SNAPLEN or min(lengths) < self.shortest):
+            keep = [self.shortest <= n <= MAX_SNAPLEN for n in lengths]
+            self._skip(itertools.compress(lengths, map(operator.not_, keep)))
             stamps = list(itertools.compress(stamps, keep))
             packets = list(itertools.compress(packets, keep))
         self._pending_stamps += stamps
         self._pending += packets
         if len(self._pending) >= self.chunk:
-            self._send()
+            self._send_pending()
 
-    def _send(self) -> None:
-        batch = (self._pending_stamps, self._pending)
+    def _runnable(self, offsets: array, lengths: array, wire: array) -> tuple[array, array]:
+        """The packets of an index that are run: the others (giants, runts) are counted."""
+        self.summary.truncated += sum(map(operator.gt, wire, lengths))
+        if lengths and (max(lengths) > MAX_SNAPLEN or min(lengths) < self.shortest):
+            keep = [self.shortest <= n <= MAX_SNAPLEN for n in lengths]
+            self._skip(itertools.compress(lengths, map(operator.not_, keep)))
+            return array("Q", itertools.compress(offsets, keep)), \
+                array("I", itertools.compress(lengths, keep))
+        return offsets, lengths
+
+    def _skip(self, lengths: Iterable[int]) -> None:
+        for n in lengths:
+            self.summary.skipped[f"giant (over {MAX_SNAPLEN} bytes)" if n > MAX_SNAPLEN else
+                                 f"shorter than an Ethernet header ({ETH_HLEN} bytes)"] += 1
+
+    def _send_pending(self) -> None:
+        stamps, packets = self._pending_stamps, self._pending
         self._pending_stamps, self._pending = [], []
-        self._in_flight.append((batch, self.client.start(calls.prog_test_run_batch(
-            self.client.session, self.fd, batch[1], chunk=len(batch[1]), **self.options))))
+        lengths = array("I", map(len, packets))
+        offsets = array("Q", itertools.accumulate(lengths, initial=0))
+        offsets.pop()
+        self._send(b"".join(packets), offsets, lengths, lambda i: (stamps[i], packets[i]))
+
+    def _send(self, data: Any, offsets: array, lengths: array, packet_at: PacketAt) -> None:
+        """One request: `data` into the next memfd, the packets at offsets in it."""
+        if not offsets:
+            return
+        slot = self._sent % PIPELINE_DEPTH
+        if len(self._memfds) <= slot:
+            self._memfds.append(calls.packets_memfd())
+        fd, view = self._memfds[slot], memoryview(data)
+        at = 0
+        while at < len(view):  # (its earlier requests are answered: the pipeline's depth)
+            at += os.pwrite(fd, view[at:], at)
+        self._sent += 1
+        self._in_flight.append((lengths, packet_at, self.client.start(
+            calls.prog_test_run_buffer(self.client.session, self.fd, fd, offsets, lengths,
+                                       **self.options))))
         if len(self._in_flight) == PIPELINE_DEPTH:
             self._collect()
 
     def _collect(self) -> None:
-        batch, result = self._in_flight.popleft()
-        self._account(*batch, result())
+        lengths, packet_at, result = self._in_flight.popleft()
+        self._account(lengths, packet_at, result())
 
     def finish(self) -> Summary:
         """Run what is still pending and account for everything; returns the summary."""
-        if self._pending:
-            self._send()
-        while self._in_flight:
-            self._collect()
+        try:
+            if self._pending:
+                self._send_pending()
+            while self._in_flight:
+                self._collect()
+        finally:
+            self.close()
         return self.summary
 
-    def _account(self, stamps: list[float], packets: list[bytes], run: BatchRun) -> None:
-        s = self.summary
-        retvals: list[Any] = run.retvals
-        lengths = list(map(len, packets))
-        if run.errors:
-            retvals = list(retvals)
-            for i, (_err, message) in run.errors.items():
-                s.skipped[f"refused by the test run: {message}"] += 1
-                retvals[i] = None
-                lengths[i] = 0
-        s.packets += len(packets) - len(run.errors)
-        s.bytes += sum(lengths)
-        outputs = run.outputs
+    def _account(self, lengths: array, packet_at: PacketAt, run: BufferRun) -> None:
+        """Count one request's results: by column (C loops), Python only for the packets
+        refused, changed or with effects beyond a classid and a redirect."""
+        s, errors, outputs, retvals = self.summary, run.errors, run.outputs, run.retvals
+        for _err, message in errors.values():
+            s.skipped[f"refused by the test run: {message}"] += 1
+        s.packets += len(lengths) - len(errors)
+        s.bytes += sum(lengths) - sum(lengths[i] for i in errors)
         if self.is_tc:
-            for retval, count in Counter(retvals).items():
-                if retval is not None:
+            verdicts = Counter(retvals)
+            verdicts[0] -= len(errors)  # (a refused packet's retval is 0)
+            for retval, count in verdicts.items():
+                if count:
                     s.verdicts[_tc_name(retval)] += count
             kept = list(map(_GOES_ON.__contains__, retvals))
+            for i in errors:
+                kept[i] = False
             s.accepted_packets += sum(kept)
             s.accepted_bytes += sum(itertools.compress(lengths, kept))
             s.accepted_bytes += sum(len(d) - lengths[i] for i, d in outputs.items() if kept[i])
-            # Counted by value first, named once per distinct value (most packets have one).
-            classids = Counter(map(_CLASSID, run.effects.values()))
-            redirects: Counter = Counter()
-            clones: Counter = Counter()
-            for effects in itertools.filterfalse(_REDIRECTS.isdisjoint, run.effects.values()):
-                if effects.get("redirect"):
-                    redirects[_target(effects["redirect"])] += 1
-                clones.update(map(_target, effects.get("clone_redirects", ())))
-            for classid, count in classids.items():
+            for classid, count in Counter(run.classids).items():
                 if classid:
                     s.classids[f"{classid >> 16:x}:{classid & 0xFFFF:x}"] += count
-            for (ifindex, ingress), count in redirects.items():
-                s.redirects[_redirect(ifindex, ingress)] += count
+            for record, count in Counter(run.redirects).items():
+                if record:
+                    s.redirects[_redirect(*_target(redirect_effect(record)))] += count
+            clones: Counter = Counter()
+            for effects in run.effects.values():
+                clones.update(map(_target, effects.get("clone_redirects", ())))
             for (ifindex, ingress), count in clones.items():
                 s.clone_redirects[_redirect(ifindex, ingress)] += count
         else:
             # A socket filter cannot change the packet; it keeps its first retval bytes. (The
             # test run's data_out is not the packet: the kernel zeroes its Ethernet type.)
             outputs = {}
-            sizes = [min(r, n) if r else 0 for r, n in zip(retvals, lengths, strict=True)]
-            kept = [bool(n) for n in sizes]
+            sizes = list(map(min, retvals, lengths))
+            for i in errors:
+                sizes[i] = 0
+            kept = list(map(bool, sizes))
             accepted = sum(kept)
             s.accepted_packets += accepted
             s.accepted_bytes += sum(sizes)
             s.verdicts["accept"] += accepted
-            s.verdicts["drop"] += len(packets) - len(run.errors) - accepted
+            s.verdicts["drop"] += len(lengths) - len(errors) - accepted
         if self.write is not None:
-            for i, (ts, data) in enumerate(zip(stamps, packets, strict=True)):
-                if kept[i]:
-                    out = outputs.get(i, data)
-                    self.write(ts, out if self.is_tc else out[:sizes[i]])
-                    s.written += 1
+            for i in itertools.compress(range(len(kept)), kept):
+                ts, data = packet_at(i)
+                out = outputs.get(i, data)
+                self.write(ts, out if self.is_tc else out[:sizes[i]])
+                s.written += 1

@@ -10,7 +10,8 @@ from .errors import BpfError, MemoryFault, VmFault
 from .helpers import HELPERS
 from .memory import Memory
 from .program import Program, load_program
-from .run import Run, TestRunResult
+from .run import Run, TestRunResult, check_packets
 
 __all__ = ["HELPERS", "BpfError", "Memory", "MemoryFault", "PerfEvent", "Program", "Run",
-           "RunEnv", "TestRunResult", "VmFault", "disassemble", "format_insn", "load_program"]
+           "RunEnv", "TestRunResult", "VmFault", "check_packets", "disassemble", "format_insn",
+           "load_program"]

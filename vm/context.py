@@ -143,6 +143,13 @@ class SkBuff:
         _FRESH.pack_into(self.ctx, 0, len(frame) - self.data_start, pkt_type, ethertype,
                          LOOPBACK_IFINDEX)
 
+    def adopt(self, frame: bytes) -> None:
+        """Take the packet whose fresh fields native code wrote into the context already
+        (the batch driver's SkBuff.reload): the rest of reload, the context untouched."""
+        self.current = frame
+        self._writable = None
+        self.tunnel_key = None
+
     def __getitem__(self, name: str) -> int:
         return int.from_bytes(self.ctx[SKB[name]:SKB[name] + 4], "little")
 

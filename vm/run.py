@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import itertools
+import mmap
 import time
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,6 +18,9 @@ from .isa import U32
 from .memory import CTX_REGION, FIRST_DYNAMIC_REGION, Memory
 from .runtime import PacketExit, TailCall
 from .uapi import ETH_HLEN, ProgType
+
+# What a batch of packets may come in: a daemon maps a client's memfd (mmap).
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 if TYPE_CHECKING:
     from .helpers import HelperSpec
@@ -141,81 +147,188 @@ class Run:
 
 class PacketBatch:
     """One test run per packet, all on one Run (pcap replay), results in columns so that the
-    common packet costs one int: `retvals` of every packet; `outputs`, data_out of the
-    packets where it differs from data_in; `effects`, those of the runs that had any;
-    `errors`, [errno, message] of the packets refused or stopped (their retval is 0)."""
+    common packet costs no Python object at all. For every packet: `retvals`, `classids`
+    (skb->tc_classid after the run) and `redirects` (bpf_redirect's target as
+    REDIRECT_SET | ingress << 32 | ifindex, else 0). Only for the packets that have them:
+    `outputs`, data_out where it differs from data_in; `effects`, the other effects of the
+    run; `errors`, [errno, message] of the packets refused or stopped (their columns are 0).
+
+    On the native tier a buffer of packets (feed_buffer) runs in native code from one packet
+    to the next (vm.native.batch); Python sees only the packets native code leaves to it."""
 
     def __init__(self, prog: Program, env: RunEnv, tier: str):
         self.prog, self.env, self.tier = prog, env, tier
         self.run: Run | None = None
-        self.retvals: list[int] = []
+        self.retvals = array("I")
+        self.classids = array("I")
+        self.redirects = array("Q")
         self.outputs: dict[int, bytes] = {}
         self.effects: dict[int, dict[str, Any]] = {}
         self.errors: dict[int, list] = {}
 
+    def __len__(self) -> int:
+        return len(self.retvals)
+
+    def _grow(self, count: int) -> int:
+        """Room for `count` more packets in the columns (zeros); returns the first index."""
+        first = len(self.retvals)
+        self.retvals.frombytes(bytes(4 * count))
+        self.classids.frombytes(bytes(4 * count))
+        self.redirects.frombytes(bytes(8 * count))
+        return first
+
+    def feed_buffer(self, buffer: Buffer, offsets: array, lengths: array) -> None:
+        """Run the packets found in `buffer` at `offsets` (array "Q"), `lengths` ("I")."""
+        check_packets(len(buffer), offsets, lengths)
+        entry = self.prog.entry(self.tier)
+        batch_runner = getattr(entry, "run_batch", None)
+        if batch_runner is None or self.prog.prog_type == ProgType.SOCKET_FILTER:
+            view = memoryview(buffer)
+            self.feed([bytes(view[o:o + n]) for o, n in zip(offsets, lengths, strict=True)])
+            return
+        first, errors, start = self._grow(len(offsets)), len(self.errors), \
+            time.perf_counter_ns()
+        batch_runner(self, buffer, offsets, lengths, first)
+        self._charge(len(offsets) - len(self.errors) + errors, start)
+
     def feed(self, packets: Iterable[bytes]) -> None:
         """Run the next packets; the program's run count and time are charged here."""
-        prog, tier, run = self.prog, self.tier, self.run
-        retvals, outputs, effects, errors = self.retvals, self.outputs, self.effects, self.errors
-        execute, reported, nothing = prog.execute, _REPORTED.unpack_from, _NOTHING_REPORTED
-        first, failed, start = len(retvals), 0, time.perf_counter_ns()
-        entry, budget = prog.entry(tier), self.env.budget
+        if not isinstance(packets, (list, tuple)):
+            packets = list(packets)
+        prog, tier = self.prog, self.tier
+        retvals, errors = self.retvals, self.errors
+        first, failed, start = self._grow(len(packets)), len(errors), time.perf_counter_ns()
+        entry, budget, finish = prog.entry(tier), self.env.budget, self.finish
         for i, data in enumerate(packets, first):
+            run = self.run
+            skb = run.skb if run is not None else None
+            if skb is None or not ETH_HLEN <= len(data) <= MAX_PACKET:
+                self.run_one(i, data)
+                continue
+            # Run.next_packet, reset and Program.execute, inline for the common case: the
+            # program's type has an skb and the packet fits it.
+            skb.reload(data)
+            if run.effects:
+                run.effects = {}
+            if run.mem._next_id != FIRST_DYNAMIC_REGION:
+                run.reset()  # map values of the last run
+            run.tail_target, run.tail_calls, run.budget = None, 0, budget
+            run.prog = prog
             try:
-                skb = run.skb if run is not None else None
-                if skb is not None and ETH_HLEN <= len(data) <= MAX_PACKET:
-                    # next_packet, reset and execute, inline for the common case: the
-                    # program's type has an skb and the packet fits it.
-                    skb.reload(data)
-                    if run.effects:
-                        run.effects = {}
-                    if run.mem._next_id != FIRST_DYNAMIC_REGION:
-                        run.reset()  # map values of the last run
-                    run.tail_target, run.tail_calls, run.budget = None, 0, budget
-                    run.prog = prog
-                    try:
-                        retval = entry(run, run.ctx_addr)
-                    except PacketExit:
-                        retval = 0
-                    except TailCall:
-                        target, run.tail_target = run.tail_target, None
-                        retval = target.execute(run, tier)
-                else:
-                    if run is None:
-                        run = self.run = Run.for_test(prog, data, None, self.env)
-                        run.reset()
-                    else:
-                        run.next_packet(data)
-                    retval = execute(run, tier)
-            except BpfError as e:
-                errors[i] = [e.errno, e.strerror]
-                retvals.append(0)
-                failed += 1
+                try:
+                    retval = entry(run, run.ctx_addr)
+                except PacketExit:
+                    retval = 0
+                except TailCall:
+                    target, run.tail_target = run.tail_target, None
+                    retval = target.execute(run, tier)
+            except (BpfError, VmFault) as e:
+                self.refuse(i, e)
                 continue
-            except VmFault as fault:
-                errors[i] = [errno.EFAULT, f"program {prog.name or prog.tag} stopped: {fault}"]
-                retvals.append(0)
-                failed += 1
-                continue
-            retvals.append(retval & U32)
-            skb = run.skb
-            if skb is not None and not skb.data_start:  # data_out is the frame
-                frame = skb.current
-                if frame is not data and frame != data:  # written (copied) and changed
-                    outputs[i] = bytes(frame)
-                values = reported(skb.ctx)
-                if values != nothing or run.effects:
-                    found = run.all_effects(values)
-                    if found:
-                        effects[i] = found
+            retvals[i] = retval & U32
+            if not skb.data_start:
+                finish(i, data)
             else:
-                result = run.result(retval, 0, want_ctx=False)
-                if result.data_out != data:
-                    outputs[i] = result.data_out
-                if result.effects:
-                    effects[i] = result.effects
-        prog.run_cnt += len(retvals) - first - failed
-        prog.run_time_ns += time.perf_counter_ns() - start
+                self._finish_result(i, data, retval)
+        self._charge(len(packets) - len(errors) + failed, start)
+
+    def _charge(self, runs: int, start: int) -> None:
+        self.prog.run_cnt += runs
+        self.prog.run_time_ns += time.perf_counter_ns() - start
+
+    def run_one(self, i: int, data: bytes) -> None:
+        """Packet `i` the slow way: a new skb where there is none (or the packet does not
+        fit the one there)."""
+        run = self.run
+        try:
+            if run is None:
+                run = self.run = Run.for_test(self.prog, data, None, self.env)
+                run.reset()
+            else:
+                run.next_packet(data)
+            retval = self.prog.execute(run, self.tier)
+        except (BpfError, VmFault) as e:
+            self.refuse(i, e)
+            return
+        self.retvals[i] = retval & U32
+        self._finish_result(i, data, retval)
+
+    def refuse(self, i: int, error: BpfError | VmFault) -> None:
+        """Packet `i` was refused (BpfError) or its run stopped (VmFault: EFAULT)."""
+        if isinstance(error, VmFault):
+            self.errors[i] = [errno.EFAULT, f"program {self.prog.name or self.prog.tag}"
+                              f" stopped: {error}"]
+        else:
+            self.errors[i] = [error.errno, error.strerror]
+
+    def finish(self, i: int, data: bytes) -> None:
+        """Record what the run of packet `i` (data_in `data`, from the MAC header) did
+        besides its retval."""
+        run = self.run
+        assert run is not None and run.skb is not None
+        skb = run.skb
+        frame = skb.current
+        if frame is not data and frame != data:  # written (copied) and changed
+            self.outputs[i] = bytes(frame)
+        values = _REPORTED.unpack_from(skb.ctx)
+        if values != _NOTHING_REPORTED or run.effects:
+            self._effects(i, run.all_effects(values))
+
+    def _finish_result(self, i: int, data: bytes, retval: int) -> None:
+        assert self.run is not None
+        result = self.run.result(retval, 0, want_ctx=False)
+        if result.data_out != data:
+            self.outputs[i] = result.data_out
+        self._effects(i, result.effects)
+
+    def _effects(self, i: int, effects: dict[str, Any]) -> None:
+        """The effects of packet `i`: those with a column there, the rest by index."""
+        self.classids[i] = effects.pop("tc_classid", 0)
+        redirect = effects.pop("redirect", None)
+        if redirect is not None:
+            self.redirects[i] = redirect_record(redirect["ifindex"], redirect["ingress"])
+        if effects:
+            self.effects[i] = effects
+
+    def all_effects(self) -> dict[int, dict[str, Any]]:
+        """`effects` with the columns' effects put back, by packet index: each packet's
+        effects as a single test run reports them (for callers that want dicts)."""
+        merged = {i: dict(e) for i, e in self.effects.items()}
+        classids, redirects = self.classids, self.redirects
+        for i in itertools.compress(range(len(classids)), classids):
+            merged.setdefault(i, {})["tc_classid"] = classids[i]
+        for i in itertools.compress(range(len(redirects)), redirects):
+            merged.setdefault(i, {})["redirect"] = redirect_effect(redirects[i])
+        return merged
+
+
+def check_packets(size: int, offsets: array, lengths: array) -> int:
+    """BpfError(EINVAL) unless every packet is inside a buffer of `size` bytes (native code
+    trusts these); returns where the last byte of any packet is (the size needed)."""
+    if offsets.typecode != "Q" or lengths.typecode != "I":
+        raise BpfError(errno.EINVAL, "a batch's offsets are u64 (array 'Q'), its lengths u32"
+                       " ('I')")
+    if len(offsets) != len(lengths):
+        raise BpfError(errno.EINVAL, "a batch needs one offset and one length a packet")
+    end = max(map(int.__add__, offsets, lengths), default=0)
+    if end > size:
+        raise BpfError(errno.EINVAL, f"a packet of the batch ends beyond its buffer of {size}"
+                       " bytes")
+    return end
+
+
+# bpf_redirect's record in a batch's `redirects` column (and in native code's context).
+REDIRECT_SET = 1 << 40
+REDIRECT_INGRESS_SHIFT = 32
+
+
+def redirect_record(ifindex: int, ingress: bool) -> int:
+    return REDIRECT_SET | int(ingress) << REDIRECT_INGRESS_SHIFT | ifindex & U32
+
+
+def redirect_effect(record: int) -> dict[str, Any]:
+    """The "redirect" effect (helpers.skb.redirect's) of a record."""
+    return {"ifindex": record & U32, "ingress": bool(record >> REDIRECT_INGRESS_SHIFT & 1)}
 
 
 # The __sk_buff fields a test run's result reports when a run set them (Run.all_effects).

@@ -80,10 +80,7 @@ def replay_capture(client: Client, fd: int, args: Args, out: Output) -> None:
         bar = stack.enter_context(tqdm(total=capture.size, unit="B", unit_scale=True,
                                        delay=1.0, disable=out.json or None, leave=False))
         started = time.perf_counter()
-        for chunk in capture.chunks:
-            replay.feed(*chunk)
-            bar.update(capture.position() - bar.n)
-        summary = replay.finish()
+        summary = replay.replay(capture, lambda: bar.update(capture.position() - bar.n))
         summary.seconds = time.perf_counter() - started
         summary.damaged = capture.damaged
     _print(summary, out)

@@ -10,6 +10,7 @@ own (logged with their traceback, answered EIO): the mapping itself is tested la
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -22,7 +23,7 @@ import trio
 from helpers import NOBODY, DaemonProcess, in_child
 
 from bpffs import protocol
-from bpffs.client import Client
+from bpffs.client import Client, calls
 from bpffs.daemon import server
 from bpffs.vm import asm
 from bpffs.vm.errors import BpfError
@@ -233,6 +234,104 @@ def test_batch_run_of_packets_that_are_not_bytes_is_einval(raw: Raw, prog_fd: in
 
 def test_batch_run_works_after_all_that(client: Client, prog_fd: int) -> None:
     assert client.prog_test_run_batch(prog_fd, [bytes(64)] * 3).retvals == [0, 0, 0]
+
+
+# -- prog_test_run_buffer -----------------------------------------------------------------------
+def _columns(count: int, size: int = 64) -> tuple[bytes, bytes]:
+    return (array.array("Q", range(0, count * size, size)).tobytes(),
+            array.array("I", [size] * count).tobytes())
+
+
+def test_buffer_run_takes_only_a_memfd(raw: Raw, prog_fd: int, tmp_path: Path) -> None:
+    """Any other file could block the daemon's read (a FIFO) or shrink under its mapping."""
+    handle = raw.bind(prog_fd)
+    r, w = os.pipe()
+    plain = os.open(tmp_path / "packets", os.O_RDWR | os.O_CREAT)
+    os.write(plain, bytes(256))
+    try:
+        for fd in (r, plain):
+            expect(errno.EINVAL, lambda fd=fd: raw.call("prog_test_run_buffer", handle,
+                                                        *_columns(4), {}, fds=(fd,)),
+                   "must come in a memfd")
+    finally:
+        protocol.close_all([r, w, plain])
+
+
+def test_buffer_run_takes_only_a_memfd_that_cannot_shrink(raw: Raw, prog_fd: int) -> None:
+    handle = raw.bind(prog_fd)
+    fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
+    os.write(fd, bytes(256))
+    try:
+        expect(errno.EINVAL, lambda: raw.call("prog_test_run_buffer", handle, *_columns(4), {},
+                                              fds=(fd,)), "F_SEAL_SHRINK")
+    finally:
+        os.close(fd)
+
+
+def test_buffer_run_without_its_memfd_is_ebadf(raw: Raw, prog_fd: int) -> None:
+    handle = raw.bind(prog_fd)
+    expect(errno.EBADF, lambda: raw.call("prog_test_run_buffer", handle, *_columns(4), {}),
+           "memfd")
+
+
+@pytest.mark.parametrize(("offsets", "lengths", "message"), [
+    (bytes(7), bytes(4), "one of each"),
+    (bytes(16), bytes(4), "one of each"),
+    (array.array("Q", [200]).tobytes(), array.array("I", [64]).tobytes(), "beyond its buffer"),
+    (array.array("Q", [1 << 63]).tobytes(), array.array("I", [64]).tobytes(), "beyond"),
+    (array.array("Q", [0]).tobytes(), array.array("I", [0xFFFFFFFF]).tobytes(), "beyond"),
+])
+def test_buffer_run_of_packets_outside_the_memfd_is_einval(raw: Raw, prog_fd: int,
+                                                           offsets: bytes, lengths: bytes,
+                                                           message: str) -> None:
+    handle = raw.bind(prog_fd)
+    fd = calls.packets_memfd(bytes(256))
+    try:
+        expect(errno.EINVAL, lambda: raw.call("prog_test_run_buffer", handle, offsets, lengths,
+                                              {}, fds=(fd,)), message)
+    finally:
+        os.close(fd)
+
+
+def test_buffer_run_of_too_many_packets_is_e2big(client: Client, prog_fd: int) -> None:
+    fd = calls.packets_memfd(bytes(64))
+    count = protocol.REQUEST_ARRAY_MAX + 1
+    try:
+        expect(errno.E2BIG, lambda: client.prog_test_run_buffer(
+            prog_fd, fd, array.array("Q", bytes(8 * count)), array.array("I", [64]) * count),
+            "packets in one request")
+    finally:
+        os.close(fd)
+
+
+def test_buffer_run_of_a_sparse_terabyte_memfd(client: Client, prog_fd: int) -> None:
+    """A packet near the end of a sparse memfd of a terabyte: the daemon maps it read-only
+    (address space, not memory) and answers."""
+    fd = calls.packets_memfd()
+    try:
+        os.ftruncate(fd, 1 << 40)
+        os.pwrite(fd, bytes(12) + b"\x08\x00", (1 << 40) - 64)
+        run = client.prog_test_run_buffer(prog_fd, fd, array.array("Q", [(1 << 40) - 64]),
+                                          array.array("I", [64]))
+    finally:
+        os.close(fd)
+    assert run.retvals.tolist() == [0] and not run.errors
+
+
+def test_buffer_run_works_after_all_that(client: Client, prog_fd: int) -> None:
+    fd = calls.packets_memfd(bytes(256))
+    try:
+        run = client.prog_test_run_buffer(prog_fd, fd, *(array.array(t, b) for t, b in
+                                                         zip("QI", _columns(4), strict=True)))
+    finally:
+        os.close(fd)
+    assert run.retvals.tolist() == [0] * 4 and not run.errors
+    sealed = calls.packets_memfd(bytes(8))
+    try:
+        with pytest.raises(PermissionError):  # the seal holds for the client too
+            os.ftruncate(sealed, 0)
+    finally:
+        os.close(sealed)
 
 
 # -- whose error is it ----------------------------------------------------------------------------

@@ -31,6 +31,9 @@ class Field(IntEnum):
     PACKET_START = 12  # ... where offset 0 is in it (SkBuff.data_start) ...
     PACKET_END = 13  # ... and its length; refreshed after every call out, as the table
     NEXT_ID = 14  # the region id the next map value native code maps takes (Memory's next)
+    REDIRECT = 15  # bpf_redirect's record (run.redirect_record), or 0
+    BATCH_PACKET = 16  # index + 1 of the batch's packet Python has not seen yet, else 0
+    BATCH_STOP = 17  # set by Python: the batch driver returns after the packet it runs
 
 
 class Context(ctypes.Structure):
@@ -38,6 +41,34 @@ class Context(ctypes.Structure):
 
     _fields_ = [(f.name.lower(), ctypes.c_uint64 if f != Field.BUDGET else ctypes.c_int64)
                 for f in Field]
+
+
+class Batch(IntEnum):
+    """Word index of each field of the batch driver's descriptor (vm.native.driver): the
+    packets in, the columns out, and where the driver stopped."""
+
+    BUFFER = 0  # address of the packets' bytes
+    OFFSETS = 1  # address of a u64 per packet: where it starts in BUFFER ...
+    LENGTHS = 2  # ... and a u32 per packet: its length
+    COUNT = 3  # packets in the batch
+    NEXT = 4  # in: the first packet to run; out: where the driver stopped
+    RETVALS = 5  # out columns: a u32 per packet, r0 ...
+    CLASSIDS = 6  # ... a u32, skb->tc_classid after the run ...
+    REDIRECTS = 7  # ... and a u64, bpf_redirect's record (Field.REDIRECT)
+    SKB = 8  # address of the run's __sk_buff (its context buffer)
+    DATA_START = 9  # SkBuff.data_start
+    BUDGET = 10  # each run's budget (RunEnv.budget)
+    R1 = 11  # the context's address in the VM (Run.ctx_addr)
+    STOPPED = 12  # out: a Stop
+
+
+class Stop(IntEnum):
+    """Why the batch driver returned; NEXT is the packet it stopped at."""
+
+    DONE = 0  # every packet ran (NEXT == COUNT)
+    UNFIT = 1  # the packet at NEXT is too short or too long for an skb: not run
+    FINISH = 2  # the packet at NEXT ran but Python finishes it: a status, an effect only
+    #             Python records (or reads: mark, priority, ...), or a callback into Python
 
 
 class Status(IntEnum):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -17,9 +18,12 @@ import llvmlite.binding as llvm
 
 from ..errors import VmFault
 from ..maps import BpfMap
+from ..run import redirect_effect
 from ..runtime import PacketExit, TailCall, call_helper, run_tail_calls, stack_top
 from .abi import ENTRY_WORDS, Context, Status
 from .abi import Entry as Word
+from .batch import DRIVER, run_batch
+from .driver import DRIVER_NAME
 from .engine import DEFAULT_OPT, Jitted, jit, release, triple_and_layout
 from .ir import ENTRY_NAME, FRAME, HELPER, PACKET, TAIL, translate
 from .maps import describe
@@ -27,7 +31,8 @@ from .regions import RegionTable, buffer_address, table_of
 
 if TYPE_CHECKING:
     from ..program import Program
-    from ..run import Run
+    from ..run import Buffer, PacketBatch, Run
+    from .batch import Packets
 
 TIER = "native"
 _MapMemory = tuple[BpfMap, memoryview, int]  # a map native code reads, a view, its address
@@ -42,7 +47,8 @@ class _Invocation:
     it cost more than a program of a few insns takes to run); it holds the run only while
     native code runs, so the registry of invocations does not keep runs alive."""
 
-    __slots__ = ("address", "context", "maps", "packet", "pending", "prog", "run", "table")
+    __slots__ = ("address", "batch", "context", "maps", "packet", "pending", "prog", "run",
+                 "table")
 
     def __init__(self, table: RegionTable):
         self.table = table
@@ -53,6 +59,30 @@ class _Invocation:
         self.maps: list[_MapMemory | None] = []  # the running program's, by map index
         self.packet = False  # the program reads the packet (LD_ABS, LD_IND)
         self.pending: BaseException | None = None
+        self.batch: Packets | None = None  # the packets of the batch driver's run
+
+    def enter(self) -> None:
+        """Python is about to run (a callback): the packet the batch driver runs becomes the
+        run's skb, and bpf_redirect's record its effect, so that Python sees the run's state
+        as the other tiers would have it."""
+        context = self.context
+        if context.batch_packet:
+            self.enter_packet(context.batch_packet - 1)
+        if context.redirect:
+            record, context.redirect = context.redirect, 0
+            self.running.record("redirect", redirect_effect(record))
+
+    def enter_packet(self, index: int) -> None:
+        """The rest of Run.next_packet for the driver's packet `index` (it reloaded the skb's
+        fields and reset the budget and the map values itself); the driver returns after
+        this packet, for Python to finish it."""
+        context, run, batch = self.context, self.running, self.batch
+        assert batch is not None and run.skb is not None
+        context.batch_packet, context.batch_stop = 0, 1
+        run.skb.adopt(batch.packet(index))
+        if run.effects:
+            run.effects = {}
+        run.tail_target, run.tail_calls = None, 0
 
     @property
     def running(self) -> Run:
@@ -124,6 +154,7 @@ def _helper(context: int, helper_id: int, r1: int, r2: int, r3: int, r4: int, r5
     call = _active[context]
     run = call.running
     try:
+        call.enter()
         call.adopt()
         run.budget = call.context.budget
         r0 = call_helper(run, helper_id, r1, r2, r3, r4, r5, pc)
@@ -138,6 +169,7 @@ def _helper(context: int, helper_id: int, r1: int, r2: int, r3: int, r4: int, r5
 def _packet(context: int, offset: int, size: int) -> int:
     call = _active[context]
     try:
+        call.enter()
         value = call.running.load_packet(offset, size)
     except BaseException as error:
         call.failed(error)
@@ -152,6 +184,7 @@ def _frame(context: int, depth: int) -> int:
     call = _active[context]
     run = call.running
     try:
+        call.enter()
         call.adopt()
         run.budget = call.context.budget
         top = stack_top(run.mem, depth)
@@ -167,6 +200,7 @@ def _tail(context: int, depth: int) -> int:
     call = _active[context]
     run = call.running
     try:
+        call.enter()
         call.adopt()
         run.budget = call.context.budget
         r0 = run_tail_calls(run, TIER, depth, call.prog)
@@ -211,6 +245,12 @@ class NativeProgram:
         self.jitted: Jitted = jit(translation.ir, opt)
         weakref.finalize(self, release, self.jitted)
         self.function = _NATIVE_ENTRY(self.jitted.address(ENTRY_NAME))
+        self.driver = DRIVER(self.jitted.address(DRIVER_NAME))
+
+    def run_batch(self, batch: PacketBatch, buffer: Buffer, offsets: array, lengths: array,
+                  first: int) -> None:
+        """PacketBatch.feed_buffer's packets, natively (vm.native.batch)."""
+        run_batch(self, batch, buffer, offsets, lengths, first)
 
     def __call__(self, run: Run, r1: int, r2: int = 0, depth: int = 0) -> int:
         """Run from insn 0 with r1, r2 as arguments at call depth `depth` (the signature
@@ -233,6 +273,8 @@ class NativeProgram:
         try:
             r0 = self.function(call.address)
         finally:
+            if context.redirect:
+                call.enter()
             if context.next_id != mem._next_id:
                 # Map values native code mapped: Memory learns of them where Python may still
                 # reach them (a fault's message, a tail call's next program, a caller that

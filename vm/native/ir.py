@@ -44,9 +44,11 @@ from ..isa import (
     atomic_alu_op,
 )
 from ..memory import OFFSET_MASK, REGION_SHIFT, STACK_FRAME_REGIONS, STACK_REGION, map_handle
+from ..run import REDIRECT_INGRESS_SHIFT, REDIRECT_SET
 from ..runtime import MAX_CALL_FRAMES
-from ..uapi import MAX_BPF_STACK
+from ..uapi import BPF_F_INGRESS, MAX_BPF_STACK, Helper, TcAct
 from .abi import ENTRY_SHIFT, Entry, Field, Status
+from .driver import write_driver
 from .maps import NATIVE_HELPERS, MapHelpers, MapInfo
 
 I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -107,6 +109,7 @@ def translate(insns: list[Insn], costs: dict[int, int], stackless: frozenset[int
         _FunctionWriter(insns, costs, entry, entry not in stackless, functions, callbacks,
                         intrinsics, faults, maps or []).write()
     _entry(module, functions[0])
+    write_driver(module, functions[0], intrinsics.memset)
     uses_packet = any(i.cls == Class.LD and i.mode in (Mode.ABS, Mode.IND) for i in insns)
     return Translation(str(module), [key for key, _ in sorted(faults.items(),
                                                               key=lambda kv: kv[1])],
@@ -627,6 +630,9 @@ class _FunctionWriter:
         """A helper: natively for the map helpers on the maps vm.native.maps handles (by
         r1, the map's handle; one function per helper and map, called from every site, so
         that LLVM's time stays linear in the sites), else through Python."""
+        if i.imm == Helper.redirect:
+            self.set_reg(R0, self._redirect())
+            return
         native = [(index, info) for index, info in enumerate(self.maps)
                   if info is not None and i.imm in NATIVE_HELPERS]
         if not native:
@@ -666,6 +672,21 @@ class _FunctionWriter:
         r0.add_incoming(native_r0, native_end)
         r0.add_incoming(python_r0, python_end)
         self.set_reg(R0, r0)
+
+    def _redirect(self) -> ir.Value:
+        """bpf_redirect (helpers.skb.redirect): its record goes to the context's REDIRECT
+        field, which the glue and the batch driver turn into the "redirect" effect."""
+        b = self.b
+        flags, ifindex = self.reg(2), self.reg(1)
+        bad = b.icmp_unsigned("!=", b.and_(flags, ir.Constant(I64, ~BPF_F_INGRESS & U64)),
+                              ir.Constant(I64, 0))
+        ingress = b.shl(b.and_(flags, ir.Constant(I64, BPF_F_INGRESS)),
+                        ir.Constant(I64, REDIRECT_INGRESS_SHIFT))
+        record = b.or_(b.or_(ingress, b.and_(ifindex, ir.Constant(I64, U32))),
+                       ir.Constant(I64, REDIRECT_SET))
+        self._store_field(Field.REDIRECT,
+                          b.select(bad, self._load_field(Field.REDIRECT), record))
+        return b.select(bad, ir.Constant(I64, TcAct.SHOT), ir.Constant(I64, TcAct.REDIRECT))
 
     def _python_helper(self, i: Insn, pc: int) -> ir.Value:
         self.spill()
