@@ -158,6 +158,30 @@ def vm_ns_per_run(code: bytes, prog_type: int, maps: dict, tier: str, repeat: in
     return (time.perf_counter_ns() - start) / repeat
 
 
+def native_batch_ns(code: bytes, prog_type: int, maps: dict, packets: int) -> float:
+    """ns per packet of a batch on the native tier: one buffer of `packets` copies of the
+    packet, run by the native batch driver (what prog_test_run_buffer and pcap replay run),
+    the per-packet skb reload and result columns included."""
+    from array import array
+
+    prog, _ = load_program(prog_type, code, license="GPL", resolve_map=maps.__getitem__,
+                           allow_loops=True)
+    prog.test_run(IPV4_UDP, tier="native")
+    buffer = IPV4_UDP * packets
+    offsets = array("Q", range(0, len(buffer), len(IPV4_UDP)))
+    lengths = array("I", [len(IPV4_UDP)]) * packets
+    prog.test_run_batch(tier="native").feed_buffer(buffer, offsets[:1], lengths[:1])
+    batch = prog.test_run_batch(tier="native")
+    start = time.perf_counter_ns()
+    batch.feed_buffer(buffer, offsets, lengths)
+    return (time.perf_counter_ns() - start) / packets
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def kernel_ns_per_run(code: bytes, prog_type: int, repeat: int) -> float | None:
     if not kernel.available():
         return None
@@ -201,6 +225,16 @@ def native_compile_times(scale: float) -> None:
         compiled = time.perf_counter() - start
         print(f"native compile, {n} insns: -O0 {times[0] * 1e3:7.1f} ms, -O2 {times[1] * 1e3:7.1f}"
               f" ms (the compiled tier: {compiled * 1e3:.1f} ms)")
+    # Memory: resident growth over 20 programs compiled and kept (their machine code, the
+    # LLVM module and engine each keeps).
+    for n in (1000, 4096):
+        progs = [load_program(ProgType.SCHED_CLS, alu_program(n), license="GPL",
+                              resolve_map={}.get)[0] for _ in range(20)]
+        kept = [compile_native(progs[0])]  # (LLVM's one-time state outside the measure)
+        before = resident_bytes()
+        kept += [compile_native(p) for p in progs[1:]]
+        per = (resident_bytes() - before) / (len(kept) - 1)
+        print(f"native memory, {n} insns: {per / 1024:,.0f} KiB resident per program kept")
 
 
 def main() -> None:
@@ -222,8 +256,9 @@ def main() -> None:
     ]
     print(f"machine speed: one simple Python statement takes {python_line_ns():.1f} ns now"
           " (compare runs only with this in mind)")
-    print(f"{'program':36} {'interp':>12} {'compiled':>12} {'native':>10} {'kernel':>10}"
-          f" {'speedup':>8} {'VM/kernel':>10}  (speedup, VM: the faster VM tier)")
+    print(f"{'program':36} {'interp':>12} {'compiled':>12} {'native':>10} {'batch':>10}"
+          f" {'kernel':>10} {'speedup':>8} {'VM/kernel':>10} {'batch/k':>8}  (speedup, VM:"
+          " the faster VM tier of single runs; batch: native, per packet of a buffer)")
     for name, build, per, runs in cases:
         runs = max(int(runs * scale), 10)
         vm_code = build(7)
@@ -232,12 +267,15 @@ def main() -> None:
         compiled = vm_ns_per_run(vm_code, ProgType.SCHED_CLS, {7: vm_map}, "compiled",
                                  runs) / per
         fastest = compiled
-        native_text = f"{'n/a':>10}"
+        native_text = batch_text = f"{'n/a':>10}"
+        batch = None
         if native:
             native_ns = vm_ns_per_run(vm_code, ProgType.SCHED_CLS, {7: vm_map}, "native",
                                       runs * 10) / per
             native_text = f"{native_ns:10.2f}"
             fastest = min(compiled, native_ns)
+            batch = native_batch_ns(vm_code, ProgType.SCHED_CLS, {7: vm_map}, runs * 10) / per
+            batch_text = f"{batch:10.2f}"
         k = None
         if kernel_map is not None:
             try:
@@ -247,9 +285,10 @@ def main() -> None:
             k = k / per if k is not None else None
         unit = "ns/insn" if per > 1 else "ns/run"
         ratio = f"{fastest / k:10.1f}x" if k else f"{'-':>10}"
+        batch_ratio = f"{batch / k:8.2f}x" if k and batch else f"{'-':>8}"
         kernel_text = f"{k:10.1f}" if k is not None else f"{'n/a':>10}"
-        print(f"{name:36} {interp:12.1f} {compiled:12.1f} {native_text} {kernel_text} "
-              f"{interp / fastest:7.1f}x {ratio}  ({unit})")
+        print(f"{name:36} {interp:12.1f} {compiled:12.1f} {native_text} {batch_text}"
+              f" {kernel_text} {interp / fastest:7.1f}x {ratio} {batch_ratio}  ({unit})")
         sys.stdout.flush()
     if native:
         native_compile_times(scale)

@@ -9,6 +9,7 @@ import os
 import random
 
 import pytest
+from tiers import TIERS
 from verifier_cases import CLS, EXIT0, MAP_FD, SOCK, build
 
 from bpffs.vm import BpfError, asm, kernel, load_program
@@ -235,7 +236,7 @@ def test_a_loop_closed_by_gotol_verifies_and_runs_like_ja(goto) -> None:
     prog, log = load_program(SOCK, bounded_loop(goto), license="GPL", resolve_map=None,
                              allow_loops=True, log_level=1)
     assert "processed" in log
-    for tier in ("interpreter", "compiled"):
+    for tier in TIERS:
         assert prog.test_run(bytes(60), tier=tier).retval == 10
 
 
@@ -290,7 +291,7 @@ def test_fuzz_accepted_programs_never_fault() -> None:
         except BpfError:
             continue
         accepted += 1
-        for tier in ("interpreter", "compiled"):
+        for tier in TIERS:
             prog.test_run(bytes(60), tier=tier)  # raises EFAULT on a run-time fault
     assert accepted > 20, "the generator made too few acceptable programs to mean anything"
 

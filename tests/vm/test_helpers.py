@@ -7,6 +7,7 @@ import errno
 
 import pytest
 from progs import ETH_IPV4
+from tiers import TIERS
 
 from bpffs.vm import PerfEvent, RunEnv, asm, load_program
 from bpffs.vm.helpers.tracing import format_trace
@@ -22,7 +23,6 @@ from bpffs.vm.uapi import (
 )
 
 PACKET = ETH_IPV4 + bytes(range(40))
-TIERS = ("interpreter", "compiled")
 NEG = {e: (-e) & 0xFFFFFFFF for e in (errno.EINVAL, errno.ENOENT, errno.E2BIG, errno.EFAULT,
                                       errno.EOPNOTSUPP)}
 

@@ -7,6 +7,7 @@ import os
 
 import dpkt
 import pytest
+from tiers import TIERS
 
 from bpffs.vm import asm, kernel, load_program
 from bpffs.vm.context import SKB
@@ -22,7 +23,6 @@ from bpffs.vm.uapi import (
 )
 
 pytestmark = pytest.mark.kernel
-TIERS = ("interpreter", "compiled")
 IP_CSUM, IP_SRC, UDP_CSUM = 14 + 10, 14 + 12, 14 + 20 + 6
 
 
@@ -218,7 +218,7 @@ def test_tail_call_limit_matches_the_kernel() -> None:
     finally:
         os.close(counter)
         os.close(progs)
-    # the VM, both tiers
+    # the VM, every tier
     for tier in TIERS:
         vm_counter = create_map(MapType.ARRAY, 4, 8, 1)
         vm_progs = create_map(MapType.PROG_ARRAY, 4, 4, 1)

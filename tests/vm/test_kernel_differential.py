@@ -1,5 +1,5 @@
 """The running kernel is the oracle: the same bytecode through BPF_PROG_TEST_RUN and through
-the VM (both tiers) must return the same value and packet."""
+the VM (every tier) must return the same value and packet."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import struct
 import pytest
 from isa_cases import CASES, returns64
 from progs import ETH_IPV4, load, random_program
+from tiers import TIERS
 
 from bpffs.vm import kernel, load_program
 from bpffs.vm.uapi import ProgType
@@ -36,7 +37,7 @@ def vm_run(code: bytes, data: bytes, tier: str, prog_type: int = ProgType.SOCKET
 def test_isa_cases_match_the_kernel(name: str) -> None:
     code = returns64(*CASES[name][0])
     expected = kernel_run(code, PACKET)
-    for tier in ("interpreter", "compiled"):
+    for tier in TIERS:
         assert vm_run(code, PACKET, tier) == expected, tier
 
 
@@ -50,7 +51,7 @@ def test_random_programs_match_the_kernel(packet: bool) -> None:
         except OSError as e:  # the generator should only make programs the kernel accepts
             pytest.fail(f"seed {1000 + seed}: the kernel rejected the program: {e}\n"
                         f"{getattr(e, 'verifier_log', '')[-2000:]}")
-        for tier in ("interpreter", "compiled"):
+        for tier in TIERS:
             assert vm_run(code, PACKET, tier) == expected, f"seed {1000 + seed} {tier}"
         compared += 1
     assert compared == 120
@@ -72,7 +73,7 @@ def test_ld_abs_bounds_match_the_kernel(prog_type: int, size: int) -> None:
                                asm.ld_abs(width, off), asm.alu64(Alu.ADD, R0, R7, reg=True),
                                asm.exit())
             expected = kernel_run(code, data, prog_type)
-            for tier in ("interpreter", "compiled"):
+            for tier in TIERS:
                 assert vm_run(code, data, tier, prog_type) == expected, (width, off, tier)
 
 
@@ -129,5 +130,5 @@ def test_a_tail_call_in_a_subprogram_returns_to_the_subprogram_s_caller() -> Non
     # the kernel does; the kernel above gets func_info BTF, which our loader never has)
     prog, _ = load_program(ProgType.SCHED_CLS, caller(9), license="GPL",
                            resolve_map={9: vm_progs}.__getitem__, verify=False)
-    for tier in ("interpreter", "compiled"):
+    for tier in TIERS:
         assert prog.test_run(PACKET, tier=tier).retval == expected, tier

@@ -8,6 +8,7 @@ import errno
 
 import pytest
 from progs import ETH_IPV4
+from tiers import TIERS
 
 from bpffs.vm import BpfError, asm, load_program
 from bpffs.vm.context import SKB
@@ -15,7 +16,6 @@ from bpffs.vm.isa import R0, R1, R2, R10, Jmp
 from bpffs.vm.maps import create_map
 from bpffs.vm.uapi import Helper, MapType, ProgType
 
-TIERS = ("interpreter", "compiled")
 PACKET = ETH_IPV4 + bytes(50)
 
 

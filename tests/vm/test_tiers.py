@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from isa_cases import CASES, returns64
 from progs import ETH_IPV4, load, random_program
+from tiers import TIERS
 
-TIERS = ("interpreter", "compiled")
 PACKET = ETH_IPV4 + bytes(range(64))
 
 

@@ -232,16 +232,54 @@ class _FunctionWriter:
 
     def fault(self, message: str, pc: int) -> None:
         """End the block with VmFault(message, pc)."""
-        index = self.faults.setdefault((message, pc), len(self.faults))
-        self._store_field(Field.STATUS, Status.FAULT)
-        self._store_field(Field.INFO, index)
-        self.b.branch(self.unwind)
+        block, info = self._shared_fault()
+        info.add_incoming(ir.Constant(I64, self.faults.setdefault((message, pc),
+                                                                  len(self.faults))),
+                          self.b.block)
+        self.b.branch(block)
 
-    def _fault_in(self, block: ir.Block, message: str, pc: int) -> None:
-        here = self.b.block
-        self.b.position_at_end(block)
-        self.fault(message, pc)
-        self.b.position_at_end(here)
+    def _ensure(self, ok: ir.Value, name: str, message: str, pc: int) -> None:
+        """Go on where `ok`, else VmFault(message, pc): one branch into the function's one
+        fault block (a phi picks the fault), so a check costs no block of its own."""
+        block, info = self._shared_fault()
+        info.add_incoming(ir.Constant(I64, self.faults.setdefault((message, pc),
+                                                                  len(self.faults))),
+                          self.b.block)
+        go_on = self._new_block(name)
+        self.b.cbranch(ok, go_on, block).set_weights(list(LIKELY))
+        self.b.position_at_end(go_on)
+
+    def _shared_fault(self) -> tuple[ir.Block, ir.PhiInstr]:
+        """The function's fault block, Status.FAULT with INFO from its phi (made on first
+        use)."""
+        if self._fault_block is None:
+            b, here = self.b, self.b.block
+            block = self._new_block("fault")
+            b.position_at_end(block)
+            info = b.phi(I64, name="fault")
+            self._store_field(Field.STATUS, Status.FAULT)
+            self._store_field(Field.INFO, info)
+            b.branch(self.unwind)
+            b.position_at_end(here)
+            self._fault_block = (block, info)
+        return self._fault_block
+
+    def _shared_memory_fault(self) -> tuple[ir.Block, list[ir.PhiInstr]]:
+        """The function's block for a failed access check: Status.MEMORY with the access
+        (address, size, write) from its phis."""
+        if self._memory_fault_block is None:
+            b, here = self.b, self.b.block
+            block = self._new_block("memory.fault")
+            b.position_at_end(block)
+            phis = [b.phi(I64, name=n) for n in ("addr", "size", "write")]
+            for f, phi in zip((Field.FAULT_ADDR, Field.FAULT_SIZE, Field.FAULT_WRITE), phis,
+                              strict=True):
+                self._store_field(f, phi)
+            self._store_field(Field.STATUS, Status.MEMORY)
+            b.branch(self.unwind)
+            b.position_at_end(here)
+            self._memory_fault_block = (block, phis)
+        return self._memory_fault_block
 
     def _unwind_unless_ok(self, name: str) -> None:
         """After a call out: take the budget it left, return at once when it set a status."""
@@ -258,29 +296,28 @@ class _FunctionWriter:
         """Pointer to `size` bytes at `addr` after the region table's check; a failed check
         returns with Status.MEMORY and the access in the context."""
         b = self.b
+        fault, (fault_addr, fault_size, fault_write) = self._shared_memory_fault()
+
+        def check(ok: ir.Value, name: str) -> None:
+            for phi, value in ((fault_addr, addr), (fault_size, ir.Constant(I64, size)),
+                               (fault_write, ir.Constant(I64, int(write)))):
+                phi.add_incoming(value, b.block)
+            go_on = self._new_block(name)
+            b.cbranch(ok, go_on, fault).set_weights(list(LIKELY))
+            b.position_at_end(go_on)
+
         region = b.lshr(addr, ir.Constant(I64, REGION_SHIFT))
-        mapped = b.icmp_unsigned("<", region, b.load(self.table_len, typ=I64))
-        fail = self._check(mapped, "mapped")
+        check(b.icmp_unsigned("<", region, b.load(self.table_len, typ=I64)), "mapped")
         entry = b.shl(region, ir.Constant(I64, ENTRY_SHIFT))
         table = b.load(self.table, typ=PTR)
         limit_at = b.add(entry, ir.Constant(I64, Entry.WRITE_LIMIT if write else
                                             Entry.READ_LIMIT))
         limit = b.load(b.gep(table, [limit_at], source_etype=I64), typ=I64)
         offset = b.and_(addr, ir.Constant(I64, OFFSET_MASK))
-        inside = b.icmp_unsigned("<=", b.add(offset, ir.Constant(I64, size)), limit)
-        b.cbranch(inside, after := self._new_block("inside"), fail).set_weights(list(LIKELY))
-        b.position_at_end(after)
+        check(b.icmp_unsigned("<=", b.add(offset, ir.Constant(I64, size)), limit), "inside")
         base = b.load(b.gep(table, [b.add(entry, ir.Constant(I64, Entry.BASE))],
                             source_etype=I64), typ=PTR)
-        pointer = b.gep(base, [offset], source_etype=I8)
-        b.position_at_end(fail)
-        self._store_field(Field.FAULT_ADDR, addr)
-        self._store_field(Field.FAULT_SIZE, size)
-        self._store_field(Field.FAULT_WRITE, int(write))
-        self._store_field(Field.STATUS, Status.MEMORY)
-        b.branch(self.unwind)
-        b.position_at_end(after)
-        return pointer
+        return b.gep(base, [offset], source_etype=I8)
 
     def _pointer(self, base_reg: int, off: int, size: int, write: bool) -> ir.Value:
         """Where an access at base_reg + off goes: this frame's stack directly when that is
@@ -301,8 +338,7 @@ class _FunctionWriter:
         limit = b.load(b.gep(table, [b.add(entry, ir.Constant(I64, Entry.WRITE_LIMIT))],
                              source_etype=I64), typ=I64)
         mapped = b.icmp_unsigned("==", limit, ir.Constant(I64, MAX_BPF_STACK))
-        self._fault_in(self._check(mapped, "stack"), "the frame's stack was unmapped",
-                       self.entry)
+        self._ensure(mapped, "stack", "the frame's stack was unmapped", self.entry)
         base = b.load(b.gep(table, [entry], source_etype=I64), typ=PTR)
         b.store(base, self.stack)
 
@@ -316,6 +352,7 @@ class _FunctionWriter:
         self.stack = b.alloca(PTR, name="stack")
         self.stack_region = b.alloca(I64, name="stack_region")
         self.unwind = self._new_block("unwind")
+        self._fault_block = self._memory_fault_block = None
         for n in range(NUM_REGS):
             self.set_reg(n, self.fn.args[n] if 1 <= n <= 5 else ir.Constant(I64, 0))
         b.store(b.load(self._field(Field.TABLE), typ=PTR), self.table)
@@ -411,7 +448,7 @@ class _FunctionWriter:
         left = b.sub(b.load(self.budget, typ=I64), ir.Constant(I64, cost))
         b.store(left, self.budget)
         ok = b.icmp_signed(">=", left, ir.Constant(I64, 0))
-        self._fault_in(self._check(ok, "budget"), "instruction budget exhausted", pc)
+        self._ensure(ok, "budget", "instruction budget exhausted", pc)
 
     # -- instructions ----------------------------------------------------------------------
     def _instruction(self, i: Insn, pc: int, blocks: dict[int, ir.Block]) -> int | None:
@@ -627,50 +664,21 @@ class _FunctionWriter:
         return None
 
     def _helper_call(self, i: Insn, pc: int) -> None:
-        """A helper: natively for the map helpers on the maps vm.native.maps handles (by
-        r1, the map's handle; one function per helper and map, called from every site, so
-        that LLVM's time stays linear in the sites), else through Python."""
+        """A helper: bpf_redirect inline; any other through its helper function
+        (_helper_function), one per helper called from every site, so that a call site is
+        a few insns and LLVM's time stays linear in the sites."""
         if i.imm == Helper.redirect:
             self.set_reg(R0, self._redirect())
             return
-        native = [(index, info) for index, info in enumerate(self.maps)
-                  if info is not None and i.imm in NATIVE_HELPERS]
-        if not native:
-            self.set_reg(R0, self._python_helper(i, pc))
-            return
         b = self.b
-        slow, called, done = (self._new_block(n) for n in ("helper.py", "helper.native",
-                                                            "helper.done"))
-        args = [self.ctx, self.reg(2), self.reg(3), self.reg(4)]
-        switch = b.switch(self.reg(1), slow)
-        r0s: list[tuple[ir.Value, ir.Block]] = []
-        for index, info in native:
-            block = self._new_block(f"map{index}")
-            switch.add_case(ir.Constant(I64, map_handle(index)), block)
-            b.position_at_end(block)
-            r0s.append((b.call(_map_helper(self.fn.module, i.imm, info, index), args), block))
-            b.branch(called)
-        b.position_at_end(called)
-        native_r0 = b.phi(I64)
-        for value, block in r0s:
-            native_r0.add_incoming(value, block)
-        status = self._load_field(Field.STATUS)
-        native_end = b.block
-        python = self._new_block("helper.python")
-        switch = b.switch(status, self.unwind)
-        switch.add_case(ir.Constant(I64, Status.OK), done)
-        switch.add_case(ir.Constant(I64, Status.PYTHON), python)
-        b.position_at_end(python)
-        self._store_field(Field.STATUS, Status.OK)
-        b.branch(slow)
-        b.position_at_end(slow)
-        python_r0 = self._python_helper(i, pc)
-        python_end = b.block
-        b.branch(done)
-        b.position_at_end(done)
-        r0 = b.phi(I64)
-        r0.add_incoming(native_r0, native_end)
-        r0.add_incoming(python_r0, python_end)
+        self.spill()
+        r0 = b.call(_helper_function(self.fn.module, i.imm & U64, self.maps, self.callbacks),
+                    [self.ctx, *(self.reg(n) for n in range(1, 6)), ir.Constant(I64, pc)])
+        self._unwind_unless_ok("helper")
+        # Python may have grown the table; it never moves this frame's stack (a helper maps
+        # only map values and buffers), so the stack pointer stays.
+        b.store(b.load(self._field(Field.TABLE), typ=PTR), self.table)
+        b.store(self._load_field(Field.TABLE_LEN), self.table_len)
         self.set_reg(R0, r0)
 
     def _redirect(self) -> ir.Value:
@@ -688,23 +696,13 @@ class _FunctionWriter:
                           b.select(bad, self._load_field(Field.REDIRECT), record))
         return b.select(bad, ir.Constant(I64, TcAct.SHOT), ir.Constant(I64, TcAct.REDIRECT))
 
-    def _python_helper(self, i: Insn, pc: int) -> ir.Value:
-        self.spill()
-        args = [self.reg(n) for n in range(1, 6)]
-        r0 = self.b.call(self.callbacks[HELPER], [self.ctx, ir.Constant(I64, i.imm & U64),
-                                                  *args, ir.Constant(I64, pc)])
-        self._unwind_unless_ok("helper")
-        self.reload()
-        return r0
-
     def _local_call(self, i: Insn, pc: int) -> bool:
         """A bpf-to-bpf call; a tail call the callee made runs here (runtime.run_tail_calls)
         and its r0 is the callee's."""
         b = self.b
         deeper = b.add(self.depth, ir.Constant(I64, 1))
         ok = b.icmp_unsigned("<", deeper, ir.Constant(I64, MAX_CALL_FRAMES))
-        self._fault_in(self._check(ok, "depth"), f"call depth above {MAX_CALL_FRAMES} frames",
-                       pc)
+        self._ensure(ok, "depth", f"call depth above {MAX_CALL_FRAMES} frames", pc)
         target = call_target(i, pc)
         callee = self.functions.get(target)
         if callee is None:
@@ -736,6 +734,49 @@ class _FunctionWriter:
 
 
 MAP_HELPER_TYPE = ir.FunctionType(I64, [PTR, I64, I64, I64])  # (ctx, r2, r3, r4) -> r0
+# (ctx, r1, ..., r5, pc) -> r0, or 0 with a status set
+HELPER_FUNCTION_TYPE = ir.FunctionType(I64, [PTR, I64, I64, I64, I64, I64, I64])
+
+
+def _helper_function(module: ir.Module, helper: int, maps: list[MapInfo | None],
+                     callbacks: dict[str, ir.Function]) -> ir.Function:
+    """bpf_call_<helper>, written on first use: the native map helper of the map r1 names
+    (vm.native.maps) where there is one and it does not leave the call to Python, else the
+    Python helper (the HELPER callback)."""
+    name = f"bpf_call_{helper}"
+    fn = module.globals.get(name)
+    if fn is not None:
+        return fn
+    fn = ir.Function(module, HELPER_FUNCTION_TYPE, name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    ctx, r1, r2, r3, r4, r5, pc = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    python = fn.append_basic_block("python")
+    native = [(index, info) for index, info in enumerate(maps)
+              if info is not None and helper in NATIVE_HELPERS]
+    if native:
+        status = b.gep(ctx, [ir.Constant(I64, Field.STATUS)], source_etype=I64)
+        switch = b.switch(r1, python)
+        for index, info in native:
+            block = fn.append_basic_block(f"map{index}")
+            switch.add_case(ir.Constant(I64, map_handle(index)), block)
+            b.position_at_end(block)
+            r0 = b.call(_map_helper(module, helper, info, index), [ctx, r2, r3, r4])
+            to_python = b.icmp_unsigned("==", b.load(status, typ=I64),
+                                        ir.Constant(I64, Status.PYTHON))
+            returned, handed = fn.append_basic_block(), fn.append_basic_block()
+            b.cbranch(to_python, handed, returned).set_weights([1, 2000])
+            b.position_at_end(returned)
+            b.ret(r0)
+            b.position_at_end(handed)
+            b.store(ir.Constant(I64, Status.OK), status)
+            b.branch(python)
+    else:
+        b.branch(python)
+    b.position_at_end(python)
+    b.ret(b.call(callbacks[HELPER], [ctx, ir.Constant(I64, helper), r1, r2, r3, r4, r5, pc]))
+    return fn
 
 
 def _map_helper(module: ir.Module, helper: int, info: MapInfo, index: int) -> ir.Function:
@@ -764,6 +805,7 @@ class _LeafWriter(_FunctionWriter):
         b.store(b.load(self._field(Field.TABLE), typ=PTR), self.table)
         b.store(self._load_field(Field.TABLE_LEN), self.table_len)
         self.unwind = self._new_block("unwind")  # a fault: its status is set
+        self._fault_block = self._memory_fault_block = None
         b.position_at_end(self.unwind)
         b.ret(ir.Constant(I64, 0))
         b.position_at_end(fn.entry_basic_block)

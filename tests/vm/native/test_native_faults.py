@@ -45,13 +45,8 @@ def test_test_run_faults_are_efault_with_the_interpreter_s_message() -> None:
     assert len(set(messages)) == 1 and "offset 1000 of context" in messages[0]
 
 
+# (tests/vm/test_safety.py runs its invalid accesses on every tier, the native one included)
 @pytest.mark.parametrize("code,message", [
-    (asm.program(asm.ldx(8, R0, R10, 0), asm.exit()), "offset 512 of stack of frame 0"),
-    (asm.program(asm.st(8, R10, -520, 1), asm.mov64_imm(R0, 0), asm.exit()), "not a mapped"),
-    (asm.program(asm.ldx(4, R0, R1, 76), asm.exit()), "offset 76 of context"),
-    (asm.program(asm.mov64_imm(R1, 0), asm.ldx(1, R0, R1, 0), asm.exit()), "not a mapped"),
-    (asm.program(asm.ld_imm64(R1, 0xFFFF_FFFF_FFFF_FFF0), asm.stx(8, R1, R1, 0),
-                 asm.mov64_imm(R0, 0), asm.exit()), "not a mapped"),
     (asm.program(asm.mov64_reg(R2, R10), asm.add64_imm(R10, -8), asm.st(8, R10, 0, 0x55),
                  asm.ldx(8, R0, R2, -8), asm.exit()), "r0=0x55"),
     (asm.program(asm.ld_imm64(R1, region_base(STACK_REGION) + 504), asm.ldx(8, R0, R1, 0),
@@ -63,8 +58,7 @@ def test_test_run_faults_are_efault_with_the_interpreter_s_message() -> None:
     (asm.program(asm.call(9999), asm.exit()), "insn 0: call to unknown helper 9999"),
     (asm.program(asm.call_local(-1), asm.exit()), "insn 0: call depth above 8 frames"),
     (asm.program(asm.call_local(5), asm.exit()), "insn 6: fell off"),
-], ids=["stack above r10", "stack below 512", "ctx past the end", "null", "wild pointer",
-        "moved r10", "forged stack", "jump out", "into ld_imm64", "no exit", "unknown helper",
+], ids=["moved r10", "forged stack", "jump out", "into ld_imm64", "no exit", "unknown helper",
         "recursion without end", "call outside"])
 def test_faults_are_the_interpreter_s(code: bytes, message: str) -> None:
     assert message in same(code)
@@ -105,22 +99,6 @@ def test_calls_nest_eight_frames_deep_and_no_deeper() -> None:
 def _lookup(map_fd: int, key_slot: int = -4) -> list:
     return [asm.mov64_reg(R2, R10), asm.add64_imm(R2, key_slot), asm.ld_map_fd(R1, map_fd),
             asm.call(Helper.map_lookup_elem)]
-
-
-def test_a_map_value_is_bounded_by_value_size_and_earlier_writes_stay() -> None:
-    for tier in TIERS:
-        m = create_map(MapType.ARRAY, 4, 8, 1)
-        code = asm.program(asm.st(4, R10, -4, 0), *_lookup(9),
-                           asm.jmp_imm(Jmp.JEQ, R0, 0, 2), asm.st(8, R0, 0, 5),
-                           asm.ldx(8, R0, R0, 8), asm.exit())
-        assert "offset 8 of value of" in outcome(code, tier, maps={9: m}).result
-        assert m.lookup_copy(bytes(4)) == (5).to_bytes(8, "little")
-
-
-def test_a_map_pointer_cannot_be_dereferenced() -> None:
-    m = create_map(MapType.ARRAY, 4, 8, 4)
-    code = asm.program(asm.ld_map_fd(R1, 9), asm.ldx(8, R0, R1, 0), asm.exit())
-    assert "not a mapped region" in same(code, maps={9: m})
 
 
 def test_a_helper_that_raises_stops_the_run_with_its_fault() -> None:
