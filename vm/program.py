@@ -115,14 +115,18 @@ class Program:
         return compiled
 
     def promote(self) -> None:
-        """Compile to native code (the background thread) and make "auto" run it."""
+        """Compile to native code (the background thread) and make "auto" run it: quick
+        code first for a long program, then the optimised code (native.compile_tiers)."""
+        from .native import compile_tiers
+
         try:
-            fn = self.entry("native")
-        except Exception as e:  # the program keeps running compiled
+            for fn in compile_tiers(self):
+                self._entries[AUTO] = fn
+                self.native_ready.set()
+        except Exception as e:  # the program keeps running on what it has
             self.native_error = e
             return
-        self._entries[AUTO] = fn
-        self.native_ready.set()
+        self._entries.setdefault("native", fn)
 
     def tier_of(self, tier: str) -> str:
         """The tier a run asking for `tier` runs on now (what `bpffs prog show` reports)."""

@@ -11,7 +11,7 @@ package is imported by the rest of the VM until a program asks for it.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
@@ -20,11 +20,15 @@ from ..errors import BpfError
 if TYPE_CHECKING:
     from ..program import Program
 
-__all__ = ["NATIVE_MAX_INSNS", "available", "compile_native"]
+__all__ = ["NATIVE_MAX_INSNS", "QUICK_FIRST_INSNS", "available", "compile_native",
+           "compile_tiers"]
 
 # Larger programs run on the compiled tier instead: LLVM's time grows faster than linearly
 # with the size of a function (see bench/vm.py for measured compile times).
 NATIVE_MAX_INSNS = 65_536
+# From this size on, tiering up compiles quick code first (engine.QUICK, about a third of
+# -O2's time), then -O2's from the same IR: 1,000 insns take ~50 ms at -O2, 4,096 up to ~2 s.
+QUICK_FIRST_INSNS = 1024
 
 
 def available() -> bool:
@@ -41,3 +45,18 @@ def compile_native(prog: Program, opt: int | None = None) -> Callable[..., int]:
     except ImportError as e:
         raise BpfError(errno.EOPNOTSUPP, f"the native tier needs llvmlite ({e})") from None
     return NativeProgram(prog, DEFAULT_OPT if opt is None else opt)
+
+
+def compile_tiers(prog: Program) -> Iterator[Callable[..., int]]:
+    """The native entries of `prog` as they get better, for the background thread to switch
+    to in turn: quick code first where the program is long (QUICK_FIRST_INSNS), then -O2's."""
+    try:
+        from .engine import DEFAULT_OPT, QUICK
+        from .glue import NativeProgram
+    except ImportError as e:
+        raise BpfError(errno.EOPNOTSUPP, f"the native tier needs llvmlite ({e})") from None
+    quick = None
+    if len(prog.decoded) >= QUICK_FIRST_INSNS:
+        quick = NativeProgram(prog, QUICK)
+        yield quick
+    yield NativeProgram(prog, DEFAULT_OPT, quick)

@@ -23,7 +23,7 @@ class Field(IntEnum):
     INFO = 4  # Status.FAULT: index into the program's fault list
     FAULT_ADDR = 5  # Status.MEMORY: the access that faulted ...
     FAULT_SIZE = 6
-    FAULT_WRITE = 7
+    FAULT_WRITE = 7  # 0 a read, 1 a write, READ_WRITE an atomic's read-modify-write
     ARG_R1 = 8  # the entry's arguments (one pointer is the cheapest call ctypes makes)
     ARG_R2 = 9
     ARG_DEPTH = 10
@@ -69,6 +69,9 @@ class Stop(IntEnum):
     UNFIT = 1  # the packet at NEXT is too short or too long for an skb: not run
     FINISH = 2  # the packet at NEXT ran but Python finishes it: a status, an effect only
     #             Python records (or reads: mark, priority, ...), or a callback into Python
+
+
+READ_WRITE = 2
 
 
 class Status(IntEnum):

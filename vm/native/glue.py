@@ -20,7 +20,7 @@ from ..errors import VmFault
 from ..maps import BpfMap
 from ..run import redirect_effect
 from ..runtime import PacketExit, TailCall, call_helper, run_tail_calls, stack_top
-from .abi import ENTRY_WORDS, Context, Status
+from .abi import ENTRY_WORDS, READ_WRITE, Context, Status
 from .abi import Entry as Word
 from .batch import DRIVER, run_batch
 from .driver import DRIVER_NAME
@@ -228,17 +228,24 @@ for _name, _callback in _CALLBACKS.items():
 class NativeProgram:
     """A program's machine code and what its entry needs to run it."""
 
-    def __init__(self, prog: Program, opt: int = DEFAULT_OPT):
-        triple, layout = triple_and_layout()
-        described = [describe(m) for m in prog.maps]
-        # The views keep each map's memory mapped (its address valid) while the code lives.
-        maps: list[_MapMemory | None] = [
-            (m, view, info.address) if info is not None and view is not None else None
-            for m, (info, view) in zip(prog.maps, described, strict=True)]
-        translation = translate(prog.decoded, prog.block_costs, prog.stackless_functions,
-                                triple, layout, [info for info, _ in described])
+    def __init__(self, prog: Program, opt: int = DEFAULT_OPT,
+                 translated: NativeProgram | None = None):
+        """Compile `prog` at `opt`; from the IR of `translated` (the same program compiled
+        at another level) where given, which saves translating it again."""
+        if translated is None:
+            triple, layout = triple_and_layout()
+            described = [describe(m) for m in prog.maps]
+            # The views keep each map's memory mapped (its address, in the IR, valid) while
+            # the code lives.
+            maps: list[_MapMemory | None] = [
+                (m, view, info.address) if info is not None and view is not None else None
+                for m, (info, view) in zip(prog.maps, described, strict=True)]
+            translation = translate(prog.decoded, prog.block_costs, prog.stackless_functions,
+                                    triple, layout, [info for info, _ in described])
+        else:
+            translation, maps = translated.translation, translated.maps
         self.prog = prog
-        self.ir = translation.ir
+        self.translation = translation
         self.faults = translation.faults
         self.uses_packet = translation.uses_packet
         self.maps = maps
@@ -298,10 +305,12 @@ class NativeProgram:
             message, pc = self.faults[context.info]
             raise VmFault(message, pc)
         if status == Status.MEMORY:
-            run.mem.view(context.fault_addr, context.fault_size,
-                              bool(context.fault_write))  # raises the MemoryFault
+            addr, size, write = context.fault_addr, context.fault_size, context.fault_write
+            if write == READ_WRITE:  # the interpreter reads before it writes
+                run.mem.view(addr, size, False)
+            run.mem.view(addr, size, bool(write))  # raises the MemoryFault
             raise VmFault(f"native code faulted on an access Memory allows"
-                          f" ({context.fault_size} bytes at {context.fault_addr:#x})")
+                          f" ({size} bytes at {addr:#x})")
         if status == Status.TAIL_CALL:
             raise TailCall
         if status == Status.PACKET_EXIT:

@@ -47,7 +47,7 @@ from ..memory import OFFSET_MASK, REGION_SHIFT, STACK_FRAME_REGIONS, STACK_REGIO
 from ..run import REDIRECT_INGRESS_SHIFT, REDIRECT_SET
 from ..runtime import MAX_CALL_FRAMES
 from ..uapi import BPF_F_INGRESS, MAX_BPF_STACK, Helper, TcAct
-from .abi import ENTRY_SHIFT, Entry, Field, Status
+from .abi import ENTRY_SHIFT, READ_WRITE, Entry, Field, Status
 from .driver import write_driver
 from .maps import NATIVE_HELPERS, MapHelpers, MapInfo
 
@@ -71,6 +71,18 @@ FUNCTION_TYPE = ir.FunctionType(I64, [PTR, I64, I64, I64, I64, I64, I64])
 ENTRY_NAME = "bpf_entry"  # (ctx) -> r0: bpf_0 with its arguments from the context
 ENTRY_TYPE = ir.FunctionType(I64, [PTR])
 LIKELY = (2000, 1)  # branch weights of a check that passes
+
+
+def likely(branch: ir.CBranch) -> None:
+    """Mark the first target of a conditional branch the likely one (one metadata node per
+    module: llvmlite's set_weights makes and looks up a new one each time)."""
+    module = branch.module
+    node = getattr(module, "_bpffs_likely", None)
+    if node is None:
+        node = module._bpffs_likely = module.add_metadata(
+            [ir.MetaDataString(module, "branch_weights"), *(ir.Constant(I32, w)
+                                                            for w in LIKELY)])
+    branch.set_metadata("prof", node)
 _ATOMIC_RMW = {Alu.ADD: "add", Alu.OR: "or", Alu.AND: "and", Alu.XOR: "xor"}
 
 
@@ -200,10 +212,16 @@ class _FunctionWriter:
                      self._field(f))
 
     def reg(self, n: int) -> ir.Value:
-        return self.b.load(self.regs[n], typ=I64)
+        """Register n: the value this block last gave it, else a load of its slot. (Less IR
+        to build and to parse: LLVM would remove the load anyway.)"""
+        value = self.known.get(n)
+        return value if value is not None else self.b.load(self.regs[n], typ=I64)
 
     def set_reg(self, n: int, value: ir.Value) -> None:
+        """Always at an insn's top level, never in one arm of a split that merges again,
+        so the value dominates the rest of the bpf block (where `known` serves it)."""
         self.b.store(value, self.regs[n])
+        self.known[n] = value
 
     def reload(self) -> None:
         """After a call out: the table may have moved, the budget changed, the stack too."""
@@ -226,7 +244,7 @@ class _FunctionWriter:
         """Branch on `ok` to a new block (where the builder goes on) or a returned failure
         block, which the caller fills."""
         go_on, fail = self._new_block(name), self._new_block(f"{name}.fail")
-        self.b.cbranch(ok, go_on, fail).set_weights(list(LIKELY))
+        likely(self.b.cbranch(ok, go_on, fail))
         self.b.position_at_end(go_on)
         return fail
 
@@ -246,7 +264,7 @@ class _FunctionWriter:
                                                                   len(self.faults))),
                           self.b.block)
         go_on = self._new_block(name)
-        self.b.cbranch(ok, go_on, block).set_weights(list(LIKELY))
+        likely(self.b.cbranch(ok, go_on, block))
         self.b.position_at_end(go_on)
 
     def _shared_fault(self) -> tuple[ir.Block, ir.PhiInstr]:
@@ -292,7 +310,7 @@ class _FunctionWriter:
         self.b.position_at_end(here)
 
     # -- memory ----------------------------------------------------------------------------
-    def access(self, addr: ir.Value, size: int, write: bool) -> ir.Value:
+    def access(self, addr: ir.Value, size: int, write: int) -> ir.Value:
         """Pointer to `size` bytes at `addr` after the region table's check; a failed check
         returns with Status.MEMORY and the access in the context."""
         b = self.b
@@ -303,7 +321,7 @@ class _FunctionWriter:
                                (fault_write, ir.Constant(I64, int(write)))):
                 phi.add_incoming(value, b.block)
             go_on = self._new_block(name)
-            b.cbranch(ok, go_on, fault).set_weights(list(LIKELY))
+            likely(b.cbranch(ok, go_on, fault))
             b.position_at_end(go_on)
 
         region = b.lshr(addr, ir.Constant(I64, REGION_SHIFT))
@@ -319,7 +337,7 @@ class _FunctionWriter:
                             source_etype=I64), typ=PTR)
         return b.gep(base, [offset], source_etype=I8)
 
-    def _pointer(self, base_reg: int, off: int, size: int, write: bool) -> ir.Value:
+    def _pointer(self, base_reg: int, off: int, size: int, write: int) -> ir.Value:
         """Where an access at base_reg + off goes: this frame's stack directly when that is
         provably inside it, else through the region table."""
         at = MAX_BPF_STACK + off
@@ -353,6 +371,7 @@ class _FunctionWriter:
         self.stack_region = b.alloca(I64, name="stack_region")
         self.unwind = self._new_block("unwind")
         self._fault_block = self._memory_fault_block = None
+        self.known: dict[int, ir.Value] = {}
         for n in range(NUM_REGS):
             self.set_reg(n, self.fn.args[n] if 1 <= n <= 5 else ir.Constant(I64, 0))
         b.store(b.load(self._field(Field.TABLE), typ=PTR), self.table)
@@ -365,6 +384,7 @@ class _FunctionWriter:
         b.branch(blocks[self.entry])
         for pc in sorted(leaders):
             b.position_at_end(blocks[pc])
+            self.known = {}  # (a block may be entered from anywhere)
             self._block(pc, leaders, blocks)
         b.position_at_end(self.unwind)
         self.spill()
@@ -553,9 +573,10 @@ class _FunctionWriter:
         the store is a real atomic (LLVM atomicrmw): map memory is shared with other
         processes; CMPXCHG stays a plain load and conditional store."""
         b, bits = self.b, i.size * 8
-        old = b.load(self._pointer(i.dst, i.off, i.size, False), typ=ir.IntType(bits), align=1)
-        src = self._trunc(self.reg(i.src), bits)
         if i.imm == Atomic.CMPXCHG:
+            old = b.load(self._pointer(i.dst, i.off, i.size, False), typ=ir.IntType(bits),
+                         align=1)
+            src = self._trunc(self.reg(i.src), bits)
             equal = b.icmp_unsigned("==", self._trunc(self.reg(R0), bits), old)
             with b.if_then(equal):
                 b.store(src, self._pointer(i.dst, i.off, i.size, True), align=1)
@@ -565,7 +586,11 @@ class _FunctionWriter:
         if alu_op is None and i.imm != Atomic.XCHG:
             self.fault(f"unknown atomic operation {i.imm:#x}", pc)
             return False
-        pointer = self._pointer(i.dst, i.off, i.size, True)
+        # One check for both: writable implies readable (the glue reports the read fault
+        # first, as the interpreter would, where the access was not readable either).
+        pointer = self._pointer(i.dst, i.off, i.size, READ_WRITE)
+        old = b.load(pointer, typ=ir.IntType(bits), align=1)
+        src = self._trunc(self.reg(i.src), bits)
         new = src if alu_op is None else self._operation(alu_op, 0, old, src, bits)
         rmw = "xchg" if alu_op is None else _ATOMIC_RMW.get(alu_op)
         if rmw is not None:
@@ -574,7 +599,7 @@ class _FunctionWriter:
                                       ir.Constant(I64, 0))
             atomic, plain, done = (self._new_block(n) for n in ("atomic", "atomic.plain",
                                                                  "atomic.done"))
-            b.cbranch(aligned, atomic, plain).set_weights(list(LIKELY))
+            likely(b.cbranch(aligned, atomic, plain))
             b.position_at_end(atomic)
             atomic_old = b.atomic_rmw(rmw, pointer, src, "seq_cst")
             b.branch(done)
@@ -766,7 +791,7 @@ def _helper_function(module: ir.Module, helper: int, maps: list[MapInfo | None],
             to_python = b.icmp_unsigned("==", b.load(status, typ=I64),
                                         ir.Constant(I64, Status.PYTHON))
             returned, handed = fn.append_basic_block(), fn.append_basic_block()
-            b.cbranch(to_python, handed, returned).set_weights([1, 2000])
+            likely(b.cbranch(b.not_(to_python), returned, handed))
             b.position_at_end(returned)
             b.ret(r0)
             b.position_at_end(handed)
