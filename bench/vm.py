@@ -25,7 +25,7 @@ from importlib.util import find_spec
 from bpffs.vm import asm, kernel, load_program
 from bpffs.vm.context import SKB
 from bpffs.vm.env import RunEnv
-from bpffs.vm.isa import R0, R1, R2, R3, R4, R6, R7, R10, Alu, Atomic, Jmp
+from bpffs.vm.isa import R0, R1, R2, R3, R4, R5, R6, R7, R10, Alu, Atomic, Jmp
 from bpffs.vm.maps import create_map
 from bpffs.vm.uapi import BPF_ANY, Helper, MapType, ProgType, TcAct
 
@@ -177,6 +177,46 @@ def native_batch_ns(code: bytes, prog_type: int, maps: dict, packets: int) -> fl
     return (time.perf_counter_ns() - start) / packets
 
 
+def helper_programs(map_fd: int) -> dict[str, bytes]:
+    """One call of each helper that stays a Python callback on the native tier (see
+    vm/native/maps.py and README), in a program that otherwise only returns; "none" is the
+    same program without the call."""
+    def calling(*setup, helper: Helper) -> bytes:
+        return asm.program(asm.mov64_reg(R6, R1), *setup, asm.call(helper),
+                           asm.mov64_imm(R0, 0), asm.exit())
+
+    key = [asm.st(4, R10, -4, 5), asm.mov64_reg(R2, R10), asm.add64_imm(R2, -4),
+           asm.ld_map_fd(R1, map_fd)]
+    return {
+        "none": asm.program(asm.mov64_reg(R6, R1), asm.mov64_imm(R0, 0), asm.exit()),
+        "bpf_redirect (native)": calling(asm.mov64_imm(R1, 3), asm.mov64_imm(R2, 0),
+                                         helper=Helper.redirect),
+        "map_lookup_elem (native)": calling(*key, helper=Helper.map_lookup_elem),
+        "get_prandom_u32": calling(helper=Helper.get_prandom_u32),
+        "ktime_get_ns": calling(helper=Helper.ktime_get_ns),
+        "get_cgroup_classid": calling(asm.mov64_reg(R1, R6), helper=Helper.get_cgroup_classid),
+        "map_delete_elem (a missing key)": calling(*key, helper=Helper.map_delete_elem),
+        "l3_csum_replace": calling(asm.mov64_reg(R1, R6), asm.mov64_imm(R2, 24),
+                                   asm.mov64_imm(R3, 0), asm.mov64_imm(R4, 1),
+                                   asm.mov64_imm(R5, 2), helper=Helper.l3_csum_replace),
+        "skb_store_bytes": calling(asm.st(4, R10, -8, 0x1234), asm.mov64_reg(R1, R6),
+                                   asm.mov64_imm(R2, 14), asm.mov64_reg(R3, R10),
+                                   asm.add64_imm(R3, -8), asm.mov64_imm(R4, 2),
+                                   asm.mov64_imm(R5, 0), helper=Helper.skb_store_bytes),
+    }
+
+
+def helper_costs(packets: int) -> None:
+    """ns per packet of a native batch with one call of each helper, and above "none"."""
+    vm_map = create_map(MapType.HASH, 4, 8, 64)
+    costs = {name: native_batch_ns(code, ProgType.SCHED_CLS, {7: vm_map}, packets)
+             for name, code in helper_programs(7).items()}
+    base = costs.pop("none")
+    print(f"native batch, one helper call a packet (ns/packet; the program alone: {base:.0f}):")
+    for name, ns in costs.items():
+        print(f"  {name:34} {ns:8.0f}  (+{ns - base:,.0f})")
+
+
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -291,6 +331,7 @@ def main() -> None:
               f" {kernel_text} {interp / fastest:7.1f}x {ratio} {batch_ratio}  ({unit})")
         sys.stdout.flush()
     if native:
+        helper_costs(max(int(20000 * scale), 1000))
         native_compile_times(scale)
 
 

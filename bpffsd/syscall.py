@@ -448,7 +448,7 @@ class Syscalls:
         and stops when the caller hangs up (the kernel's EINTR on a signal)."""
         prog = self._test_run_prog(conn, handle)
         env = self._run_env(conn, options)
-        tier = options.get("tier", "compiled")
+        tier = options.get("tier", vm.DEFAULT_TIER)
         with self.store.held(self.store.of(prog)):  # its fd may close while it runs
             out = await self._test_run(conn, prog, tier, data_in, ctx_in, repeat, env)
         if data_size_out and len(out["data_out"]) > data_size_out:
@@ -506,7 +506,7 @@ class Syscalls:
         if set(map(type, packets)) - {bytes}:
             raise BpfError(errno.EINVAL, "prog_test_run_batch: packets must be bytes")
         env = self._run_env(conn, options)
-        tier = options.get("tier", "compiled")
+        tier = options.get("tier", vm.DEFAULT_TIER)
         with self.store.held(self.store.of(prog)):  # its fd may close while it runs
             return await self._test_run_batch(conn, prog, tier, packets, env)
 
@@ -543,7 +543,7 @@ class Syscalls:
                            " one request")
         starts, sizes = array("Q", offsets), array("I", lengths)
         env = self._run_env(conn, options)
-        tier = options.get("tier", "compiled")
+        tier = options.get("tier", vm.DEFAULT_TIER)
         with self.store.held(self.store.of(prog)), _mapped_packets(fd, starts, sizes) as packets:
             return await self._test_run_buffer(conn, prog, tier, packets, starts, sizes, env)
 

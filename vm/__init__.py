@@ -9,9 +9,9 @@ from .env import PerfEvent, RunEnv
 from .errors import BpfError, MemoryFault, VmFault
 from .helpers import HELPERS
 from .memory import Memory
-from .program import Program, load_program
+from .program import DEFAULT_TIER, Program, load_program
 from .run import Run, TestRunResult, check_packets
 
-__all__ = ["HELPERS", "BpfError", "Memory", "MemoryFault", "PerfEvent", "Program", "Run",
-           "RunEnv", "TestRunResult", "VmFault", "check_packets", "disassemble", "format_insn",
-           "load_program"]
+__all__ = ["DEFAULT_TIER", "HELPERS", "BpfError", "Memory", "MemoryFault", "PerfEvent",
+           "Program", "Run", "RunEnv", "TestRunResult", "VmFault", "check_packets",
+           "disassemble", "format_insn", "load_program"]

@@ -150,6 +150,11 @@ class SkBuff:
         self._writable = None
         self.tunnel_key = None
 
+    @property
+    def written(self) -> bool:
+        """Whether anything asked for the frame writable (a copy of data_in was made)."""
+        return self._writable is not None
+
     def __getitem__(self, name: str) -> int:
         return int.from_bytes(self.ctx[SKB[name]:SKB[name] + 4], "little")
 

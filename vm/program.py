@@ -26,7 +26,10 @@ TIERS = ("compiled", "interpreter", "native", "auto")
 # "auto": the compiled tier at once, native code once a background thread has compiled it
 # (vm.native.background); the others are forced.
 AUTO = "auto"
-DEFAULT_TIER = "compiled"
+# What the daemon runs a program on unless a test run asks for a tier: as a JIT, the
+# compiled tier at once and native code once it is ready (the compiled tier alone where
+# llvmlite is missing). The VM's own API keeps "compiled" as its default.
+DEFAULT_TIER = AUTO
 # Larger programs are interpreted, not compiled (see Program.entry): the kernel's JIT too
 # may give up on a program and leave it to the interpreter.
 COMPILE_MAX_INSNS = 65_536

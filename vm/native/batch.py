@@ -104,9 +104,9 @@ def _finish(native: NativeProgram, batch: PacketBatch, call: _Invocation, index:
     does, its effects and output recorded."""
     context = call.context
     run = call.running
-    if context.batch_packet:
-        call.enter_packet(context.batch_packet - 1)
     call.enter()
+    if context.redirect:
+        call.flush_redirect()
     try:
         try:
             if context.status:

@@ -6,7 +6,8 @@ of a fresh skb on the loopback device), Run.reset (budget, the map values the la
 mapped), the run itself, and the columns of the result: r0, tc_classid and bpf_redirect's
 record. It returns to Python at the first packet it cannot finish alone (abi.Stop): one that
 does not fit an skb, one whose run ended with a status, set a field only Python reports
-(mark, priority, tc_index, a vlan tag) or called into Python (which sets BATCH_STOP). The
+(mark, priority, tc_index, a vlan tag), or whose callback into Python left Python holding
+part of its outcome (glue._Invocation.leave sets BATCH_STOP). The
 context's BATCH_PACKET says which packet a callback is for; Python clears it.
 """
 

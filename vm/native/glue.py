@@ -18,6 +18,7 @@ import llvmlite.binding as llvm
 
 from ..errors import VmFault
 from ..maps import BpfMap
+from ..memory import FIRST_DYNAMIC_REGION
 from ..run import redirect_effect
 from ..runtime import PacketExit, TailCall, call_helper, run_tail_calls, stack_top
 from .abi import ENTRY_WORDS, READ_WRITE, Context, Status
@@ -63,26 +64,40 @@ class _Invocation:
 
     def enter(self) -> None:
         """Python is about to run (a callback): the packet the batch driver runs becomes the
-        run's skb, and bpf_redirect's record its effect, so that Python sees the run's state
-        as the other tiers would have it."""
+        run's skb, and outside a batch (whose driver keeps a column of them) bpf_redirect's
+        record becomes its effect, so that Python sees the run as the other tiers have it."""
         context = self.context
         if context.batch_packet:
             self.enter_packet(context.batch_packet - 1)
-        if context.redirect:
-            record, context.redirect = context.redirect, 0
-            self.running.record("redirect", redirect_effect(record))
+        if context.redirect and self.batch is None:
+            self.flush_redirect()
+
+    def flush_redirect(self) -> None:
+        record, self.context.redirect = self.context.redirect, 0
+        self.running.record("redirect", redirect_effect(record))
 
     def enter_packet(self, index: int) -> None:
         """The rest of Run.next_packet for the driver's packet `index` (it reloaded the skb's
-        fields and reset the budget and the map values itself); the driver returns after
-        this packet, for Python to finish it."""
+        fields and reset the budget and the map values itself)."""
         context, run, batch = self.context, self.running, self.batch
         assert batch is not None and run.skb is not None
-        context.batch_packet, context.batch_stop = 0, 1
+        context.batch_packet = 0
         run.skb.adopt(batch.packet(index))
         if run.effects:
             run.effects = {}
         run.tail_target, run.tail_calls = None, 0
+
+    def leave(self) -> None:
+        """After a callback in a batch: the driver goes on to the next packet unless Python
+        now holds some of this packet's outcome (an effect, a written frame or tunnel key,
+        a map value mapped in Memory), then it returns after it for Python to finish it."""
+        if self.batch is None:
+            return
+        run = self.running
+        skb = run.skb
+        if run.effects or run.mem._next_id != FIRST_DYNAMIC_REGION or (
+                skb is not None and (skb.written or skb.tunnel_key is not None)):
+            self.context.batch_stop = 1
 
     @property
     def running(self) -> Run:
@@ -163,6 +178,7 @@ def _helper(context: int, helper_id: int, r1: int, r2: int, r3: int, r4: int, r5
         r0 = 0
     call.table.sync_new(run.mem)
     call.refresh()
+    call.leave()
     return r0
 
 
@@ -193,6 +209,7 @@ def _frame(context: int, depth: int) -> int:
         top = 0
     call.table.sync(run.mem)
     call.refresh()
+    call.leave()
     return top
 
 
@@ -209,6 +226,7 @@ def _tail(context: int, depth: int) -> int:
         r0 = 0
     call.table.sync(run.mem)
     call.refresh()
+    call.leave()
     return r0
 
 
@@ -244,7 +262,7 @@ class NativeProgram:
                                     triple, layout, [info for info, _ in described])
         else:
             translation, maps = translated.translation, translated.maps
-        self.prog = prog
+        self.prog, self.opt = prog, opt
         self.translation = translation
         self.faults = translation.faults
         self.uses_packet = translation.uses_packet

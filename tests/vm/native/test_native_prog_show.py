@@ -43,3 +43,15 @@ def test_prog_show_says_which_tier(client, daemon) -> None:  # type: ignore[no-u
 
     assert "\ttier native\n" in show()
     assert json.loads(show("-j"))["tier"] == "native"
+
+
+def test_test_runs_tier_up_unless_they_ask_for_a_tier(client) -> None:  # type: ignore[no-untyped-def]
+    """The daemon's default tier is "auto": compiled at once, native code once ready."""
+    fd = client.prog_load(ProgType.SCHED_CLS, random_program(12), name="by_default")
+    retval = client.prog_test_run(fd, PACKET).retval
+    deadline = time.monotonic() + 30
+    while client.obj_get_info_by_fd(fd)["tier"] != "native":
+        assert time.monotonic() < deadline
+        client.prog_test_run(fd, PACKET)
+        time.sleep(0.02)
+    assert client.prog_test_run(fd, PACKET).retval == retval

@@ -52,6 +52,22 @@ def test_loading_and_a_first_run_do_not_wait_for_llvm() -> None:
           f" {native_after * 1e3:.0f} ms")
 
 
+def test_long_programs_get_quick_code_first_then_optimised_code_from_the_same_ir() -> None:
+    from bpffs.vm.native import QUICK_FIRST_INSNS, compile_tiers
+    from bpffs.vm.native.engine import DEFAULT_OPT, QUICK
+
+    long, short = load(alu_program(QUICK_FIRST_INSNS)), load(alu_program(100))
+    quick, optimised = compile_tiers(long)
+    assert (quick.opt, optimised.opt) == (QUICK, DEFAULT_OPT)
+    assert optimised.translation is quick.translation
+    results = set()
+    for fn in (quick, optimised):
+        long._entries["native"] = fn
+        results.add(long.test_run(PACKET, tier="native").retval)
+    assert results == {long.test_run(PACKET, tier="interpreter").retval}
+    assert [fn.opt for fn in compile_tiers(short)] == [DEFAULT_OPT]
+
+
 def test_forced_tiers_stay_forced() -> None:
     prog = load(random_program(5))
     for tier in ("interpreter", "compiled", "native"):
