@@ -2,18 +2,20 @@
 `classifier`) over a synthetic capture (default 1,000,000 packets), side by side with the
 running kernel's BPF_PROG_TEST_RUN on the same packets, in the same run.
 
-    python3 bench/pcap.py [--packets N] [--tier compiled|interpreter] [--profile]
+    python3 bench/pcap.py [--packets N] [--tier native|auto|compiled|interpreter] [--profile]
 
-Reports packets/s for: bpffs replay end to end (capture read, batched test runs over the
-control socket, verdict accounting), the VM alone in this process (the batch of test runs the
-daemon runs, without the socket), and the kernel (one BPF_PROG_TEST_RUN syscall per packet
-through ctypes), with ratios. The machine is shared and has 2 cores: numbers are noisy, run
+Reports packets/s for: bpffs replay end to end (capture indexed, packets sent in a memfd,
+test runs in the daemon, verdict accounting from result columns), the VM alone in this
+process (the capture indexed and run in buffers as the daemon runs them, without the
+socket), and the kernel (one BPF_PROG_TEST_RUN syscall per packet through ctypes), with
+ratios. The machine is shared and has 2 cores: numbers are noisy, run
 it twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import random
 import struct
@@ -30,10 +32,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import DaemonProcess  # noqa: E402
 
 from bpffs import vm  # noqa: E402
-from bpffs.client import Client  # noqa: E402
+from bpffs.client import Client, pcap_index  # noqa: E402
 from bpffs.client.loader import read_object  # noqa: E402
 from bpffs.client.loader.load import LoadOptions, load_object  # noqa: E402
-from bpffs.client.replay import CHUNK, Replay, open_capture  # noqa: E402
+from bpffs.client.replay import SPAN, Replay, open_capture  # noqa: E402
 from bpffs.vm import kernel  # noqa: E402
 from bpffs.vm.uapi import ProgType, TcAct  # noqa: E402
 
@@ -81,16 +83,32 @@ def bench_replay(client: Client, fd: int, capture: Path, tier: str) -> tuple[flo
     return time.perf_counter() - started, summary.as_dict()
 
 
-def bench_vm_in_process(insns: bytes, packets: list[bytes], tier: str) -> tuple[float, dict]:
-    """The daemon's part of a replay without the socket: one batch of test runs (what the
-    prog_test_run_batch op runs), fed CHUNK packets at a time."""
+def index_capture(path: Path) -> tuple[mmap.mmap, list[pcap_index.Index]]:
+    """The capture mapped and indexed, SPAN packets at a time, as pcap replay reads it
+    (offsets from the start of the file)."""
+    with open(path, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    spans, pos = [], 24
+    while True:
+        index = pcap_index.index(data, pos, 0, SPAN, False)
+        spans.append(index)
+        if len(index.offsets) < SPAN:
+            return data, spans
+        pos = index.end
+
+
+def bench_vm_in_process(insns: bytes, capture: Path, tier: str) -> tuple[float, dict]:
+    """The daemon's part of a replay without the socket: the capture indexed and run in
+    buffers as prog_test_run_buffer runs them (PacketBatch.feed_buffer)."""
     prog, _ = vm.load_program(ProgType.SCHED_CLS, insns, license="GPL",
                               resolve_map=lambda fd: None)
     env = vm.RunEnv.from_options({}, pid=os.getpid(), uid=0, gid=0, trace=None)
+    prog.entry(tier)
     started = time.perf_counter()
+    data, spans = index_capture(capture)
     batch = prog.test_run_batch(env, tier)
-    for start in range(0, len(packets), CHUNK):
-        batch.feed(packets[start:start + CHUNK])
+    for index in spans:
+        batch.feed_buffer(data, index.offsets, index.lengths)
     return time.perf_counter() - started, dict(Counter(batch.retvals))
 
 
@@ -137,7 +155,7 @@ def bench_kernel(insns: bytes, packets: list[bytes]) -> tuple[float, dict, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=1_000_000)
-    parser.add_argument("--tier", default="compiled")
+    parser.add_argument("--tier", default="native")
     parser.add_argument("--profile", action="store_true",
                         help="profile the client side of the replay with pyinstrument")
     args = parser.parse_args()
@@ -153,7 +171,13 @@ def main() -> None:
         t = time.perf_counter()
         packets = read_packets(capture)
         read_s = time.perf_counter() - t
-        print(f"{'read capture only':<34} {len(packets) / read_s:>12,.0f} packets/s")
+        print(f"{'read capture into bytes objects':<34} {len(packets) / read_s:>12,.0f}"
+              " packets/s")
+        t = time.perf_counter()
+        index_capture(capture)
+        print(f"{'index capture (what replay reads)':<34}"
+              f" {len(packets) / (time.perf_counter() - t):>12,.0f} packets/s"
+              f" ({'native' if pcap_index._native() else 'Python'} walk)")
 
         daemon = DaemonProcess(work / "daemon", mount=False).start()
         rows = []
@@ -172,9 +196,11 @@ def main() -> None:
                 rows.append(("bpffs pcap replay (end to end)", seconds, summary["verdicts"]))
         finally:
             daemon.stop()
-        seconds, verdicts = bench_vm_in_process(insns, packets, args.tier)
+        seconds, verdicts = bench_vm_in_process(insns, capture, args.tier)
         rows.append((f"VM batch in process ({args.tier})", seconds, verdicts))
-        phases = vm_phases(insns, packets[:100_000], args.tier)
+        # (one packet at a time through Run: what the Python tiers' batches do)
+        phases = vm_phases(insns, packets[:100_000], args.tier) \
+            if args.tier in ("compiled", "interpreter") else None
         inside = None
         if kernel.available():
             seconds, verdicts, inside = bench_kernel(insns, packets)
@@ -184,9 +210,10 @@ def main() -> None:
         for name, seconds, verdicts in rows:
             print(f"{name:<34} {len(packets) / seconds:>12,.0f} packets/s  ({seconds:.2f}s)"
                   f"  verdicts {verdicts}")
-        per_run = 1e6 * rows[1][1] / len(packets)
-        print("VM batch, us per packet: " + ", ".join(
-            f"{name} {us:.1f}" for name, us in phases.items()) + f" (of {per_run:.1f})")
+        if phases:
+            per_run = 1e6 * rows[1][1] / len(packets)
+            print("VM batch, us per packet: " + ", ".join(
+                f"{name} {us:.1f}" for name, us in phases.items()) + f" (of {per_run:.1f})")
         if inside:
             print(f"{'(kernel: inside the test runs)':<34} {len(packets) / inside:>12,.0f}"
                   f" packets/s  ({inside:.2f}s)")

@@ -143,6 +143,38 @@ def test_redirect_targets(daemon: DaemonProcess, client: Client, bpf_dir: Path,
     assert doc["redirects"] == {"ifindex 4 (egress)": 2}
 
 
+def test_a_replay_is_the_same_on_every_tier_and_with_either_reader(
+        daemon: DaemonProcess, client: Client, bpf_dir: Path, tmp_path: Path,
+        examples: dict[str, Path], classifier: Path) -> None:
+    """The whole summary and the packets written: the native batch driver (with native
+    redirects), the Python tiers, and the capture read natively or by the Python walk
+    (BPFFS_NATIVE_PCAP=0), over damaged packets too."""
+    spec = read_object(examples["redirect_fwd"])
+    with load_object(client, spec, LoadOptions(mount=str(bpf_dir))) as loaded:
+        client.map_update_elem(loaded.maps["fwd_target"], bytes(4), struct.pack("<I", 4))
+        client.obj_pin(loaded.programs["forward"], bpf_dir / "fwd")
+    capture = write_pcap(tmp_path / "in.pcap", [
+        ARP, IPV4, (IPV6[:20], 1500), bytes(10), bytes(12) + b"\x08\x00" + bytes(70_000),
+        LLDP, *[bytes(12) + t + bytes(n) for n in (46, 1500) for t in (b"\x08\x06",
+                                                                       b"\x86\xdd")]])
+    for prog in (classifier, bpf_dir / "fwd"):
+        seen = []
+        for tier, walk in (("native", "1"), ("native", "0"), ("compiled", "1"),
+                           ("interpreter", "0")):
+            out = tmp_path / f"out-{tier}-{walk}.pcap"
+            done = subprocess.run([sys.executable, "-c", CLI, "pcap", "run", "pinned",
+                                   str(prog), "--pcap", str(capture), "--out", str(out),
+                                   "--tier", tier, "--json"],
+                                  env={**daemon.env, "BPFFS_NATIVE_PCAP": walk},
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            doc = json.loads(done.stdout)
+            del doc["seconds"], doc["packets_per_second"]
+            seen.append((doc, out.read_bytes()))
+        assert all(s == seen[0] for s in seen), prog.name
+        assert seen[0][0]["packets"] == 8 and seen[0][0]["truncated"] == 1
+
+
 def test_kprobe_programs_cannot_replay(daemon: DaemonProcess, client: Client, bpf_dir: Path,
                                        tmp_path: Path, examples: dict[str, Path]) -> None:
     with load_object(client, read_object(examples["perf_events"]),
