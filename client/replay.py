@@ -31,6 +31,7 @@ from . import calls, pcap_index
 from .calls import BufferRun
 from .pcap_index import RECORD, Index
 from .sync import Client
+from .tally import tally
 
 MAX_SNAPLEN = 262144  # tcpdump's MAXIMUM_SNAPLEN: larger records are "giant" and not run
 DLT_EN10MB = 1
@@ -218,6 +219,17 @@ def _target(target: dict) -> tuple[int, bool]:
     return target["ifindex"], bool(target.get("ingress"))
 
 
+def _tally(keys: array, weights: array | None = None) -> dict[int, tuple[int, int]]:
+    """tally.tally, counted in Python where native code cannot."""
+    counted = tally(keys, weights)
+    if counted is None:
+        counted = {}
+        for key, weight in zip(keys, weights or itertools.repeat(0), strict=False):
+            packets, total = counted.get(key, (0, 0))
+            counted[key] = (packets + 1, total + weight)
+    return counted
+
+
 def _redirect(ifindex: int, ingress: bool) -> str:
     return f"ifindex {ifindex} ({'ingress' if ingress else 'egress'})"
 
@@ -276,7 +288,7 @@ class Replay:
         if self._pending:
             self._send_pending()
         index, data, base = span.index, span.data, span.base
-        offsets, lengths = self._runnable(index.offsets, index.lengths, index.wire)
+        offsets, lengths = self._runnable(index)
 
         def packet_at(i: int) -> tuple[float, bytes]:
             at = base + offsets[i]
@@ -299,10 +311,11 @@ class Replay:
         if len(self._pending) >= self.chunk:
             self._send_pending()
 
-    def _runnable(self, offsets: array, lengths: array, wire: array) -> tuple[array, array]:
+    def _runnable(self, index: Index) -> tuple[array, array]:
         """The packets of an index that are run: the others (giants, runts) are counted."""
-        self.summary.truncated += sum(map(operator.gt, wire, lengths))
-        if lengths and (max(lengths) > MAX_SNAPLEN or min(lengths) < self.shortest):
+        self.summary.truncated += index.truncated
+        offsets, lengths = index.offsets, index.lengths
+        if index.longest > MAX_SNAPLEN or index.shortest < self.shortest:
             keep = [self.shortest <= n <= MAX_SNAPLEN for n in lengths]
             self._skip(itertools.compress(lengths, map(operator.not_, keep)))
             return array("Q", itertools.compress(offsets, keep)), \
@@ -356,37 +369,44 @@ class Replay:
         return self.summary
 
     def _account(self, lengths: array, packet_at: PacketAt, run: BufferRun) -> None:
-        """Count one request's results: by column (C loops), Python only for the packets
+        """Count one request's results by value (tally: native), Python only for the packets
         refused, changed or with effects beyond a classid and a redirect."""
         s, errors, outputs, retvals = self.summary, run.errors, run.outputs, run.retvals
         for _err, message in errors.values():
             s.skipped[f"refused by the test run: {message}"] += 1
+        refused_bytes = sum(lengths[i] for i in errors)
         s.packets += len(lengths) - len(errors)
-        s.bytes += sum(lengths) - sum(lengths[i] for i in errors)
+        kept: list[bool] | None = None
         if self.is_tc:
-            verdicts = Counter(retvals)
-            verdicts[0] -= len(errors)  # (a refused packet's retval is 0)
-            for retval, count in verdicts.items():
-                if count:
-                    s.verdicts[_tc_name(retval)] += count
-            kept = list(map(_GOES_ON.__contains__, retvals))
-            for i in errors:
-                kept[i] = False
-            s.accepted_packets += sum(kept)
-            s.accepted_bytes += sum(itertools.compress(lengths, kept))
-            s.accepted_bytes += sum(len(d) - lengths[i] for i, d in outputs.items() if kept[i])
-            for classid, count in Counter(run.classids).items():
+            by_retval = _tally(retvals, lengths)
+            packets, total = by_retval.get(0, (0, 0))  # (a refused packet's retval is 0)
+            by_retval[0] = (packets - len(errors), total - refused_bytes)
+            for retval, (packets, total) in by_retval.items():
+                s.bytes += total
+                if packets:
+                    s.verdicts[_tc_name(retval)] += packets
+                if retval in _GOES_ON:
+                    s.accepted_packets += packets
+                    s.accepted_bytes += total
+            s.accepted_bytes += sum(len(d) - lengths[i] for i, d in outputs.items()
+                                    if retvals[i] in _GOES_ON and i not in errors)
+            if self.write is not None:
+                kept = list(map(_GOES_ON.__contains__, retvals))
+                for i in errors:
+                    kept[i] = False
+            for classid, (packets, _) in _tally(run.classids).items():
                 if classid:
-                    s.classids[f"{classid >> 16:x}:{classid & 0xFFFF:x}"] += count
-            for record, count in Counter(run.redirects).items():
+                    s.classids[f"{classid >> 16:x}:{classid & 0xFFFF:x}"] += packets
+            for record, (packets, _) in _tally(run.redirects).items():
                 if record:
-                    s.redirects[_redirect(*_target(redirect_effect(record)))] += count
+                    s.redirects[_redirect(*_target(redirect_effect(record)))] += packets
             clones: Counter = Counter()
             for effects in run.effects.values():
                 clones.update(map(_target, effects.get("clone_redirects", ())))
             for (ifindex, ingress), count in clones.items():
                 s.clone_redirects[_redirect(ifindex, ingress)] += count
         else:
+            s.bytes += sum(lengths) - refused_bytes
             # A socket filter cannot change the packet; it keeps its first retval bytes. (The
             # test run's data_out is not the packet: the kernel zeroes its Ethernet type.)
             outputs = {}
@@ -400,6 +420,7 @@ class Replay:
             s.verdicts["accept"] += accepted
             s.verdicts["drop"] += len(lengths) - len(errors) - accepted
         if self.write is not None:
+            assert kept is not None
             for i in itertools.compress(range(len(kept)), kept):
                 ts, data = packet_at(i)
                 out = outputs.get(i, data)

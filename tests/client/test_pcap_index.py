@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import struct
-from array import array
 
 import pytest
 
@@ -25,38 +24,29 @@ def capture(seed: int, big_endian: bool, records: int = 500, cut: int = 0) -> by
     return blob[:len(blob) - cut]
 
 
-def walk(data: bytes, big_endian: bool, count: int, native: bool) -> list:
-    """Every record, `count` at a time: (offsets, lengths, wire, end) of each chunk."""
-    if native:
-        pytest.importorskip("llvmlite")
+def walk(data: bytes, big_endian: bool, count: int) -> list[pcap_index.Index]:
+    """Every record, `count` at a time."""
     chunks, pos = [], 24
     while True:
-        if native:
-            index = pcap_index.index(data, pos, pos, count, big_endian)
-        else:
-            index = pcap_index.Index(array("Q", bytes(8 * count)), array("I", bytes(4 * count)),
-                                     array("I", bytes(4 * count)), 0)
-            found, index.end = pcap_index._python_walk(data, pos, pos, count, big_endian,
-                                                       index.offsets, index.lengths,
-                                                       index.wire)
-            for column in (index.offsets, index.lengths, index.wire):
-                del column[found:]
-        chunks.append((index.offsets.tolist(), index.lengths.tolist(), index.wire.tolist(),
-                       index.end))
-        if len(index.offsets) < count:
+        chunks.append(pcap_index.index(data, pos, pos, count, big_endian))
+        if len(chunks[-1].offsets) < count:
             return chunks
-        pos = index.end
+        pos = chunks[-1].end
 
 
 @pytest.mark.parametrize("big_endian", [False, True])
 @pytest.mark.parametrize("cut", [0, 1, 10, 20])
 @pytest.mark.parametrize("count", [1, 7, 1000])
 def test_the_native_walk_finds_what_the_python_walk_finds(big_endian: bool, cut: int,
-                                                          count: int) -> None:
+                                                          count: int, monkeypatch) -> None:
+    pytest.importorskip("llvmlite")
     data = capture(cut * 31 + count, big_endian, cut=cut)
-    native = walk(data, big_endian, count, native=True)
-    assert native == walk(data, big_endian, count, native=False)
-    found, end = sum(len(offsets) for offsets, *_ in native), native[-1][3]
+    native = walk(data, big_endian, count)
+    monkeypatch.setattr(pcap_index, "_native", lambda: None)
+    assert native == walk(data, big_endian, count)
+    assert any(chunk.truncated for chunk in native)
+    assert max(chunk.longest for chunk in native) == 9000
+    found, end = sum(len(chunk.offsets) for chunk in native), native[-1].end
     assert (found, end) == (500, len(data)) if not cut else (found < 500 and end < len(data))
 
 

@@ -148,7 +148,7 @@ def test_a_replay_is_the_same_on_every_tier_and_with_either_reader(
         examples: dict[str, Path], classifier: Path) -> None:
     """The whole summary and the packets written: the native batch driver (with native
     redirects), the Python tiers, and the capture read natively or by the Python walk
-    (BPFFS_NATIVE_PCAP=0), over damaged packets too."""
+    (BPFFS_NATIVE_CLIENT=0), over damaged packets too."""
     spec = read_object(examples["redirect_fwd"])
     with load_object(client, spec, LoadOptions(mount=str(bpf_dir))) as loaded:
         client.map_update_elem(loaded.maps["fwd_target"], bytes(4), struct.pack("<I", 4))
@@ -165,7 +165,7 @@ def test_a_replay_is_the_same_on_every_tier_and_with_either_reader(
             done = subprocess.run([sys.executable, "-c", CLI, "pcap", "run", "pinned",
                                    str(prog), "--pcap", str(capture), "--out", str(out),
                                    "--tier", tier, "--json"],
-                                  env={**daemon.env, "BPFFS_NATIVE_PCAP": walk},
+                                  env={**daemon.env, "BPFFS_NATIVE_CLIENT": walk},
                                   capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, done.stderr
             doc = json.loads(done.stdout)
