@@ -183,8 +183,9 @@ class PacketBatch:
         entry = self.prog.entry(self.tier)
         batch_runner = getattr(entry, "run_batch", None)
         if batch_runner is None or self.prog.prog_type == ProgType.SOCKET_FILTER:
+            # Views, not copies: a packet too large for an skb is refused on its length.
             view = memoryview(buffer)
-            self.feed([bytes(view[o:o + n]) for o, n in zip(offsets, lengths, strict=True)])
+            self.feed([view[o:o + n] for o, n in zip(offsets, lengths, strict=True)])
             return
         first, errors, start = self._grow(len(offsets)), len(self.errors), \
             time.perf_counter_ns()

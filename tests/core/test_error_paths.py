@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -264,6 +265,23 @@ def test_buffer_run_takes_only_a_memfd_that_cannot_shrink(raw: Raw, prog_fd: int
     try:
         expect(errno.EINVAL, lambda: raw.call("prog_test_run_buffer", handle, *_columns(4), {},
                                               fds=(fd,)), "F_SEAL_SHRINK")
+    finally:
+        os.close(fd)
+
+
+def test_buffer_run_refuses_a_memfd_of_huge_pages(raw: Raw, prog_fd: int) -> None:
+    """A hole punched in hugetlbfs memory is SIGBUS to a reader when the pool is empty: the
+    shrink seal does not forbid punching holes, so huge pages are refused outright."""
+    handle = raw.bind(prog_fd)
+    try:
+        fd = os.memfd_create("huge", os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    except OSError as e:
+        pytest.skip(f"no hugetlbfs memfds here: {e}")
+    try:
+        os.ftruncate(fd, os.fstat(fd).st_blksize)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        expect(errno.EINVAL, lambda: raw.call("prog_test_run_buffer", handle, *_columns(4), {},
+                                              fds=(fd,)), "huge pages")
     finally:
         os.close(fd)
 

@@ -296,3 +296,47 @@ def test_a_long_batch_does_not_stall_other_clients(daemon: DaemonProcess, classi
         done["status"] = time.monotonic()
     worker.join(timeout=120)
     assert done["status"] < done["batch"], "status waited for the whole batch"
+
+
+@pytest.mark.parametrize("tier", ["interpreter", "native"])
+def test_a_long_buffer_run_does_not_stall_other_clients(daemon: DaemonProcess,
+                                                        classifier: Path, tier: str) -> None:
+    """prog_test_run_buffer runs its packets in steps sized by the clock: another client is
+    answered while it runs, on a slow tier and a fast one."""
+    import threading
+    import time
+    from array import array
+
+    from bpffs.client import calls
+
+    count = 65536 if tier == "interpreter" else 1_000_000  # a second or so of work
+    frames = [IPV4, ARP, IPV6, LLDP]
+    memfd = calls.packets_memfd(b"".join(frames))
+    offsets = array("Q", [sum(map(len, frames[:i % 4])) for i in range(count)])
+    lengths = array("I", [len(frames[i % 4]) for i in range(count)])
+    done: dict[str, float] = {}
+
+    def replay() -> None:
+        with daemon.client() as c:
+            fd = c.obj_get(classifier)
+            c.prog_test_run(fd, IPV4, tier=tier)  # compiled before the clock starts
+            done["started"] = time.monotonic()
+            run = c.prog_test_run_buffer(fd, memfd, offsets, lengths, tier=tier)
+            done["batch"] = time.monotonic()
+            done["verdicts"] = len(run.retvals)
+            os.close(fd)
+
+    worker = threading.Thread(target=replay)
+    try:
+        with daemon.client() as other:
+            worker.start()
+            while "started" not in done:
+                time.sleep(0.005)
+            time.sleep(0.05)  # the batch is running
+            other.status()
+            done["status"] = time.monotonic()
+        worker.join(timeout=120)
+    finally:
+        os.close(memfd)
+    assert done["verdicts"] == count
+    assert done["status"] < done["batch"], "status waited for the whole batch"

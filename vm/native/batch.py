@@ -37,8 +37,13 @@ class Packets:
         self.view = memoryview(buffer)
 
     def packet(self, index: int) -> bytes:
+        return bytes(self.at(index))
+
+    def at(self, index: int) -> memoryview:
+        """Packet `index` where it is (no copy: a packet too large for an skb is refused on
+        its length, never copied)."""
         start = self.offsets[index]
-        return bytes(self.view[start:start + self.lengths[index]])
+        return self.view[start:start + self.lengths[index]]
 
 
 def run_batch(native: NativeProgram, batch: PacketBatch, buffer: Buffer, offsets: array,
@@ -49,7 +54,7 @@ def run_batch(native: NativeProgram, batch: PacketBatch, buffer: Buffer, offsets
     packets = Packets(buffer, offsets, lengths)
     count, at = len(offsets), 0
     while at < count and (batch.run is None or batch.run.skb is None):
-        batch.run_one(first + at, packets.packet(at))  # makes the run (and its skb)
+        batch.run_one(first + at, packets.at(at))  # makes the run (and its skb)
         at += 1
     if at == count:
         return
@@ -87,26 +92,28 @@ def run_batch(native: NativeProgram, batch: PacketBatch, buffer: Buffer, offsets
             if stopped == Stop.FINISH:
                 _finish(native, batch, call, first + at, packets.packet(at))
         finally:
-            # The map values native code mapped: no later packet may reach them.
+            # The map values native code mapped: no later packet may reach them; nor the
+            # last packet's redirect record (the driver's column has it) a later run.
             table.clear(FIRST_DYNAMIC_REGION, max(context.next_id, mem._next_id))
-            context.batch_packet = 0
+            context.batch_packet = context.redirect = 0
             call.run = call.batch = None
         if stopped == Stop.DONE:
             break
         if stopped == Stop.UNFIT:
-            batch.run_one(first + at, packets.packet(at))
+            batch.run_one(first + at, packets.at(at))
         at += 1
 
 
 def _finish(native: NativeProgram, batch: PacketBatch, call: _Invocation, index: int,
             data: bytes) -> None:
     """The packet the driver stopped after: its status raised and handled as PacketBatch
-    does, its effects and output recorded."""
+    does, its effects and output recorded. Its classid and redirect columns are Python's to
+    write now (a fault leaves them 0, a tail call's target decides them)."""
     context = call.context
     run = call.running
-    call.enter()
-    if context.redirect:
-        call.flush_redirect()
+    batch.classids[index] = batch.redirects[index] = 0
+    call.enter()  # (the packet, and the redirect record as an effect)
+    call.batch = None  # a tail call's target runs as any other entry
     try:
         try:
             if context.status:

@@ -63,18 +63,16 @@ class _Invocation:
         self.batch: Packets | None = None  # the packets of the batch driver's run
 
     def enter(self) -> None:
-        """Python is about to run (a callback): the packet the batch driver runs becomes the
-        run's skb, and outside a batch (whose driver keeps a column of them) bpf_redirect's
-        record becomes its effect, so that Python sees the run as the other tiers have it."""
+        """Python is about to run (a callback, or the end of a native run): the packet the
+        batch driver runs becomes the run's skb, and bpf_redirect's record its effect, in
+        the order of the run's calls, so that Python sees the run as the other tiers have
+        it. (In a batch, the effect then makes the driver hand the packet to Python.)"""
         context = self.context
         if context.batch_packet:
             self.enter_packet(context.batch_packet - 1)
-        if context.redirect and self.batch is None:
-            self.flush_redirect()
-
-    def flush_redirect(self) -> None:
-        record, self.context.redirect = self.context.redirect, 0
-        self.running.record("redirect", redirect_effect(record))
+        if context.redirect:
+            record, context.redirect = context.redirect, 0
+            self.running.record("redirect", redirect_effect(record))
 
     def enter_packet(self, index: int) -> None:
         """The rest of Run.next_packet for the driver's packet `index` (it reloaded the skb's
@@ -293,6 +291,7 @@ class NativeProgram:
         context.table, context.table_len, context.budget = table.address, table.length, \
             run.budget
         context.arg_r1, context.arg_r2, context.arg_depth = r1, r2, depth
+        context.redirect = 0  # (any earlier record is an effect already)
         mem = run.mem
         context.next_id = mem._next_id
         try:

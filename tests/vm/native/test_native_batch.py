@@ -183,6 +183,82 @@ def test_tail_calls_in_a_batch_run_the_target() -> None:
     assert {42, 7} <= set(got["native"][0][0])
 
 
+def test_a_packet_that_faults_after_a_classid_and_a_redirect_has_neither() -> None:
+    """Columns of a refused packet are 0 on every tier, whatever its run did before."""
+    code = asm.program(
+        asm.mov64_reg(R6, R1), asm.st(4, R6, SKB["tc_classid"], 7),
+        asm.mov64_imm(R1, 3), asm.mov64_imm(R2, 0), asm.call(Helper.redirect),
+        asm.ld_abs(1, 14), asm.jmp_imm(Jmp.JGT, R0, 0x80, 1), asm.ldx(4, R0, R6, 200),
+        asm.exit())
+    _, classids, redirects, _, _, errors, _ = agree(code, frames(10))
+    assert errors and all(not classids[i] and not redirects[i] for i in errors)
+    assert any(classids) and any(redirects)
+
+
+def test_a_tail_call_s_target_decides_the_classid_and_the_redirect() -> None:
+    """The caller sets a classid and redirects to 3, directly or from a bpf-to-bpf callee;
+    the target clears the classid and redirects to 5: the target's record is the last."""
+    def program(tier: str, from_callee: bool) -> tuple:
+        progs = create_map(MapType.PROG_ARRAY, 4, 4, 1)
+        target, _ = load_program(ProgType.SCHED_CLS, asm.program(
+            asm.st(4, R1, SKB["tc_classid"], 0), asm.mov64_imm(R1, 5), asm.mov64_imm(R2, 0),
+            asm.call(Helper.redirect), asm.exit()), license="GPL", resolve_map={}.get)
+        progs.put(bytes(4), target)
+        tail = [asm.mov64_reg(R1, R6), asm.ld_map_fd(R2, 2), asm.mov64_imm(R3, 0),
+                asm.call(Helper.tail_call), asm.mov64_imm(R0, 9), asm.exit()]
+        head = [asm.mov64_reg(R6, R1), asm.st(4, R6, SKB["tc_classid"], 7),
+                asm.mov64_imm(R1, 3), asm.mov64_imm(R2, 0), asm.call(Helper.redirect)]
+        code = asm.program(*head, asm.call_local(1), asm.exit(), *tail) if from_callee \
+            else asm.program(*head, *tail)
+        return columns(code, [PACKET] * 4 + frames(11, 20), tier, maps={2: progs})
+
+    for from_callee in (False, True):
+        got = {tier: program(tier, from_callee) for tier in TIERS}
+        assert got["native"] == got["compiled"] == got["interpreter"]
+        assert not any(got["native"][1]) and set(got["native"][2]) - {0} == {(1 << 40) | 5}
+
+
+def test_no_redirect_record_outlives_its_packet() -> None:
+    """A buffer whose last packet redirected, then packets that do not: none redirects."""
+    code = asm.program(asm.mov64_reg(R6, R1), asm.ld_abs(1, 14), asm.jmp_imm(Jmp.JNE, R0, 1, 3),
+                       asm.mov64_imm(R1, 5), asm.mov64_imm(R2, 0), asm.call(Helper.redirect),
+                       asm.mov64_imm(R0, 0), asm.exit())
+    redirecting, quiet = PACKET[:14] + b"\x01" + PACKET[15:], PACKET[:14] + b"\x00" + PACKET[15:]
+    got = []
+    for tier in TIERS:
+        prog, _ = load_program(ProgType.SCHED_CLS, code, license="GPL", resolve_map={}.get)
+        batch = prog.test_run_batch(tier=tier)
+        batch.feed_buffer(*buffer_of([quiet, redirecting]))
+        batch.feed([quiet])
+        batch.feed_buffer(*buffer_of([quiet]))
+        got.append((batch.redirects.tolist(), prog.test_run(quiet, tier=tier).effects))
+    assert got[0] == got[1] == got[2] == ([0, (1 << 40) | 5, 0, 0], {})
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_packet_too_large_for_an_skb_is_refused_without_a_copy(tier: str) -> None:
+    """Four packets of 256 MiB each in a sparse buffer (a client's memfd could say so):
+    refused on their length; nothing near their size is allocated."""
+    import mmap
+    import tracemalloc
+
+    prog, _ = load_program(ProgType.SCHED_CLS, classifier(), license="GPL",
+                           resolve_map={}.get)
+    batch = prog.test_run_batch(tier=tier)
+    batch.feed_buffer(*buffer_of([PACKET]))
+    with mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as sparse:
+        tracemalloc.start()
+        try:
+            batch.feed_buffer(sparse, array("Q", [0, 1 << 28, 2 << 28, 3 << 28]),
+                              array("I", [1 << 28] * 4))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert [batch.errors[i][0] for i in range(1, 5)] == [22] * 4
+    assert "larger than" in batch.errors[1][1]
+
+
 @pytest.mark.parametrize("map_type", [MapType.HASH, MapType.ARRAY])
 @pytest.mark.parametrize("seed", range(4))
 def test_map_operations_in_a_batch_leave_the_same_maps(seed: int, map_type: int) -> None:
