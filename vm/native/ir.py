@@ -303,11 +303,9 @@ class _FunctionWriter:
         """After a call out: take the budget it left, return at once when it set a status."""
         self.b.store(self._load_field(Field.BUDGET), self.budget)
         ok = self.b.icmp_unsigned("==", self._load_field(Field.STATUS), ir.Constant(I64, 0))
-        fail = self._check(ok, name)
-        here = self.b.block
-        self.b.position_at_end(fail)
-        self.b.branch(self.unwind)
-        self.b.position_at_end(here)
+        go_on = self._new_block(name)
+        likely(self.b.cbranch(ok, go_on, self.unwind))
+        self.b.position_at_end(go_on)
 
     # -- memory ----------------------------------------------------------------------------
     def access(self, addr: ir.Value, size: int, write: int) -> ir.Value:

@@ -36,14 +36,17 @@ def buffer_of(packets: list[bytes], gap: int = 3) -> tuple[bytes, array, array]:
 
 
 def columns(code: bytes, packets: list[bytes], tier: str, maps: dict | None = None,
-            budget: int = RunEnv.budget, pieces: int = 3) -> tuple:
-    """Everything a batch records, the packets fed as `pieces` buffers."""
+            budget: int = RunEnv.budget, pieces: int = 3, as_list: bool = False) -> tuple:
+    """Everything a batch records, the packets fed as `pieces` buffers (or lists)."""
     prog, _ = load_program(ProgType.SCHED_CLS, code, license="GPL",
                            resolve_map=(maps or {}).__getitem__, verify=False)
     batch = prog.test_run_batch(RunEnv(budget=budget), tier)
     step = -(-len(packets) // pieces)
     for start in range(0, len(packets), step):
-        batch.feed_buffer(*buffer_of(packets[start:start + step]))
+        if as_list:
+            batch.feed(packets[start:start + step])
+        else:
+            batch.feed_buffer(*buffer_of(packets[start:start + step]))
     return (batch.retvals.tolist(), batch.classids.tolist(), batch.redirects.tolist(),
             batch.outputs, batch.effects, batch.errors, prog.run_cnt)
 
@@ -130,6 +133,8 @@ def test_redirects_and_python_helpers_keep_their_order() -> None:
 
 
 def test_a_helper_that_rewrites_the_frame_gives_its_output() -> None:
+    """skb_store_bytes and LD_ABS of what it wrote; fed as buffers and as lists of packets
+    (PacketBatch.feed: the native entry a packet at a time)."""
     code = asm.program(asm.mov64_reg(R6, R1), asm.ld_abs(2, 12), asm.mov64_reg(R8, R0),
                        asm.st(4, R10, -4, 0x11223344),
                        asm.mov64_reg(R1, R6), asm.mov64_imm(R2, 14), asm.mov64_reg(R3, R10),
@@ -137,8 +142,10 @@ def test_a_helper_that_rewrites_the_frame_gives_its_output() -> None:
                        asm.call(Helper.skb_store_bytes),
                        asm.ld_abs(2, 14), asm.alu64(Alu.LSH, R0, imm=16, reg=False),
                        asm.alu64(Alu.OR, R0, R8, reg=True), asm.exit())
-    got = agree(code, [PACKET, PACKET[:14], PACKET[:16], b"x", *frames(5, 40)])
+    packets = [PACKET, PACKET[:14], PACKET[:16], b"x", *frames(5, 40)]
+    got = agree(code, packets)
     assert got[3] and got[5]
+    assert got == agree(code, packets, as_list=True)
 
 
 def test_faults_packet_exits_and_budgets_in_the_middle_of_a_buffer() -> None:

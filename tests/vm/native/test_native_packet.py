@@ -58,30 +58,3 @@ def test_a_frame_lengthened_by_a_helper_is_read_to_its_new_end() -> None:
                        asm.ld_abs(4, len(PACKET)), asm.exit())
     same(code)
     assert same(code) != "r0=0x0"
-
-
-def test_a_batch_of_packets_gives_the_compiled_tier_s_columns() -> None:
-    """pcap replay: one Run, the frame reloaded (or the skb replaced, for packets too short
-    or too long for it) between runs; LD_ABS, context stores and a helper that rewrites."""
-    from bpffs.vm import load_program
-    from bpffs.vm.context import SKB
-
-    code = asm.program(asm.mov64_reg(R6, R1), asm.ld_abs(2, 12), asm.mov64_reg(R8, R0),
-                       asm.st(4, R6, SKB["mark"], 7),
-                       asm.st(4, R10, -4, 0x11223344),
-                       asm.mov64_reg(R1, R6), asm.mov64_imm(R2, 14), asm.mov64_reg(R3, R10),
-                       asm.add64_imm(R3, -4), asm.mov64_imm(R4, 2), asm.mov64_imm(R5, 0),
-                       asm.call(Helper.skb_store_bytes),
-                       asm.ld_abs(2, 14), asm.alu64(Alu.LSH, R0, imm=16, reg=False),
-                       asm.alu64(Alu.OR, R0, R8, reg=True), asm.exit())
-    packets = [PACKET, PACKET[:14], PACKET[:15], PACKET + bytes(100), b"x" * 3, PACKET[:16],
-               bytes(range(256)) * 6]
-    columns = []
-    for tier in ("compiled", "native"):
-        prog, _ = load_program(ProgType.SCHED_CLS, code, license="GPL", resolve_map={}.get)
-        batch = prog.test_run_batch(tier=tier)
-        batch.feed(packets)
-        batch.feed(reversed(packets))
-        columns.append((batch.retvals, batch.outputs, batch.effects, batch.errors))
-    assert columns[0] == columns[1]
-    assert any(columns[1][0]) and columns[1][1]
