@@ -33,6 +33,7 @@ DEFAULT_TIER = AUTO
 # Larger programs are interpreted, not compiled (see Program.entry): the kernel's JIT too
 # may give up on a program and leave it to the interpreter.
 COMPILE_MAX_INSNS = 65_536
+REPEAT_STEP_MAX = 1 << 16  # repetitions native code runs between a test run's pauses, at most
 # license_is_gpl_compatible() of include/linux/license.h.
 GPL_COMPATIBLE = frozenset({"GPL", "GPL v2", "GPL and additional rights", "Dual BSD/GPL",
                             "Dual MIT/GPL", "Dual MPL/GPL"})
@@ -176,22 +177,32 @@ class Program:
     def test_run_steps(self, data_in: bytes = b"", ctx_in: bytes | None = None,
                        repeat: int = 1, env: RunEnv | None = None, tier: str = "compiled"
                        ) -> Generator[None, None, TestRunResult]:
-        """test_run, yielding after each repetition: a caller that must not be held for
-        the whole run (the daemon's event loop) pauses between repetitions, as the kernel's
-        bpf_test_timer_continue() reschedules. Returns the result (StopIteration.value)."""
-        self.entry(tier)
+        """test_run, yielding after each repetition (native code: each step of them, see
+        NativeProgram.repeat): a caller that must not be held for the whole run (the
+        daemon's event loop) pauses between them, as the kernel's bpf_test_timer_continue()
+        reschedules. Returns the result (StopIteration.value)."""
+        repeat_natively = getattr(self.entry(tier), "repeat", None)
         self.last_tier = tier
         run = Run.for_test(self, data_in, ctx_in, env or RunEnv())
-        retval, done, elapsed = 0, 0, 0
+        retval, done, elapsed, left, step = 0, 0, 0, max(repeat, 1), 1
         try:
-            for _ in range(max(repeat, 1)):
+            while left:
                 start = time.perf_counter_ns()
                 run.reset()
-                retval = self.execute(run, tier)
-                elapsed += time.perf_counter_ns() - start
-                done += 1
+                if repeat_natively is not None:
+                    # Native code repeats without Python in between, `step` at a time:
+                    # steps grow while they take under a millisecond.
+                    run.prog = self
+                    retval, ran = repeat_natively(run, min(step, left), tier)
+                else:
+                    retval, ran = self.execute(run, tier), 1
+                took = time.perf_counter_ns() - start
+                elapsed, done, left = elapsed + took, done + ran, left - ran
+                step = min(2 * step, REPEAT_STEP_MAX) if took < 1_000_000 else \
+                    max(step // 2, 1)
                 yield
         except VmFault as fault:
+            done += getattr(fault, "repeated", 0)
             raise BpfError(errno.EFAULT, f"program {self.name or self.tag} stopped: {fault}"
                            ) from None
         finally:

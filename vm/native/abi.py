@@ -34,6 +34,8 @@ class Field(IntEnum):
     REDIRECT = 15  # bpf_redirect's record (run.redirect_record), or 0
     BATCH_PACKET = 16  # index + 1 of the batch's packet Python has not seen yet, else 0
     BATCH_STOP = 17  # set by Python: the batch driver returns after the packet it runs
+    #                  (the repeat loop after the repetition it runs)
+    REPEATED = 18  # the repeat loop: repetitions it ran
 
 
 class Context(ctypes.Structure):

@@ -32,6 +32,8 @@ I1, I8, I16, I32, I64 = (ir.IntType(n) for n in (1, 8, 16, 32, 64))
 PTR = ir.PointerType()
 DRIVER_NAME = "bpf_batch"  # (ctx, batch) -> 0
 DRIVER_TYPE = ir.FunctionType(I64, [PTR, PTR])
+REPEAT_NAME = "bpf_repeat"  # (ctx, times, budget) -> r0 of the last repetition
+REPEAT_TYPE = ir.FunctionType(I64, [PTR, I64, I64])
 # The fields whose value Python turns into effects (Run.all_effects); tc_classid has a column.
 PYTHON_REPORTED = ("mark", "vlan_present", "vlan_tci", "vlan_proto", "priority", "tc_index")
 _ETHERTYPE_AT = 2 * ETH_ALEN
@@ -146,3 +148,53 @@ def write_driver(module: ir.Module, main: ir.Function, memset: ir.Function) -> N
         b.store(at, word(batch, Batch.NEXT))
         b.store(const(stop), word(batch, Batch.STOPPED))
         b.ret(zero)
+
+
+def write_repeat(module: ir.Module, main: ir.Function, memset: ir.Function) -> None:
+    """Add bpf_repeat(ctx, times, budget): BPF_PROG_TEST_RUN's repeat loop on one skb, as
+    Program.test_run_steps runs it (Run.reset between repetitions: the budget, the map
+    values the last one mapped; the skb is not reset, as in the kernel). It stops after a
+    repetition that ended with a status or made Python set BATCH_STOP; REPEATED says how
+    many ran."""
+    fn = ir.Function(module, REPEAT_TYPE, REPEAT_NAME)
+    ctx, times, budget = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def word(f: Field) -> ir.Value:
+        return b.gep(ctx, [ir.Constant(I64, f)], source_etype=I64)
+
+    zero = ir.Constant(I64, 0)
+    r1 = b.load(word(Field.ARG_R1), typ=I64)
+    start = b.block
+    loop, body, done = (fn.append_basic_block(n) for n in ("loop", "body", "done"))
+    b.branch(loop)
+    b.position_at_end(loop)
+    k, r0 = b.phi(I64, "k"), b.phi(I64, "r0")
+    k.add_incoming(zero, start)
+    r0.add_incoming(zero, start)
+    b.cbranch(b.icmp_unsigned("<", k, times), body, done)
+
+    b.position_at_end(body)
+    b.store(budget, word(Field.BUDGET))
+    mapped = b.sub(b.load(word(Field.NEXT_ID), typ=I64), ir.Constant(I64, FIRST_DYNAMIC_REGION))
+    table = b.load(word(Field.TABLE), typ=PTR)
+    b.call(memset, [b.gep(table, [ir.Constant(I64, FIRST_DYNAMIC_REGION * ENTRY_WORDS)],
+                          source_etype=I64),
+                    ir.Constant(I8, 0), b.mul(mapped, ir.Constant(I64, _ENTRY_BYTES)),
+                    ir.Constant(I1, 0)])
+    b.store(ir.Constant(I64, FIRST_DYNAMIC_REGION), word(Field.NEXT_ID))
+    result = b.call(main, [ctx, r1, zero, zero, zero, zero, zero])
+    ran = b.add(k, ir.Constant(I64, 1))
+    stop = b.or_(b.load(word(Field.STATUS), typ=I64), b.load(word(Field.BATCH_STOP), typ=I64))
+    body_end = b.block
+    k.add_incoming(ran, body_end)
+    r0.add_incoming(result, body_end)
+    stopped = fn.append_basic_block("stopped")
+    b.cbranch(b.icmp_unsigned("==", stop, zero), loop, stopped)
+
+    b.position_at_end(stopped)
+    b.store(ran, word(Field.REPEATED))
+    b.ret(result)
+    b.position_at_end(done)
+    b.store(k, word(Field.REPEATED))
+    b.ret(r0)

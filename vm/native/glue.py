@@ -24,7 +24,7 @@ from ..runtime import PacketExit, TailCall, call_helper, run_tail_calls, stack_t
 from .abi import ENTRY_WORDS, READ_WRITE, Context, Status
 from .abi import Entry as Word
 from .batch import DRIVER, run_batch
-from .driver import DRIVER_NAME
+from .driver import DRIVER_NAME, REPEAT_NAME
 from .engine import DEFAULT_OPT, Jitted, jit, release, triple_and_layout
 from .ir import ENTRY_NAME, FRAME, HELPER, PACKET, TAIL, translate
 from .maps import describe
@@ -40,6 +40,7 @@ _MapMemory = tuple[BpfMap, memoryview, int]  # a map native code reads, a view, 
 Entry = Callable[..., int]
 _U64 = ctypes.c_uint64
 _NATIVE_ENTRY = ctypes.PYFUNCTYPE(_U64, _U64)  # bpf_entry(ctx)
+_REPEAT = ctypes.PYFUNCTYPE(_U64, _U64, _U64, ctypes.c_int64)  # bpf_repeat(ctx, times, budget)
 
 
 class _Invocation:
@@ -48,8 +49,8 @@ class _Invocation:
     it cost more than a program of a few insns takes to run); it holds the run only while
     native code runs, so the registry of invocations does not keep runs alive."""
 
-    __slots__ = ("address", "batch", "context", "maps", "packet", "pending", "prog", "run",
-                 "table")
+    __slots__ = ("address", "batch", "context", "maps", "packet", "pending", "prog",
+                 "repeating", "run", "table")
 
     def __init__(self, table: RegionTable):
         self.table = table
@@ -61,6 +62,7 @@ class _Invocation:
         self.packet = False  # the program reads the packet (LD_ABS, LD_IND)
         self.pending: BaseException | None = None
         self.batch: Packets | None = None  # the packets of the batch driver's run
+        self.repeating = False  # in the repeat loop (driver.write_repeat)
 
     def enter(self) -> None:
         """Python is about to run (a callback, or the end of a native run): the packet the
@@ -89,9 +91,13 @@ class _Invocation:
         """After a callback in a batch: the driver goes on to the next packet unless Python
         now holds some of this packet's outcome (an effect, a written frame or tunnel key,
         a map value mapped in Memory), then it returns after it for Python to finish it."""
+        run = self.running
+        if self.repeating:  # (the repetitions share one skb and its effects, as in Python)
+            if run.mem._next_id != FIRST_DYNAMIC_REGION:
+                self.context.batch_stop = 1
+            return
         if self.batch is None:
             return
-        run = self.running
         skb = run.skb
         if run.effects or run.mem._next_id != FIRST_DYNAMIC_REGION or (
                 skb is not None and (skb.written or skb.tunnel_key is not None)):
@@ -128,6 +134,8 @@ class _Invocation:
             m, view, address = memory
             offset = words[at + Word.BASE] - address
             mem.add(view[offset:offset + m.value_size], True, f"value of {m.describe()}")
+            # The table's entry is Memory's region now: a sync after Run.reset clears it.
+            self.table.synced[region_id] = mem.regions[region_id]
 
     def find_packet(self) -> None:
         skb, context = self.running.skb, self.context
@@ -269,6 +277,7 @@ class NativeProgram:
         weakref.finalize(self, release, self.jitted)
         self.function = _NATIVE_ENTRY(self.jitted.address(ENTRY_NAME))
         self.driver = DRIVER(self.jitted.address(DRIVER_NAME))
+        self.repeater = _REPEAT(self.jitted.address(REPEAT_NAME))
 
     def run_batch(self, batch: PacketBatch, buffer: Buffer, offsets: array, lengths: array,
                   first: int) -> None:
@@ -278,6 +287,44 @@ class NativeProgram:
     def __call__(self, run: Run, r1: int, r2: int = 0, depth: int = 0) -> int:
         """Run from insn 0 with r1, r2 as arguments at call depth `depth` (the signature
         of the other tiers' entries); raises as they do."""
+        call, nested = self._enter(run, r1, r2, depth)
+        try:
+            r0 = self.function(call.address)
+        finally:
+            self._leave(call, run, nested, nested or depth > 0)
+        if call.context.status:
+            self._raise(call, run)
+        return r0
+
+    def repeat(self, run: Run, times: int, tier: str) -> tuple[int, int]:
+        """BPF_PROG_TEST_RUN's repeat loop in native code (driver.write_repeat): up to
+        `times` repetitions on the run as it is (the caller resets it before the first),
+        each with Run.reset's budget and map values; returns the last r0 and how many ran.
+        One that ended early is handled as Program.execute does (a tail call's target runs,
+        LD_ABS past the end is r0 = 0); a fault raises, its `repeated` the ones before."""
+        call, nested = self._enter(run, run.ctx_addr, 0, 0)
+        call.repeating, call.context.batch_stop = True, 0
+        try:
+            r0 = self.repeater(call.address, times, run.env.budget)
+        finally:
+            call.repeating = False
+            self._leave(call, run, nested, False)
+        ran = call.context.repeated
+        if call.context.status:
+            try:
+                self._raise(call, run)
+            except PacketExit:
+                r0 = 0
+            except TailCall:
+                target, run.tail_target = run.tail_target, None
+                r0 = target.execute(run, tier)
+            except VmFault as fault:
+                fault.repeated = ran - 1  # type: ignore[attr-defined]
+                raise
+        return r0, ran
+
+    def _enter(self, run: Run, r1: int, r2: int, depth: int) -> tuple[_Invocation, bool]:
+        """The invocation for an entry, its context and region table made current."""
         call, nested = _invocation(run)
         call.run, call.prog, call.packet, call.maps = run, self.prog, self.uses_packet, \
             self.maps
@@ -292,28 +339,28 @@ class NativeProgram:
             run.budget
         context.arg_r1, context.arg_r2, context.arg_depth = r1, r2, depth
         context.redirect = 0  # (any earlier record is an effect already)
-        mem = run.mem
-        context.next_id = mem._next_id
-        try:
-            r0 = self.function(call.address)
-        finally:
-            if context.redirect:
-                call.enter()
-            if context.next_id != mem._next_id:
-                # Map values native code mapped: Memory learns of them where Python may still
-                # reach them (a fault's message, a tail call's next program, a caller that
-                # goes on); at the end of a run they are only unmapped, which is cheaper.
-                if context.status or nested or depth:
-                    call.adopt()
-                else:
-                    table.clear(mem._next_id, context.next_id)
-            call.run = None
-            if nested:
-                del _active[call.address]
-            run.budget = context.budget
-        if context.status:
-            self._raise(call, run)
-        return r0
+        context.next_id = run.mem._next_id
+        return call, nested
+
+    def _leave(self, call: _Invocation, run: Run, nested: bool, keep_values: bool) -> None:
+        """After native code returned: its redirect record an effect, the map values it
+        mapped adopted by Memory (`keep_values`: Python may still reach them) or unmapped,
+        the invocation let go, the budget back to the run."""
+        context, mem = call.context, run.mem
+        if context.redirect:
+            call.enter()
+        if context.next_id != mem._next_id:
+            # Map values native code mapped: Memory learns of them where Python may still
+            # reach them (a fault's message, a tail call's next program, a caller that goes
+            # on); at the end of a run they are only unmapped, which is cheaper.
+            if context.status or keep_values:
+                call.adopt()
+            else:
+                call.table.clear(mem._next_id, context.next_id)
+        call.run = None
+        if nested:
+            del _active[call.address]
+        run.budget = context.budget
 
     def _raise(self, call: _Invocation, run: Run) -> None:
         context = call.context

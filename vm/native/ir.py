@@ -48,7 +48,7 @@ from ..run import REDIRECT_INGRESS_SHIFT, REDIRECT_SET
 from ..runtime import MAX_CALL_FRAMES
 from ..uapi import BPF_F_INGRESS, MAX_BPF_STACK, Helper, TcAct
 from .abi import ENTRY_SHIFT, READ_WRITE, Entry, Field, Status
-from .driver import write_driver
+from .driver import write_driver, write_repeat
 from .maps import NATIVE_HELPERS, MapHelpers, MapInfo
 
 I1, I8, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -122,6 +122,7 @@ def translate(insns: list[Insn], costs: dict[int, int], stackless: frozenset[int
                         intrinsics, faults, maps or []).write()
     _entry(module, functions[0])
     write_driver(module, functions[0], intrinsics.memset)
+    write_repeat(module, functions[0], intrinsics.memset)
     uses_packet = any(i.cls == Class.LD and i.mode in (Mode.ABS, Mode.IND) for i in insns)
     return Translation(str(module), [key for key, _ in sorted(faults.items(),
                                                               key=lambda kv: kv[1])],
