@@ -4,13 +4,16 @@
 
 Reports ns per instruction on a 1000-instruction straight-line ALU program, and ns per run of
 three classifiers (a protocol classifier setting tc_classid, a hash-map counter, an LD_ABS
-header parser), for the reference interpreter, the compiled tier, the native tier (when
-llvmlite is installed) and the kernel (when bpf(2) is available); then the native tier's
-compile times. Numbers are wall-clock on a shared machine: expect noise of 10-20 %.
+header parser), in a test run's repeat loop, for the reference interpreter, the compiled
+tier, the native tier (when llvmlite is installed: its repeat loop is native code too) and
+the kernel (when bpf(2) is available, its own `duration`); the native tier per packet of a
+batch (the batch driver, a fresh skb each packet); the helpers native code leaves to Python;
+then the native tier's compile times and memory. Numbers are wall-clock on a shared machine:
+expect noise of 10-20 %.
 
 The ALU program's registers start as constants, so LLVM folds it to one constant: its native
-figure is the cost of entering native code, spread over 1000 insns. The "ALU loop" line runs
-a 1000-insn body 900 times on inputs read from the context, which LLVM cannot fold away.
+figure means little. The "ALU loop" line runs a 1000-insn body 300 times on inputs read from
+the context, which LLVM cannot fold away.
 """
 
 from __future__ import annotations
@@ -297,8 +300,9 @@ def main() -> None:
     print(f"machine speed: one simple Python statement takes {python_line_ns():.1f} ns now"
           " (compare runs only with this in mind)")
     print(f"{'program':36} {'interp':>12} {'compiled':>12} {'native':>10} {'batch':>10}"
-          f" {'kernel':>10} {'speedup':>8} {'VM/kernel':>10} {'batch/k':>8}  (speedup, VM:"
-          " the faster VM tier of single runs; batch: native, per packet of a buffer)")
+          f" {'kernel':>10} {'speedup':>8} {'VM/kernel':>10} {'batch/k':>8}  (per run of a test"
+          " run's repeat loop; speedup, VM: the faster VM tier; batch: native, per packet of a"
+          " buffer)")
     for name, build, per, runs in cases:
         runs = max(int(runs * scale), 10)
         vm_code = build(7)
