@@ -93,8 +93,8 @@ class _Invocation:
         a map value mapped in Memory), then it returns after it for Python to finish it."""
         run = self.running
         if self.repeating:  # (the repetitions share one skb and its effects, as in Python)
-            if run.mem._next_id != FIRST_DYNAMIC_REGION:
-                self.context.batch_stop = 1
+            if run.mem._next_id != FIRST_DYNAMIC_REGION or run.tail_calls:
+                self.context.batch_stop = 1  # (Run.reset's to undo: values, tail calls)
             return
         if self.batch is None:
             return
@@ -312,13 +312,14 @@ class NativeProgram:
         ran = call.context.repeated
         if call.context.status:
             try:
-                self._raise(call, run)
-            except PacketExit:
-                r0 = 0
-            except TailCall:
-                target, run.tail_target = run.tail_target, None
-                r0 = target.execute(run, tier)
-            except VmFault as fault:
+                try:
+                    self._raise(call, run)
+                except PacketExit:
+                    r0 = 0
+                except TailCall:
+                    target, run.tail_target = run.tail_target, None
+                    r0 = target.execute(run, tier)
+            except VmFault as fault:  # (the program's, or its tail call target's)
                 fault.repeated = ran - 1  # type: ignore[attr-defined]
                 raise
         return r0, ran

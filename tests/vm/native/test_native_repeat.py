@@ -130,3 +130,44 @@ def test_a_map_value_python_saw_is_unmapped_for_the_next_repetition() -> None:
 
     (outcome, runs) = agree(make, 2)
     assert outcome[0] == 14 and "not a mapped region" in outcome[1] and runs == 1
+
+
+TAIL_CALL = [asm.ld_map_fd(R2, 2), asm.mov64_imm(R3, 0), asm.call(Helper.tail_call),
+             asm.mov64_imm(R0, 99), asm.exit()]  # 99 where the tail call failed
+
+
+def prog_array(target_code: bytes) -> dict:
+    """Map fd 2: a prog array whose slot 0 holds `target_code`."""
+    progs = create_map(MapType.PROG_ARRAY, 4, 4, 1)
+    target, _ = load_program(ProgType.SCHED_CLS, target_code, license="GPL",
+                             resolve_map={}.get, verify=False)
+    progs.put(bytes(4), target)
+    return {2: progs}
+
+
+@pytest.mark.parametrize("from_callee", [False, True])
+def test_each_repetition_has_its_own_tail_call_count(from_callee: bool) -> None:
+    """Over 33 tail calls in one run fail; over a repeat loop they are counted per
+    repetition (Run.reset), however many run in one step of native code."""
+    def make(tier: str, n: int) -> tuple:
+        code = asm.program(asm.call_local(1), asm.exit(), *TAIL_CALL) if from_callee else \
+            asm.program(*TAIL_CALL)
+        return repeated(code, tier, n, prog_array(asm.program(asm.mov64_imm(R0, 1),
+                                                             asm.exit())))
+
+    (retval, _, _), runs = agree(make, 200)
+    assert retval == 1 and runs == 200
+
+
+def test_a_fault_in_a_tail_call_s_target_counts_the_repetitions_before_it() -> None:
+    """The 10th repetition tail-calls a target that faults: 9 ran, on every tier."""
+    def make(tier: str, n: int) -> tuple:
+        code = asm.program(
+            asm.ldx(4, R0, R1, SKB["mark"]), asm.add64_imm(R0, 1),
+            asm.stx(4, R1, R0, SKB["mark"]), asm.jmp_imm(Jmp.JEQ, R0, 10, 2),
+            asm.mov64_imm(R0, 0), asm.exit(), *TAIL_CALL)
+        return repeated(code, tier, n, prog_array(asm.program(asm.ldx(4, R0, R1, 500),
+                                                             asm.exit())))
+
+    (outcome, runs) = agree(make, 100)
+    assert outcome[0] == 14 and "offset 500 of context" in outcome[1] and runs == 9
