@@ -265,14 +265,19 @@ def error_from_reply(reply: list) -> BpfError:
     return BpfError(err, message)
 
 
-def make_memfd(payload: bytes) -> int:
-    fd = os.memfd_create("bpffs-message", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+# A large message's memfd is sealed whole: the reader takes it as it is.
+MESSAGE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+def make_memfd(payload: bytes | memoryview, seals: int = MESSAGE_SEALS,
+               name: str = "bpffs-message") -> int:
+    """A memfd holding `payload`, with `seals` added."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(payload)
         while view:
             view = view[os.write(fd, view):]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                    | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     except BaseException:
         os.close(fd)
         raise

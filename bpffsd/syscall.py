@@ -566,7 +566,7 @@ class Syscalls:
             while start < len(offsets):
                 began = time.perf_counter()
                 batch.feed_buffer(packets, offsets[start:start + step],
-                                  lengths[start:start + step])
+                                  lengths[start:start + step], checked=True)
                 start += step
                 now = time.perf_counter()
                 if now - began < SLICE_SECONDS / 4:
@@ -677,7 +677,8 @@ def _kind(name: str) -> Kind:
 
 @contextmanager
 def _mapped_packets(fd: int, offsets: array, lengths: array) -> Iterator[Buffer]:
-    """A client's memfd of packets, mapped read-only as far as the packets go. Only a memfd
+    """A client's memfd of packets, mapped read-only as far as the packets go (every one
+    checked to be inside: check_packets). Only a memfd
     sealed against shrinking is taken: any other file could shrink under the mapping (a read
     past its end is SIGBUS, which would kill the daemon) or block a read (a FIFO, a file on
     a FUSE mount)."""

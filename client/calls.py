@@ -23,6 +23,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from bpffs import protocol
 from bpffs.vm.errors import BatchError, BpfError
 from bpffs.vm.isa import LD_IMM64, SRC_SHIFT  # LD_IMM64: the only insn naming a map fd
 from bpffs.vm.uapi import BPF_ANY, BPF_PSEUDO_MAP_FD, MapType
@@ -415,19 +416,10 @@ def prog_test_run_buffer(session: Session, fd: int, packets_fd: int, offsets: ar
                      {i: tuple(v) for i, v in errors.items()})
 
 
-def packets_memfd(data: bytes | memoryview = b"", name: str = "bpffs-packets") -> int:
+def packets_memfd(data: bytes | memoryview = b"") -> int:
     """A memfd holding `data`, sealed against shrinking (what prog_test_run_buffer takes); it
     may grow and be written again, for the next packets."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return protocol.make_memfd(data, fcntl.F_SEAL_SHRINK, "bpffs-packets")
 
 
 # -- pins and ids -------------------------------------------------------------------------------

@@ -65,9 +65,6 @@ class Span:
     def end(self) -> int:
         return self.index.end
 
-    def stamp(self, i: int, layout: struct.Struct, divisor: float) -> float:
-        return self.stamp_at(self.base + self.index.offsets[i], layout, divisor)
-
     def stamp_at(self, at: int, layout: struct.Struct, divisor: float) -> float:
         """The timestamp of the packet whose bytes start at `at`."""
         sec, frac = layout.unpack_from(self.data, at - RECORD)
@@ -138,7 +135,7 @@ def _classic(f: BinaryIO, size: int, chunk: int, layout: str, divisor: float) ->
         assert stamp is not None
         for span in spans(chunk):
             index, base = span.index, span.base
-            yield ([span.stamp(i, *stamp) for i in range(len(index.offsets))],
+            yield ([span.stamp_at(base + o, *stamp) for o in index.offsets],
                    [data[base + o:base + o + n] for o, n in zip(index.offsets, index.lengths,
                                                                 strict=True)],
                    index.wire.tolist())
@@ -302,8 +299,7 @@ class Replay:
         lengths = list(map(len, packets))
         s.truncated += sum(map(operator.gt, wire, lengths))
         if lengths and (max(lengths) > MAX_SNAPLEN or min(lengths) < self.shortest):
-            keep = [self.shortest <= n <= MAX_SNAPLEN for n in lengths]
-            self._skip(itertools.compress(lengths, map(operator.not_, keep)))
+            keep = self._keep(lengths)
             stamps = list(itertools.compress(stamps, keep))
             packets = list(itertools.compress(packets, keep))
         self._pending_stamps += stamps
@@ -316,16 +312,22 @@ class Replay:
         self.summary.truncated += index.truncated
         offsets, lengths = index.offsets, index.lengths
         if index.longest > MAX_SNAPLEN or index.shortest < self.shortest:
-            keep = [self.shortest <= n <= MAX_SNAPLEN for n in lengths]
-            self._skip(itertools.compress(lengths, map(operator.not_, keep)))
+            keep = self._keep(lengths)
             return array("Q", itertools.compress(offsets, keep)), \
                 array("I", itertools.compress(lengths, keep))
         return offsets, lengths
 
-    def _skip(self, lengths: Iterable[int]) -> None:
+    def _keep(self, lengths: Iterable[int]) -> list[bool]:
+        """Which of these packets are run; the others (giants, runts) are counted."""
+        keep = []
         for n in lengths:
-            self.summary.skipped[f"giant (over {MAX_SNAPLEN} bytes)" if n > MAX_SNAPLEN else
-                                 f"shorter than an Ethernet header ({ETH_HLEN} bytes)"] += 1
+            runnable = self.shortest <= n <= MAX_SNAPLEN
+            keep.append(runnable)
+            if not runnable:
+                self.summary.skipped[f"giant (over {MAX_SNAPLEN} bytes)" if n > MAX_SNAPLEN
+                                     else f"shorter than an Ethernet header ({ETH_HLEN} bytes)"
+                                     ] += 1
+        return keep
 
     def _send_pending(self) -> None:
         stamps, packets = self._pending_stamps, self._pending

@@ -177,9 +177,13 @@ class PacketBatch:
         self.redirects.frombytes(bytes(8 * count))
         return first
 
-    def feed_buffer(self, buffer: Buffer, offsets: array, lengths: array) -> None:
-        """Run the packets found in `buffer` at `offsets` (array "Q"), `lengths` ("I")."""
-        check_packets(len(buffer), offsets, lengths)
+    def feed_buffer(self, buffer: Buffer, offsets: array, lengths: array,
+                    checked: bool = False) -> None:
+        """Run the packets found in `buffer` at `offsets` (array "Q"), `lengths` ("I");
+        `checked`: the caller ran check_packets on them and this buffer already (a pass
+        over every packet, which native code's batches would otherwise pay twice)."""
+        if not checked:
+            check_packets(len(buffer), offsets, lengths)
         entry = self.prog.entry(self.tier)
         batch_runner = getattr(entry, "run_batch", None)
         if batch_runner is None or self.prog.prog_type == ProgType.SOCKET_FILTER:
@@ -187,18 +191,19 @@ class PacketBatch:
             view = memoryview(buffer)
             self.feed([view[o:o + n] for o, n in zip(offsets, lengths, strict=True)])
             return
-        first, errors, start = self._grow(len(offsets)), len(self.errors), \
+        first, refused, start = self._grow(len(offsets)), len(self.errors), \
             time.perf_counter_ns()
         batch_runner(self, buffer, offsets, lengths, first)
-        self._charge(len(offsets) - len(self.errors) + errors, start)
+        self._charge(len(offsets), refused, start)
 
     def feed(self, packets: Iterable[bytes]) -> None:
         """Run the next packets; the program's run count and time are charged here."""
         if not isinstance(packets, (list, tuple)):
             packets = list(packets)
         prog, tier = self.prog, self.tier
-        retvals, errors = self.retvals, self.errors
-        first, failed, start = self._grow(len(packets)), len(errors), time.perf_counter_ns()
+        retvals = self.retvals
+        first, refused, start = self._grow(len(packets)), len(self.errors), \
+            time.perf_counter_ns()
         entry, budget, finish = prog.entry(tier), self.env.budget, self.finish
         for i, data in enumerate(packets, first):
             run = self.run
@@ -231,10 +236,12 @@ class PacketBatch:
                 finish(i, data)
             else:
                 self._finish_result(i, data, retval)
-        self._charge(len(packets) - len(errors) + failed, start)
+        self._charge(len(packets), refused, start)
 
-    def _charge(self, runs: int, start: int) -> None:
-        self.prog.run_cnt += runs
+    def _charge(self, packets: int, refused: int, start: int) -> None:
+        """The program's run count and time for `packets` fed since `start`, those refused
+        meanwhile (errors beyond the `refused` there were before) not counted."""
+        self.prog.run_cnt += packets - (len(self.errors) - refused)
         self.prog.run_time_ns += time.perf_counter_ns() - start
 
     def run_one(self, i: int, data: bytes) -> None:

@@ -74,8 +74,8 @@ def write_driver(module: ir.Module, main: ir.Function, memset: ir.Function) -> N
     budget, r1 = get(Batch.BUDGET), get(Batch.R1)
     start = b.block
 
-    loop, body, run, ran, finish, done = (fn.append_basic_block(n) for n in (
-        "loop", "body", "run", "ran", "finish", "done"))
+    loop, body, ran, finish, done = (fn.append_basic_block(n) for n in (
+        "loop", "body", "ran", "finish", "done"))
     unfit = fn.append_basic_block("unfit")
     b.branch(loop)
 
@@ -110,30 +110,18 @@ def write_driver(module: ir.Module, main: ir.Function, memset: ir.Function) -> N
                        align=1)  # as the bytes are: protocol is __be16
     b.store(b.zext(ethertype, I32), skb_word("protocol"))
     b.store(const(LOOPBACK_IFINDEX, I32), skb_word("ifindex"))
-    b.branch(run)
 
-    # Run.reset and the run.
-    b.position_at_end(run)
     put(Field.PACKET_DATA, b.ptrtoint(frame, I64))
     put(Field.PACKET_START, data_start)
     put(Field.PACKET_END, length)
-    put(Field.BUDGET, budget)
     put(Field.REDIRECT, 0)
     put(Field.BATCH_PACKET, b.add(i, const(1)))
-    next_id = b.load(word(ctx, Field.NEXT_ID), typ=I64)
-    mapped = b.sub(next_id, const(FIRST_DYNAMIC_REGION))
-    table = b.load(word(ctx, Field.TABLE), typ=PTR)
-    b.call(memset, [b.gep(table, [const(FIRST_DYNAMIC_REGION * ENTRY_WORDS)], source_etype=I64),
-                    const(0, I8), b.mul(mapped, const(_ENTRY_BYTES)), const(0, I1)])
-    put(Field.NEXT_ID, FIRST_DYNAMIC_REGION)
-    zero = const(0)
-    r0 = b.call(main, [ctx, r1, zero, zero, zero, zero, zero])
+    r0, python = _reset_and_run(b, ctx, main, memset, r1, budget)
     b.store(b.trunc(r0, I32), b.gep(retvals, [i], source_etype=I32))
     b.store(b.load(skb_word("tc_classid"), typ=I32), b.gep(classids, [i], source_etype=I32))
     b.store(b.load(word(ctx, Field.REDIRECT), typ=I64), b.gep(redirects, [i],
                                                                source_etype=I64))
-    python = b.or_(b.load(word(ctx, Field.STATUS), typ=I64),
-                   b.load(word(ctx, Field.BATCH_STOP), typ=I64))
+    zero = const(0)
     for name in PYTHON_REPORTED:
         python = b.or_(python, b.zext(b.load(skb_word(name), typ=I32), I64))
     b.cbranch(b.icmp_unsigned("==", python, zero), ran, finish)
@@ -175,17 +163,8 @@ def write_repeat(module: ir.Module, main: ir.Function, memset: ir.Function) -> N
     b.cbranch(b.icmp_unsigned("<", k, times), body, done)
 
     b.position_at_end(body)
-    b.store(budget, word(Field.BUDGET))
-    mapped = b.sub(b.load(word(Field.NEXT_ID), typ=I64), ir.Constant(I64, FIRST_DYNAMIC_REGION))
-    table = b.load(word(Field.TABLE), typ=PTR)
-    b.call(memset, [b.gep(table, [ir.Constant(I64, FIRST_DYNAMIC_REGION * ENTRY_WORDS)],
-                          source_etype=I64),
-                    ir.Constant(I8, 0), b.mul(mapped, ir.Constant(I64, _ENTRY_BYTES)),
-                    ir.Constant(I1, 0)])
-    b.store(ir.Constant(I64, FIRST_DYNAMIC_REGION), word(Field.NEXT_ID))
-    result = b.call(main, [ctx, r1, zero, zero, zero, zero, zero])
+    result, stop = _reset_and_run(b, ctx, main, memset, r1, budget)
     ran = b.add(k, ir.Constant(I64, 1))
-    stop = b.or_(b.load(word(Field.STATUS), typ=I64), b.load(word(Field.BATCH_STOP), typ=I64))
     body_end = b.block
     k.add_incoming(ran, body_end)
     r0.add_incoming(result, body_end)
@@ -198,3 +177,25 @@ def write_repeat(module: ir.Module, main: ir.Function, memset: ir.Function) -> N
     b.position_at_end(done)
     b.store(k, word(Field.REPEATED))
     b.ret(r0)
+
+
+def _reset_and_run(b: ir.IRBuilder, ctx: ir.Value, main: ir.Function, memset: ir.Function,
+                   r1: ir.Value, budget: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """Run.reset (the budget; the map values the last run mapped, unmapped) and a run of
+    `main` with r1 = ctx: its r0, and non-zero where Python must look (a status, or
+    BATCH_STOP from a callback)."""
+    def word(f: Field) -> ir.Value:
+        return b.gep(ctx, [ir.Constant(I64, f)], source_etype=I64)
+
+    b.store(budget, word(Field.BUDGET))
+    mapped = b.sub(b.load(word(Field.NEXT_ID), typ=I64), ir.Constant(I64, FIRST_DYNAMIC_REGION))
+    table = b.load(word(Field.TABLE), typ=PTR)
+    b.call(memset, [b.gep(table, [ir.Constant(I64, FIRST_DYNAMIC_REGION * ENTRY_WORDS)],
+                          source_etype=I64),
+                    ir.Constant(I8, 0), b.mul(mapped, ir.Constant(I64, _ENTRY_BYTES)),
+                    ir.Constant(I1, 0)])
+    b.store(ir.Constant(I64, FIRST_DYNAMIC_REGION), word(Field.NEXT_ID))
+    zero = ir.Constant(I64, 0)
+    r0 = b.call(main, [ctx, r1, zero, zero, zero, zero, zero])
+    python = b.or_(b.load(word(Field.STATUS), typ=I64), b.load(word(Field.BATCH_STOP), typ=I64))
+    return r0, python

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import llvmlite.binding as llvm
 
+from . import QUICK
+
 DEFAULT_OPT = 2
-# A quick first compile (background.py tiers large programs up in two steps): SROA, which
-# puts the registers in SSA form, instcombine and simplifycfg, then the machine code of -O0
-# (fast instruction selection). About a third of -O2's time on a large program.
-QUICK = -1
+# QUICK, the quick first compile (background.py tiers large programs up in two steps): SROA,
+# which puts the registers in SSA form, instcombine and simplifycfg, then the machine code of
+# -O0 (fast instruction selection). About a third of -O2's time on a large program.
 _QUICK_PASSES = ("add_sroa_pass", "add_instruction_combine_pass", "add_simplify_cfg_pass")
 _lock = threading.Lock()  # LLVM's global state (target init, machines) is made once
 _compile_lock = threading.Lock()

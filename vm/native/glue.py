@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 TIER = "native"
 _MapMemory = tuple[BpfMap, memoryview, int]  # a map native code reads, a view, its address
-Entry = Callable[..., int]
 _U64 = ctypes.c_uint64
 _NATIVE_ENTRY = ctypes.PYFUNCTYPE(_U64, _U64)  # bpf_entry(ctx)
 _REPEAT = ctypes.PYFUNCTYPE(_U64, _U64, _U64, ctypes.c_int64)  # bpf_repeat(ctx, times, budget)
@@ -170,22 +169,37 @@ def _invocation(run: Run) -> tuple[_Invocation, bool]:
 _active: dict[int, _Invocation] = {}  # by the address of the invocation's context
 
 
-def _helper(context: int, helper_id: int, r1: int, r2: int, r3: int, r4: int, r5: int,
-            pc: int) -> int:
+def _in_python(context: int, work: Callable[..., int], *args: int, new_only: bool) -> int:
+    """A callback that runs Python on the run: the run's state brought up to date (the batch's
+    packet, the redirect record, the map values native code mapped, the budget), work(call,
+    *args), then the table (`new_only`: only new dynamic regions can have appeared),
+    budget and packet back to native code. An exception waits for the entry (`failed`)."""
     call = _active[context]
     run = call.running
     try:
         call.enter()
         call.adopt()
         run.budget = call.context.budget
-        r0 = call_helper(run, helper_id, r1, r2, r3, r4, r5, pc)
+        result = work(call, *args)
     except BaseException as error:  # re-raised by the entry
         call.failed(error)
-        r0 = 0
-    call.table.sync_new(run.mem)
+        result = 0
+    if new_only:
+        call.table.sync_new(run.mem)
+    else:
+        call.table.sync(run.mem)
     call.refresh()
     call.leave()
-    return r0
+    return result
+
+
+def _helper(context: int, helper_id: int, r1: int, r2: int, r3: int, r4: int, r5: int,
+            pc: int) -> int:
+    return _in_python(context, _call_helper, helper_id, r1, r2, r3, r4, r5, pc, new_only=True)
+
+
+def _call_helper(call: _Invocation, *args: int) -> int:
+    return call_helper(call.running, *args)
 
 
 def _packet(context: int, offset: int, size: int) -> int:
@@ -203,37 +217,19 @@ def _packet(context: int, offset: int, size: int) -> int:
 
 
 def _frame(context: int, depth: int) -> int:
-    call = _active[context]
-    run = call.running
-    try:
-        call.enter()
-        call.adopt()
-        run.budget = call.context.budget
-        top = stack_top(run.mem, depth)
-    except BaseException as error:
-        call.failed(error)
-        top = 0
-    call.table.sync(run.mem)
-    call.refresh()
-    call.leave()
-    return top
+    return _in_python(context, _map_stack, depth, new_only=False)
+
+
+def _map_stack(call: _Invocation, depth: int) -> int:
+    return stack_top(call.running.mem, depth)
 
 
 def _tail(context: int, depth: int) -> int:
-    call = _active[context]
-    run = call.running
-    try:
-        call.enter()
-        call.adopt()
-        run.budget = call.context.budget
-        r0 = run_tail_calls(run, TIER, depth, call.prog)
-    except BaseException as error:
-        call.failed(error)
-        r0 = 0
-    call.table.sync(run.mem)
-    call.refresh()
-    call.leave()
-    return r0
+    return _in_python(context, _tail_calls, depth, new_only=False)
+
+
+def _tail_calls(call: _Invocation, depth: int) -> int:
+    return run_tail_calls(call.running, TIER, depth, call.prog)
 
 
 # The callbacks as C functions, made once and kept for the life of the process: native code
@@ -384,8 +380,3 @@ class NativeProgram:
         if pending is None:
             raise VmFault(f"native code returned with unknown status {status}")
         raise pending
-
-
-def compile_native(prog: Program, opt: int = DEFAULT_OPT) -> Entry:
-    """The native entry of a program (Program.entry("native"))."""
-    return NativeProgram(prog, opt)
